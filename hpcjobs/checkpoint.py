@@ -1,0 +1,137 @@
+"""What is saved, when, where: checkpoints of the whole training state.
+
+One ``tf.train.Checkpoint`` holds the model, the optimizer (its iteration count drives
+the learning-rate schedule), the loop's counters and early-stopping state, and the
+Keras seed-generator states (Dropout, random layers) that tf.train.Checkpoint does not
+reach through the model.  The feeder's position is a function of the step, so the
+step counter is the data position.
+
+Saves go through ``tf.train.CheckpointManager`` into ``RUN/checkpoints``; the files
+are fsync'ed before the save counts, and restore falls back to the previous
+checkpoint when the newest cannot be read.  The decision *when* to save is the
+loop's: this module offers ``due()`` for the configured cadence and a clock.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .config import CheckpointConfig
+from .rundir import fsync_dir
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for (exit code 2)."""
+
+
+def seed_variables(model) -> list:
+    """The seed-generator states of a Keras model's random layers."""
+    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+
+
+def _fsync_checkpoint(prefix: str):
+    for path in glob.glob(prefix + ".*"):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    folder = os.path.dirname(prefix)
+    state = os.path.join(folder, "checkpoint")
+    if os.path.exists(state):
+        with open(state, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+@dataclass
+class Saved:
+    path: str
+    seconds: float
+
+
+class Checkpoints:
+    """The run's checkpoints.  ``writer`` False (a non-chief multi-worker process) saves
+    into a temporary directory that is removed, as tf.distribute requires."""
+
+    def __init__(self, directory: str, objects: dict, cfg: CheckpointConfig, writer: bool = True,
+                 all_save: bool = False):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.cfg = cfg
+        self.writer = writer
+        self.saves = writer or all_save  # multi-worker: every worker takes part in the save
+        self.ckpt = tf.train.Checkpoint(**objects)
+        self.directory = directory if writer else tempfile.mkdtemp(prefix="hpcjobs-ckpt-")
+        self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, max_to_keep=cfg.max_to_keep,
+                                                  checkpoint_name="ckpt")
+        self.options = tf.train.CheckpointOptions(enable_async=cfg.async_write)
+        self.last_save_time = time.monotonic()
+        self.last_save_step = None
+        self.save_seconds: list[float] = []
+
+    # -- restore ----------------------------------------------------------------------
+    def restore_latest(self, log=print) -> str | None:
+        """Restore the newest readable checkpoint; older ones are tried if it is damaged."""
+        candidates = list(reversed(self.manager.checkpoints))
+        for path in candidates:
+            try:
+                self.restore(path)
+                return path
+            except Exception as e:  # damaged files raise several TF error types
+                log(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160]}); trying the previous one")
+        if candidates:
+            raise CheckpointError(f"{self.directory}: no readable checkpoint among {len(candidates)}")
+        return None
+
+    def restore(self, path: str):
+        status = self.ckpt.restore(path)
+        status.assert_existing_objects_matched()
+        self.last_save_time = time.monotonic()
+
+    # -- save -------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        c = self.cfg
+        if c.every_steps and step % c.every_steps == 0:
+            return True
+        return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= c.every_minutes * 60
+
+    def save(self, step: int) -> Saved | None:
+        if not self.saves or step == self.last_save_step:
+            return None
+        t = time.monotonic()
+        path = self.manager.save(checkpoint_number=step, options=self.options)
+        if self.cfg.async_write:
+            self.ckpt.sync()
+        if self.writer:
+            _fsync_checkpoint(path)
+        seconds = time.monotonic() - t
+        self.save_seconds.append(seconds)
+        self.last_save_time = time.monotonic()
+        self.last_save_step = step
+        return Saved(path, seconds)
+
+    @property
+    def expected_save_seconds(self) -> float:
+        return max(self.save_seconds[-5:]) if self.save_seconds else 5.0
+
+    def close(self):
+        if not self.writer:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a run directory, a checkpoints directory or a prefix."""
+    import tensorflow as tf
+
+    for folder in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(folder):
+            latest = tf.train.latest_checkpoint(folder)
+            if latest:
+                return latest
+    if glob.glob(path + ".index"):
+        return path
+    raise CheckpointError(f"--from {path}: no checkpoint there (give a run directory or a checkpoint prefix)")

@@ -1,0 +1,142 @@
+"""The command line: parse, load the config, call one function, map errors to exit codes.
+
+Exit codes: 0 finished; 75 stopped cleanly with a checkpoint, more to do; 2 user
+error (one line, no traceback); 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple:
+    from .checkpoint import CheckpointError
+    from .cluster import ClusterError
+    from .config import ConfigError
+    from .data.images import ImageError
+    from .data.sources import SourceError
+    from .export import ExportError
+    from .models import ModelError
+    from .rundir import RunDirError
+
+    return (ConfigError, SourceError, ImageError, ModelError, ClusterError, RunDirError, CheckpointError,
+            ExportError)
+
+
+def _config(args):
+    from . import config
+
+    return config.load(args.config, args.set)
+
+
+def _run_dir(args, cfg) -> str:
+    return args.run_dir or os.path.join("runs", cfg.name)
+
+
+def cmd_train(args) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    if args.restart and os.path.exists(run_dir):
+        aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(run_dir, aside)
+        print(f"moved the previous run aside to {aside}")
+    from .train import train
+
+    return train(cfg, run_dir, from_checkpoint=args.from_checkpoint, init_weights=args.init_weights,
+                 time_budget=args.time_budget)
+
+
+def cmd_prepare(args) -> int:
+    cfg = _config(args)
+    out = args.output or cfg.data.store or os.path.join("stores", f"{cfg.name}.h5")
+    from .data import prepare_store
+
+    data = prepare_store(cfg, out, strict=args.strict, progress=True)
+    print(data.class_table())
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} unreadable image(s):")
+        for path, reason in data.skipped[:50]:
+            print(f"  {path}: {reason}")
+        if len(data.skipped) > 50:
+            print(f"  ... and {len(data.skipped) - 50} more (listed in the store's metadata)")
+    print(f"store: {out} ({data.image_shape}, {data.num_classes} classes)")
+    if not cfg.data.store:
+        print(f"train from it with: --set data.store={out}")
+    data.close()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .rundir import RunDir
+
+    rd = RunDir(args.run)
+    st = rd.read_status()
+    if not st:
+        from .rundir import RunDirError
+
+        raise RunDirError(f"{args.run}: no run.json (not a run directory, or not started)")
+    print(f"run {st.get('name')}: {st.get('status')}, step {st.get('step', 0)}/{st.get('total_steps')}, "
+          f"{len(st.get('sessions', []))} session(s)")
+    for s in st.get("sessions", []):
+        print(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
+              f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
+              + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    if "last" in st:
+        last = st["last"]
+        print("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in last.items()))
+    if "test_accuracy" in st:
+        print(f"  test accuracy {st['test_accuracy']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcjobs", description="Train Keras image classifiers on Slurm clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, config=True):
+        if config:
+            sp.add_argument("config", help="YAML config file")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. training.epochs=3 (repeatable)")
+        sp.add_argument("--run-dir", help="run directory (default runs/<config name>)")
+
+    t = sub.add_parser("train", help="train (resumes from the run directory's checkpoint)")
+    common(t)
+    t.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                   help="start from another run's checkpoint (if this run has none)")
+    t.add_argument("--init-weights", metavar="FILE", help="initialise matching layers from a model file")
+    t.add_argument("--time-budget", metavar="DURATION", help="stop with a checkpoint before this (90s, 15m, 1h)")
+    t.add_argument("--restart", action="store_true", help="move the old run aside and start over")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("prepare", help="write the HDF5 sample store with stratified splits")
+    common(pr)
+    pr.add_argument("--output", help="store path (default data.store, else stores/<name>.h5)")
+    pr.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping")
+    pr.set_defaults(func=cmd_prepare)
+
+    st = sub.add_parser("status", help="progress of a run")
+    st.add_argument("run", help="run directory")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"hpcjobs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hpcjobs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

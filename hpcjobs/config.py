@@ -1,0 +1,517 @@
+"""Typed, frozen, strict configuration.
+
+Every default lives in a dataclass below; a YAML file only overrides.  Loading is
+strict: an unknown key, a wrong type or an impossible value raises ConfigError,
+which names the file and the key path (and, for a misspelt key, the closest
+valid one).  Only ``yaml.safe_load`` is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: one line, exit code 2."""
+
+    def __init__(self, where: str, key: str, message: str):
+        self.where, self.key, self.message = where, key, message
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+def _frozen(cls):
+    return dataclass(frozen=True, kw_only=True, slots=True)(cls)
+
+
+# --------------------------------------------------------------------------- units
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``1h``, ``2d`` or Slurm's ``[D-]HH:MM:SS``."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    s = str(text).strip()
+    m = _DURATION.match(s)
+    if m:
+        return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+    m = _SLURM_TIME.match(s)
+    if m and (":" in s or "-" in s):
+        days = int(m.group(1) or 0)
+        parts = [int(p) for p in m.group(2, 3, 4) if p is not None]
+        if len(parts) == 3:
+            h, mi, sec = parts
+        elif len(parts) == 2:
+            # Slurm: "MM:SS", but "D-HH:MM"
+            h, mi, sec = (parts[0], parts[1], 0) if m.group(1) else (0, parts[0], parts[1])
+        else:
+            h, mi, sec = (parts[0], 0, 0) if m.group(1) else (0, parts[0], 0)
+        return float(days * 86400 + h * 3600 + mi * 60 + sec)
+    raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 1h or 01:30:00)")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*$", re.I)
+
+
+def parse_bytes(text: str | int) -> int:
+    """Bytes from ``512MiB``, ``512M`` (both binary), ``2GB`` (decimal) or a plain integer."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB or 2GiB)")
+    number, unit, binary = m.groups()
+    if not unit:
+        return int(float(number))
+    decimal = str(text).strip().upper().endswith("B") and not binary
+    power = "KMGT".index(unit.upper()) + 1
+    return int(float(number) * (1000 if decimal else 1024) ** power)
+
+
+# --------------------------------------------------------------------------- sections
+@_frozen
+class AugmentConfig:
+    """Random augmentation of training images (never of validation or test)."""
+
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+    rotation: float = 0.0  # degrees, +-
+    shift: float = 0.0  # fraction of size, +-
+    zoom: float = 0.0  # fraction, +-
+    brightness: float = 0.0  # fraction of 255, +-
+    contrast: float = 0.0  # fraction, +-
+
+    def __post_init__(self):
+        for name in ("rotation", "shift", "zoom", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@_frozen
+class DataConfig:
+    # A built-in dataset (digits, lfw, fashion-mnist) or a path: a folder of class
+    # sub-folders, a .csv/.json listing, a .npz, a folder of IDX files, or an .h5 store.
+    source: str = "digits"
+    # HDF5 store written by `hpcjobs prepare` and read by `train`; null = keep in memory.
+    store: Optional[str] = None
+    image_size: Optional[tuple[int, int]] = None  # (height, width); null = the source's
+    channels: Optional[int] = None  # 1 or 3; null = the source's
+    validation_split: float = 0.1
+    test_split: Optional[float] = None  # null: 20% below 1,000 samples, 10% below 10,000, else 5%
+    feed: Literal["auto", "memory", "disk", "hybrid"] = "auto"
+    memory_budget: str = "4GiB"
+    epochs_per_segment: int = 2
+    normalize: Literal["standardize", "rescale"] = "standardize"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split < 1:
+            raise ValueError("validation_split: must be in [0, 1)")
+        if self.test_split is not None and not 0 <= self.test_split < 1:
+            raise ValueError("test_split: must be in [0, 1)")
+        if self.validation_split + (self.test_split or 0) >= 1:
+            raise ValueError("validation_split: validation_split + test_split must be below 1")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError("image_size: must be [height, width] with positive values")
+        if self.channels not in (None, 1, 3):
+            raise ValueError("channels: must be 1, 3 or null")
+        if self.epochs_per_segment < 1:
+            raise ValueError("epochs_per_segment: must be >= 1")
+        try:
+            if parse_bytes(self.memory_budget) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"memory_budget: not a positive size: {self.memory_budget!r} (e.g. 512MiB)")
+
+
+@_frozen
+class ModelConfig:
+    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2)
+    arch: str = "simple_cnn"
+    weights: Optional[str] = None  # keras.applications weights file (no-top); never downloaded
+    init_from: Optional[str] = None  # an hpcjobs export or .weights.h5: copy matching layers
+    freeze_backbone: bool = False
+    dropout: float = 0.5
+    width: int = 32  # filters of the first conv layer of the built-in nets
+
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout: must be in [0, 1)")
+        if self.width < 1:
+            raise ValueError("width: must be >= 1")
+
+
+@_frozen
+class ScheduleConfig:
+    kind: Literal["constant", "step", "exponential", "cosine"] = "constant"
+    decay_steps: int = 1000  # step: every decay_steps; exponential: scale; cosine: length
+    decay_rate: float = 0.5
+    alpha: float = 0.0  # cosine: final fraction of the learning rate
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.decay_steps < 1:
+            raise ValueError("decay_steps: must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps: must be >= 0")
+
+
+@_frozen
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "rmsprop", "adagrad", "adadelta", "nadam"] = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scale_lr_with_workers: Literal["none", "linear", "sqrt"] = "none"
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate: must be > 0")
+        if self.momentum < 0:
+            raise ValueError("momentum: must be >= 0")
+
+
+@_frozen
+class EarlyStoppingConfig:
+    patience: Optional[int] = None  # null = off
+    monitor: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    def __post_init__(self):
+        if self.patience is not None and self.patience < 0:
+            raise ValueError("patience: must be >= 0")
+        if self.monitor not in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            raise ValueError("monitor: must be one of loss, accuracy, val_loss, val_accuracy")
+
+    @property
+    def direction(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "max" if self.monitor.endswith("accuracy") else "min"
+
+
+@_frozen
+class TrainingConfig:
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None  # null = one pass over the training split
+    batch_size: int = 128  # global batch: per-replica batch x replicas
+    steps_per_call: int = 1  # train steps inside one compiled call
+    log_every_steps: int = 100
+    seed: int = 0
+    deterministic: bool = False
+    time_budget: Optional[str] = None  # e.g. 90s, 15m, 1h, 01:30:00
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "steps_per_call", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch: must be >= 1 or null")
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise ValueError(f"time_budget: {e}")
+
+
+@_frozen
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    every_minutes: Optional[float] = 10.0
+    max_to_keep: int = 3
+    async_write: bool = False
+
+    def __post_init__(self):
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ValueError("every_steps: must be >= 1 or null")
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            raise ValueError("every_minutes: must be > 0 or null")
+        if self.max_to_keep < 1:
+            raise ValueError("max_to_keep: must be >= 1")
+
+
+@_frozen
+class DistributeConfig:
+    strategy: Literal["auto", "none", "mirrored", "multiworker", "horovod"] = "auto"
+    logical_cpu_devices: int = 0  # >0: split the CPU into N logical devices (testing mirrored)
+
+
+@_frozen
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    ntasks_per_node: Optional[int] = None  # null: 1 (tf.distribute) or gpus_per_node (horovod)
+    gpus_per_node: int = 0
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    time: str = "01:00:00"
+    job_name: Optional[str] = None
+    modules: tuple[str, ...] = ()
+    activate: Optional[str] = None  # e.g. path/to/venv/bin/activate
+    extra_sbatch: tuple[str, ...] = ()
+    max_requeues: int = 10
+    signal_margin: int = 120  # seconds before the time limit for SIGUSR1
+
+    def __post_init__(self):
+        for name in ("nodes", "max_requeues"):
+            if getattr(self, name) < (1 if name == "nodes" else 0):
+                raise ValueError(f"{name}: must be >= {1 if name == 'nodes' else 0}")
+        if self.gpus_per_node < 0:
+            raise ValueError("gpus_per_node: must be >= 0")
+        if self.signal_margin < 1:
+            raise ValueError("signal_margin: must be >= 1")
+        try:
+            parse_duration(self.time)
+        except ValueError as e:
+            raise ValueError(f"time: {e}")
+
+
+@_frozen
+class InferConfig:
+    model: Optional[str] = None  # a run directory or an export directory
+    input: Optional[str] = None
+    output: Optional[str] = None
+    batch_size: int = 256
+    top_k: int = 5
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        for name in ("batch_size", "top_k", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+
+
+@_frozen
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise ValueError("name: use letters, digits, '.', '_' and '-' only")
+
+
+# --------------------------------------------------------------------------- loading
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, where: str, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(where, key, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(where, key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(where, key, f"must be one of {_type_name(tp)}, got {value!r}{hint}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(where, key, f"expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(where, key, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, where, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(where, key, f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
+
+
+def _build(cls, values: dict, where: str, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, 1, 0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(where, key, f"unknown key{hint}")
+        kwargs[k] = _convert(v, hints[k], where, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        field_name, _, msg = str(e).partition(": ")
+        if field_name in names and msg:
+            raise ConfigError(where, f"{prefix}.{field_name}" if prefix else field_name, msg) from None
+        raise ConfigError(where, prefix, str(e)) from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError("--set", text, "expected key.path=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError("--set", key, "not a key path like training.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` strings (values parsed as YAML scalars) to a raw dict."""
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        node = values
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError("--set", ".".join(path), f"'{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return values
+
+
+def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None = None) -> Config:
+    values = apply_overrides(dict(values or {}), list(overrides or []))
+    try:
+        return _build(Config, values, where, "")
+    except ConfigError as e:
+        if overrides and e.where == where:
+            # the bad value may come from --set; say both
+            e = ConfigError(f"{where} (with --set)", e.key, e.message)
+        raise e
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML mapping with safe_load; errors become ConfigError naming the file."""
+    if not os.path.exists(path):
+        raise ConfigError(path, "", "no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(path, "", f"malformed YAML: {line}{problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"cannot read: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(path, "", "the top level must be a mapping of sections")
+    return values
+
+
+def load(path: str, overrides: list[str] | None = None) -> Config:
+    """Load a config file.  ``base: other.yaml`` (relative to the file) is read first."""
+    values = _with_base(path, set())
+    if "name" not in values:
+        values["name"] = os.path.splitext(os.path.basename(path))[0]
+    return from_dict(values, path, overrides)
+
+
+def _with_base(path: str, seen: set) -> dict:
+    values = read_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(path, "base", "expected a file name")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if os.path.abspath(base_path) in seen:
+        raise ConfigError(path, "base", "circular base")
+    seen.add(os.path.abspath(base_path))
+    merged = _with_base(base_path, seen)
+    merged.pop("name", None)  # the name belongs to the file that was asked for
+    return _merge(merged, values)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg) -> dict:
+    """Plain dict (tuples as lists) for writing YAML/JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,123 @@
+"""Image decoding and the deployment preprocessing, shared by prepare and infer.
+
+The same function turns any image into what the model was trained on: 16-bit to
+8-bit, grayscale/RGBA to the model's channels, pad to square when the aspect ratio
+differs, area interpolation when shrinking and cubic when enlarging.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used: names the file and the reason."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def decode(path: str) -> np.ndarray:
+    """Read an image file into an array (H, W) or (H, W, C), keeping its bit depth."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ImageError(path, f"cannot read ({e.strerror or e})") from None
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(im, dtype=np.uint16)
+            elif im.mode == "I":
+                return np.asarray(im, dtype=np.int32)
+            elif im.mode not in ("L", "RGB", "RGBA", "LA"):
+                im = im.convert("RGB")
+            return np.asarray(im)
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(path, f"corrupt or truncated image ({e})") from None
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Bring any bit depth to uint8: 16-bit and int images are scaled, floats in [0,1] too."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.bool_:
+        return img.astype(np.uint8) * 255
+    if img.dtype in (np.uint16, np.int32, np.int64, np.uint32):
+        top = 65535 if img.dtype == np.uint16 or img.max(initial=0) > 255 else 255
+        return np.clip(np.round(img.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    if np.issubdtype(img.dtype, np.floating):
+        scale = 255.0 if img.max(initial=0) <= 1.0 else 1.0
+        return np.clip(np.round(img * scale), 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, channels) from grayscale, gray+alpha, RGB or RGBA (alpha over white)."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    c = img.shape[2]
+    if c in (2, 4):  # composite the alpha channel onto white
+        alpha = img[:, :, -1:].astype(np.float32) / 255.0
+        img = np.round(img[:, :, :-1] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+        c -= 1
+    if c == channels:
+        return img
+    if channels == 1:  # ITU-R 601 luma
+        gray = img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114
+        return np.round(gray).astype(np.uint8)[:, :, None]
+    return np.repeat(img, 3, axis=2)
+
+
+def pad_to_aspect(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad (centred, edge colour) so the image has the target aspect ratio."""
+    h, w = img.shape[:2]
+    if h * width == w * height:
+        return img
+    if w * height > h * width:  # too wide: add rows
+        new_h, new_w = int(round(w * height / width)), w
+    else:
+        new_h, new_w = h, int(round(h * width / height))
+    top, left = (new_h - h) // 2, (new_w - w) // 2
+    pad = ((top, new_h - h - top), (left, new_w - w - left), (0, 0))
+    return np.pad(img, pad, mode="edge")
+
+
+def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area interpolation when shrinking, bicubic when enlarging."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width):
+        return img
+    import tensorflow as tf
+
+    method = "area" if height * width < h * w else "bicubic"
+    out = tf.image.resize(img[None].astype(np.float32), (height, width), method=method)[0].numpy()
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def to_model_image(img: np.ndarray, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """The deployment preprocessing: uint8 (H, W, channels) at the model's input size."""
+    img = to_channels(to_uint8(np.asarray(img)), channels)
+    if size is not None:
+        img = resize(pad_to_aspect(img, *size), *size)
+    return img
+
+
+def native_channels(img: np.ndarray) -> int:
+    """Channels a model would naturally use for this image: 1 for gray, else 3."""
+    return 1 if img.ndim == 2 or img.shape[2] in (1, 2) else 3

@@ -1,0 +1,75 @@
+"""Export: ``export/model.keras`` plus ``export/preprocessing.json``.
+
+The model takes raw pixels (0..255) and carries its own normalisation; the JSON says
+how an image becomes such an input (size, channels, padding and interpolation, the
+training statistics) and names the classes.  Both files are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .rundir import atomic_path, atomic_write
+
+FORMAT = "hpcjobs-preprocessing/1"
+
+
+class ExportError(ValueError):
+    """An export that is missing or does not match its model (exit code 2)."""
+
+
+def preprocessing_info(data, normalize: str) -> dict:
+    h, w, c = data.image_shape
+    return {
+        "format": FORMAT,
+        "input_shape": [h, w, c],
+        "input_dtype": "float32",
+        "input_range": [0, 255],
+        "channels": c,
+        "resize": {"pad_to_aspect": True, "pad_mode": "edge", "shrink": "area", "enlarge": "bicubic"},
+        "bit_depth": "16-bit and other depths scaled to 8-bit",
+        "color": "grayscale = ITU-R 601 luma; alpha composited over white",
+        "normalization": {"kind": normalize, "mean": [float(m) for m in data.mean],
+                          "std": [float(s) for s in data.std], "in_model": True},
+        "class_names": list(data.class_names),
+    }
+
+
+def save(model, info: dict, folder: str):
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, "model.keras")) as tmp:
+        model.save(tmp)
+    atomic_write(os.path.join(folder, "preprocessing.json"), json.dumps(info, indent=2) + "\n")
+
+
+def find(path: str) -> str:
+    """The export folder of a run directory, an export folder, or a model.keras file."""
+    for folder in (os.path.join(path, "export"), path, os.path.dirname(path)):
+        if os.path.isfile(os.path.join(folder, "model.keras")):
+            return folder
+    raise ExportError(f"{path}: no export/model.keras there (train a run first)")
+
+
+def load(path: str):
+    """(model, preprocessing info) from an export; checks the two match."""
+    from .models import load_exported
+
+    folder = find(path)
+    pp = os.path.join(folder, "preprocessing.json")
+    try:
+        with open(pp, encoding="utf-8") as f:
+            info = json.load(f)
+    except OSError:
+        raise ExportError(f"{pp}: missing; an export needs model.keras and preprocessing.json") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{pp}: not valid JSON ({e})") from None
+    if info.get("format") != FORMAT:
+        raise ExportError(f"{pp}: format {info.get('format')!r}, expected {FORMAT!r}")
+    model = load_exported(os.path.join(folder, "model.keras"))
+    shape = list(model.input_shape[1:])
+    if shape != list(info["input_shape"]):
+        raise ExportError(f"{pp}: input_shape {info['input_shape']} does not match the model's {shape}")
+    if model.output_shape[-1] != len(info["class_names"]):
+        raise ExportError(f"{pp}: {len(info['class_names'])} class names for a model with "
+                          f"{model.output_shape[-1]} outputs")
+    return model, info

@@ -1,0 +1,149 @@
+"""Models: the built-in nets, any keras.applications architecture by name, the head,
+transfer learning and freezing.
+
+Every model takes raw pixel values (0..255, float) and starts with its own
+normalisation layer (the training split's statistics, or a 1/255 rescale), so the
+exported model needs nothing but the geometric preprocessing in preprocessing.json.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .config import ModelConfig
+
+BUILTIN = ("simple_cnn", "small_resnet")
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded as configured (exit code 2)."""
+
+
+def _normalizer(keras, normalize: str, mean, std):
+    if normalize == "rescale":
+        return keras.layers.Rescaling(1.0 / 255.0, name="normalize")
+    mean = np.asarray(mean, np.float32)
+    return keras.layers.Normalization(mean=mean, variance=np.asarray(std, np.float32) ** 2, name="normalize")
+
+
+def _simple_cnn(keras, x, cfg: ModelConfig):
+    """The seed's convnet: Conv32-Conv64-Pool-Dense128 (with dropout)."""
+    L = keras.layers
+    w = cfg.width
+    x = L.Conv2D(w, 3, activation="relu", kernel_initializer="he_normal", name="conv1")(x)
+    x = L.Conv2D(2 * w, 3, activation="relu", kernel_initializer="he_normal", name="conv2")(x)
+    x = L.MaxPooling2D(2, name="pool")(x)
+    x = L.Dropout(cfg.dropout / 2, name="dropout1")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(128, activation="relu", kernel_initializer="he_normal", name="dense1")(x)
+    return L.Dropout(cfg.dropout, name="dropout2")(x)
+
+
+def _small_resnet(keras, x, cfg: ModelConfig):
+    """Three stages of one residual block each (width, 2x, 4x), global average pooling."""
+    L = keras.layers
+    w = cfg.width
+    x = L.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name="stem_conv")(x)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.Activation("relu", name="stem_relu")(x)
+    for stage, filters in enumerate((w, 2 * w, 4 * w)):
+        stride = 1 if stage == 0 else 2
+        p = f"stage{stage + 1}"
+        y = L.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                     kernel_initializer="he_normal", name=f"{p}_conv1")(x)
+        y = L.BatchNormalization(name=f"{p}_bn1")(y)
+        y = L.Activation("relu", name=f"{p}_relu1")(y)
+        y = L.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                     name=f"{p}_conv2")(y)
+        y = L.BatchNormalization(name=f"{p}_bn2")(y)
+        if stride != 1 or x.shape[-1] != filters:
+            x = L.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer="he_normal",
+                         name=f"{p}_proj")(x)
+            x = L.BatchNormalization(name=f"{p}_proj_bn")(x)
+        x = L.Activation("relu", name=f"{p}_out")(L.Add(name=f"{p}_add")([x, y]))
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return L.Dropout(cfg.dropout, name="dropout")(x)
+
+
+def _application(keras, x, cfg: ModelConfig, input_shape):
+    apps = keras.applications
+    ctor = getattr(apps, cfg.arch, None)
+    if ctor is None or not callable(ctor) or cfg.arch[0].islower():
+        names = sorted(n for n in dir(apps) if n[0].isupper())
+        import difflib
+
+        close = difflib.get_close_matches(cfg.arch, list(BUILTIN) + names, 1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (built-in: {', '.join(BUILTIN)})"
+        raise ModelError(f"model.arch: unknown architecture '{cfg.arch}'{hint}")
+    if input_shape[-1] != 3:
+        raise ModelError(f"model.arch: {cfg.arch} needs 3 channels; set data.channels: 3")
+    weights = cfg.weights
+    if weights is not None and not os.path.isfile(weights):
+        raise ModelError(f"model.weights: no such file: {weights} (weights are never downloaded)")
+    try:
+        base = ctor(include_top=False, weights=weights, input_shape=tuple(input_shape), pooling="avg")
+    except ValueError as e:
+        raise ModelError(f"model.arch: {cfg.arch}: {str(e).splitlines()[0]}") from None
+    base.trainable = not cfg.freeze_backbone
+    x = base(x)
+    return keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+
+
+def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize: str = "standardize"):
+    """A Keras model from raw pixels (float 0..255) to class probabilities."""
+    import keras
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = _normalizer(keras, normalize, mean, std)(inputs)
+    if cfg.arch == "simple_cnn":
+        x = _simple_cnn(keras, x, cfg)
+    elif cfg.arch == "small_resnet":
+        x = _small_resnet(keras, x, cfg)
+    else:
+        x = _application(keras, x, cfg, input_shape)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs, name=cfg.arch)
+    if cfg.init_from:
+        copied = init_from(model, cfg.init_from)
+        if cfg.freeze_backbone:
+            for layer in model.layers:
+                if layer.name in copied:
+                    layer.trainable = False
+    return model
+
+
+def load_exported(path: str):
+    """Load a ``.keras`` file with safe_mode=True (no code from the file runs)."""
+    import keras
+
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such model file")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # keras raises many types for a bad file
+        raise ModelError(f"{path}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def init_from(model, path: str) -> list[str]:
+    """Copy weights from another hpcjobs model (a ``.keras`` export or a run directory)
+    layer by layer, by name, where the shapes match; the head and the normalisation
+    layer are never copied.  Returns the names of the layers copied."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "export", "model.keras") if os.path.isdir(os.path.join(path, "export")) \
+            else os.path.join(path, "model.keras")
+    source = load_exported(path)
+    src = {layer.name: layer for layer in source.layers}
+    copied = []
+    for layer in model.layers:
+        if layer.name in ("head", "normalize", "image") or layer.name not in src:
+            continue
+        theirs = src[layer.name].get_weights()
+        mine = layer.get_weights()
+        if not mine or len(theirs) != len(mine) or any(a.shape != b.shape for a, b in zip(theirs, mine)):
+            continue
+        layer.set_weights(theirs)
+        copied.append(layer.name)
+    if not copied:
+        raise ModelError(f"model.init_from: {path}: no layer matches this model's layers")
+    return copied

@@ -1,0 +1,92 @@
+"""What a person reads: progress lines or a bar, the summary, TensorBoard scalars and plots."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+class Progress:
+    """A progress bar on a terminal; a line every ``every`` steps otherwise (Slurm logs)."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, every: int, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.steps_per_epoch, self.epochs, self.every = steps_per_epoch, epochs, every
+        self.enabled = enabled
+        self.t0 = time.monotonic()
+        self.last_logged = None
+
+    def say(self, text: str):
+        if self.enabled:
+            if self.tty:
+                self.stream.write("\r\033[K")
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def step(self, step: int, loss: float, accuracy: float, images_per_s: float):
+        if not self.enabled:
+            return
+        epoch, k = divmod(step - 1, self.steps_per_epoch)
+        k += 1
+        if self.tty:
+            width = 30
+            done = int(width * k / self.steps_per_epoch)
+            self.stream.write(f"\repoch {epoch + 1}/{self.epochs} [{'=' * done:<{width}}] {k}/{self.steps_per_epoch}"
+                              f" loss {loss:.4f} acc {accuracy:.4f} {images_per_s:,.0f} img/s")
+            self.stream.flush()
+        elif self.last_logged is None or step // self.every > self.last_logged // self.every:
+            self.stream.write(f"step {step} epoch {epoch + 1}/{self.epochs} batch {k}/{self.steps_per_epoch} "
+                              f"loss {loss:.4f} accuracy {accuracy:.4f} {images_per_s:,.0f} img/s\n")
+            self.stream.flush()
+            self.last_logged = step
+
+    def epoch(self, row: dict):
+        val = "".join(f" {k} {row[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in row)
+        self.say(f"epoch {row['epoch']}/{self.epochs} step {row['step']} loss {row['loss']:.4f} "
+                 f"accuracy {row['accuracy']:.4f}{val} lr {row['lr']:.3g} ({row['seconds']:.1f}s)")
+
+
+class TensorBoard:
+    def __init__(self, folder: str, enabled: bool = True):
+        self.writer = None
+        if enabled:
+            import tensorflow as tf
+
+            self.tf = tf
+            self.writer = tf.summary.create_file_writer(folder)
+
+    def scalars(self, step: int, values: dict):
+        if self.writer is None:
+            return
+        with self.writer.as_default(step=step):
+            for k, v in values.items():
+                if k not in ("epoch", "step") and v is not None:
+                    self.tf.summary.scalar(k, v)
+        self.writer.flush()
+
+
+def plot_training(rows: list[dict], path: str):
+    """Loss and accuracy per epoch, train vs validation, to a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .rundir import atomic_path
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [r.get(key) for r in rows], "o-", label="train")
+        if any("val_" + key in r for r in rows):
+            ax.plot(epochs, [r.get("val_" + key) for r in rows], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path, fsync=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

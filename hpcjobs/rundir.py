@@ -1,0 +1,143 @@
+"""The run directory: its layout, atomic writes, run.json, metrics.csv and the lock.
+
+    runs/<name>/config.yaml        the resolved config
+    runs/<name>/run.json           status, sessions, steps, best metric, test metrics
+    runs/<name>/metrics.csv        one row per epoch
+    runs/<name>/tensorboard/       scalars
+    runs/<name>/plots/training.png
+    runs/<name>/checkpoints/
+    runs/<name>/export/model.keras and export/preprocessing.json
+    runs/<name>/slurm/             rendered scripts and logs
+
+Every file is written to a temporary name and renamed, so a reader (or a crash)
+never sees half a file where a good one was.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import fcntl
+import io
+import json
+import os
+import time
+
+METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (exit code 2): in use, or not a run."""
+
+
+def fsync_dir(path: str):
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, fsync: bool = True):
+    """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # keeps the suffix Keras checks
+    try:
+        yield tmp
+        if fsync and os.path.isfile(tmp):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write(path: str, text: str, fsync: bool = True):
+    with atomic_path(path, fsync) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+class RunDir:
+    """Paths and small files of one run.  Only the chief writes (``writer=True``)."""
+
+    def __init__(self, path: str, writer: bool = True):
+        self.path = os.path.abspath(path)
+        self.writer = writer
+        self._lock_fd = None
+
+    def sub(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    config_yaml = property(lambda self: self.sub("config.yaml"))
+    run_json = property(lambda self: self.sub("run.json"))
+    metrics_csv = property(lambda self: self.sub("metrics.csv"))
+    checkpoints = property(lambda self: self.sub("checkpoints"))
+    export = property(lambda self: self.sub("export"))
+    tensorboard = property(lambda self: self.sub("tensorboard"))
+    plots = property(lambda self: self.sub("plots"))
+    slurm = property(lambda self: self.sub("slurm"))
+
+    # -- lock -------------------------------------------------------------------------
+    def lock(self):
+        """Refuse a second training process on the same run directory."""
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(self.sub(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = ""
+                with contextlib.suppress(OSError):
+                    holder = open(self.sub(".lock")).read().strip()
+                raise RunDirError(f"{self.path}: in use by another hpcjobs process ({holder or 'unknown'})") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self):
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- run.json ---------------------------------------------------------------------
+    def read_status(self) -> dict:
+        try:
+            with open(self.run_json, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def write_status(self, status: dict):
+        if self.writer:
+            status = dict(status, updated=time.time())
+            atomic_write(self.run_json, json.dumps(status, indent=2, sort_keys=False) + "\n", fsync=False)
+
+    # -- metrics.csv ------------------------------------------------------------------
+    def read_metrics(self) -> list[dict]:
+        try:
+            with open(self.metrics_csv, newline="", encoding="utf-8") as f:
+                return [{k: float(v) if k not in ("epoch", "step") else int(v) for k, v in row.items() if v != ""}
+                        for row in csv.DictReader(f)]
+        except OSError:
+            return []
+
+    def write_metrics(self, rows: list[dict]):
+        """Rewrite metrics.csv (atomically) from the rows kept so far."""
+        if not self.writer:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        atomic_write(self.metrics_csv, buf.getvalue(), fsync=False)
