@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping")
     pr.set_defaults(func=cmd_prepare)
 
+    inf = sub.add_parser("infer", help="batch inference with an exported model")
+    from . import infer  # argument definitions live with the command's module
+
+    infer.add_arguments(inf)
+    common(inf, config=False)
+    inf.set_defaults(func=lambda a: infer.cmd_infer(a))
+
+    sb = sub.add_parser("submit", help="submit training (or inference) to Slurm")
+    from . import slurm
+
+    slurm.add_arguments(sb)
+    common(sb)
+    sb.set_defaults(func=lambda a: slurm.cmd_submit(a))
+
     st = sub.add_parser("status", help="progress of a run")
     st.add_argument("run", help="run directory")
     st.set_defaults(func=cmd_status)
