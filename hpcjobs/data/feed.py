@@ -4,8 +4,8 @@ The order in which training samples are seen is a pure function of the seed and
 the global sample position, so a feeder's position is just the step it is at:
 
 * The training split is cut into segments (one segment for ``memory`` and ``disk``;
-  for ``hybrid`` as many as it takes to fit the memory budget).  Segments are
-  contiguous ranges of the stratified store, so each has the class mix of the whole.
+  for ``hybrid`` as many as it takes to fit the memory budget).  Every segment has the
+  class mix of the whole split and, in the stratified store, spans a narrow row range.
 * The stream visits segment 0 for ``epochs_per_segment`` passes, each a fresh
   permutation, then segment 1, and so on, cycling.
 * Global batch k is stream positions [k*B, (k+1)*B); worker w of W takes the
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,75 +29,82 @@ from .store import Prepared, Split
 AUG_PARAMS = 8  # random numbers per sample; Philox yields 4 per counter step
 
 
-@dataclass(frozen=True)
+def stratified_segments(labels: np.ndarray, count: int) -> list[np.ndarray]:
+    """Cut a split into ``count`` segments, each holding floor or ceil of n_c / count samples
+    of every class c (the whole split's class distribution within one sample per class).
+
+    A class's share of a segment is a contiguous run of that class's rows, so in a store
+    written in stratified order every segment lies in one narrow row range: it is read with
+    one sequential read.  Leftover samples are dealt round-robin across classes, so segment
+    sizes differ by at most one.
+    """
+    labels = np.asarray(labels)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(count)]
+    offset = 0
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        base, extra = divmod(len(rows), count)
+        sizes = np.full(count, base)
+        sizes[(offset + np.arange(extra)) % count] += 1
+        offset = (offset + extra) % count
+        for k, part in enumerate(np.split(rows, np.cumsum(sizes)[:-1])):
+            pieces[k].append(part)
+    return [np.sort(np.concatenate(p)) for p in pieces]
+
+
 class Plan:
-    """The sample stream over ``n`` training samples."""
+    """The sample stream over ``n`` training samples cut into ``segments``."""
 
-    n: int
-    seed: int
-    segment_size: int  # samples per segment (n for a single segment)
-    epochs_per_segment: int = 1
-
-    def __post_init__(self):
-        if self.n < 1 or self.segment_size < 1:
+    def __init__(self, n: int, seed: int, segments: list[np.ndarray] | None = None, epochs_per_segment: int = 1):
+        if n < 1:
             raise ValueError("a plan needs at least one sample")
+        self.n, self.seed, self.epochs_per_segment = n, seed, epochs_per_segment
+        self.segments = segments if segments is not None else [np.arange(n)]
+        self._sizes = [len(s) for s in self.segments]
+        self._cycle = n * epochs_per_segment
 
-    @property
-    def segments(self) -> list[tuple[int, int]]:
-        size = min(self.segment_size, self.n)
-        return [(s, min(s + size, self.n)) for s in range(0, self.n, size)]
-
-    @property
-    def cycle(self) -> int:
-        """Stream positions in one visit of every segment."""
-        return self.n * self.epochs_per_segment
-
-    def locate(self, position: int) -> tuple[int, int, int, int]:
-        """(pass number, segment, pass start position, offset within pass) of a position."""
-        cycle, rest = divmod(position, self.cycle)
-        passes_before = cycle * len(self.segments) * self.epochs_per_segment
-        start = cycle * self.cycle
-        for s, (a, b) in enumerate(self.segments):
-            span = (b - a) * self.epochs_per_segment
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """(pass number, segment, offset within the pass) of a stream position."""
+        cycle, rest = divmod(position, self._cycle)
+        passes = cycle * len(self.segments) * self.epochs_per_segment
+        for s, size in enumerate(self._sizes):
+            span = size * self.epochs_per_segment
             if rest < span:
-                e, off = divmod(rest, b - a)
-                return passes_before + s * self.epochs_per_segment + e, s, start + e * (b - a), off
+                e, off = divmod(rest, size)
+                return passes + s * self.epochs_per_segment + e, s, off
             rest -= span
-            start += span
         raise AssertionError("unreachable")
 
-    def permutation(self, pass_number: int) -> np.ndarray:
-        seg = (pass_number // self.epochs_per_segment) % len(self.segments)
-        a, b = self.segments[seg]
-        return a + np.random.default_rng([self.seed, pass_number]).permutation(b - a)
+    def segment_of_pass(self, pass_number: int) -> int:
+        return (pass_number // self.epochs_per_segment) % len(self.segments)
 
-    def indices(self, start: int, stop: int) -> np.ndarray:
-        """Sample indices at stream positions [start, stop)."""
-        out = []
+    def permutation(self, pass_number: int) -> np.ndarray:
+        seg = self.segments[self.segment_of_pass(pass_number)]
+        return seg[np.random.default_rng([self.seed, pass_number]).permutation(len(seg))]
+
+    def indices(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices at stream positions [start, stop), and the segment of each."""
+        idx, segs = [], []
         pos = start
         while pos < stop:
-            p, _, pass_start, off = self.locate(pos)
+            p, seg, off = self.locate(pos)
             perm = self.permutation(p)
             take = min(stop - pos, len(perm) - off)
-            out.append(perm[off:off + take])
+            idx.append(perm[off:off + take])
+            segs.append(np.full(take, seg))
             pos += take
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-    def segments_of(self, start: int, stop: int) -> list[int]:
-        """The segments that positions [start, stop) read from."""
-        first, last = self.locate(start)[1], self.locate(stop - 1)[1]
-        if first == last:
-            return [first]
-        k = len(self.segments)
-        return [(first + i) % k for i in range((last - first) % k + 1)]
+        if not idx:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(idx), np.concatenate(segs)
 
     def position(self, step: int, global_batch: int) -> dict:
         """Human-readable position of the stream before ``step``."""
-        p, seg, _, off = self.locate(step * global_batch)
+        p, seg, off = self.locate(step * global_batch)
         return dict(step=step, pass_number=p, segment=seg,
                     epoch_in_segment=p % self.epochs_per_segment, offset_in_pass=off)
 
-    def worker_slice(self, step: int, global_batch: int, worker: int, workers: int) -> tuple[int, int]:
+    @staticmethod
+    def worker_slice(step: int, global_batch: int, worker: int, workers: int) -> tuple[int, int]:
         per = global_batch // workers
         start = step * global_batch + worker * per
         return start, start + per
@@ -122,16 +128,17 @@ class _Rows:
             self.images = images if isinstance(images, np.ndarray) else images[...]
         else:
             self.images = split.images
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[int, tuple[int, np.ndarray]] = {}
         self._pending: dict[int, object] = {}
         self._pool = ThreadPoolExecutor(1) if feed == "hybrid" else None
         self._lock = threading.Lock()
 
-    def _read_segment(self, seg: int) -> np.ndarray:
-        a, b = self.plan.segments[seg]
-        return np.asarray(self.split.images[a:b])  # one sequential read
+    def _read_segment(self, seg: int) -> tuple[int, np.ndarray]:
+        rows = self.plan.segments[seg]
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        return lo, np.asarray(self.split.images[lo:hi])  # one sequential read
 
-    def _segment(self, seg: int) -> np.ndarray:
+    def _segment(self, seg: int) -> tuple[int, np.ndarray]:
         with self._lock:
             if seg in self._cache:
                 return self._cache[seg]
@@ -147,41 +154,36 @@ class _Rows:
                 return
             self._pending[seg] = self._pool.submit(self._read_segment, seg)
 
-    def get(self, idx: np.ndarray, start: int, stop: int) -> np.ndarray:
+    def get(self, idx: np.ndarray, segs: np.ndarray) -> np.ndarray:
         if self.feed == "memory":
             return self.images[idx]
         if self.feed == "disk":
-            order = np.argsort(idx, kind="stable")
-            sorted_idx = idx[order]
-            uniq, inverse = np.unique(sorted_idx, return_inverse=True)
-            rows = self.images[uniq][inverse]
-            out = np.empty_like(rows)
-            out[order] = rows
-            return out
+            uniq, inverse = np.unique(idx, return_inverse=True)  # h5py wants increasing indices
+            return self.images[uniq][inverse]
         # hybrid: segments in memory, the next one read in the background
-        segs = self.plan.segments_of(start, stop)
+        needed = np.unique(segs)
         with self._lock:
             for s in list(self._cache):
-                if s not in segs:
+                if s not in needed:
                     del self._cache[s]
-        nxt = (segs[-1] + 1) % len(self.plan.segments)
         out = None
-        for s in segs:
-            a, b = self.plan.segments[s]
-            arr = self._segment(s)
-            mask = (idx >= a) & (idx < b)
+        for s in needed:
+            lo, arr = self._segment(int(s))
+            mask = segs == s
             if out is None:
                 out = np.empty((len(idx), *arr.shape[1:]), arr.dtype)
-            out[mask] = arr[idx[mask] - a]
-        if nxt not in segs:
+            out[mask] = arr[idx[mask] - lo]
+        nxt = (int(needed[-1]) + 1) % len(self.plan.segments)
+        if nxt not in needed:
             self._prefetch(nxt)
         return out
 
 
 def segment_size(split: Split, budget_bytes: int) -> int:
-    """Samples per hybrid segment: two segments (current and next) fit the budget."""
+    """Samples per hybrid segment: two segments (current and next) fit the budget, with
+    some room for the few extra rows a segment's read range spans."""
     per_sample = max(1, split.nbytes // max(len(split), 1))
-    return max(1, budget_bytes // (2 * per_sample))
+    return max(1, int(budget_bytes / (2.2 * per_sample)))
 
 
 def choose_feed(feed: str, split: Split, budget_bytes: int) -> str:
@@ -204,9 +206,11 @@ class Feeder:
         train = data.splits["train"]
         budget = parse_bytes(memory_budget)
         self.feed = choose_feed(feed, train, budget)
-        size = segment_size(train, budget) if self.feed == "hybrid" else len(train)
-        eps = epochs_per_segment if self.feed == "hybrid" else 1
-        self.plan = Plan(len(train), seed, size, eps)
+        if self.feed == "hybrid":
+            count = math.ceil(len(train) / segment_size(train, budget))
+            self.plan = Plan(len(train), seed, stratified_segments(train.labels, count), epochs_per_segment)
+        else:
+            self.plan = Plan(len(train), seed)
         self.seed = seed
         self.augment = augment or AugmentConfig()
         self.global_batch, self.worker, self.workers = global_batch, worker, workers
@@ -224,8 +228,8 @@ class Feeder:
         step = start_step
         while True:
             a, b = self.plan.worker_slice(step, self.global_batch, self.worker, self.workers)
-            idx = self.plan.indices(a, b)
-            images = self.rows.get(idx, step * self.global_batch, (step + 1) * self.global_batch)
+            idx, segs = self.plan.indices(a, b)
+            images = self.rows.get(idx, segs)
             labels = self.rows.labels[idx]
             params = augment_params(self.seed, a, b - a) if self.augment.enabled else None
             for r in range(self.local_replicas):

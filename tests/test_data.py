@@ -1,0 +1,263 @@
+"""Data: sources, prepare (stratified split, store), feeders (sharding, segments, position)."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcjobs import cli, config
+from hpcjobs.data import load_data
+from hpcjobs.data.feed import Feeder, Plan, augment_params, apply_augment
+from hpcjobs.data.images import to_model_image
+from hpcjobs.data.sources import SourceError, open_source
+from hpcjobs.data.store import SPLITS, open_store, prepare, stratified_split
+
+from conftest import QUICKSTART
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_source("digits")
+
+
+@pytest.mark.parametrize("source", ["digits", "lfw"])
+def test_stratified_split_keeps_class_shares(source):
+    s = open_source(source)
+    parts = stratified_split(s.labels, 0.1, 0.2, seed=3)
+    all_idx = np.concatenate([parts[k] for k in SPLITS])
+    assert sorted(all_idx.tolist()) == list(range(len(s)))  # a partition
+    counts = np.bincount(s.labels)
+    for name, share in (("val", 0.1), ("test", 0.2)):
+        got = np.bincount(s.labels[parts[name]], minlength=len(counts))
+        assert np.all(np.abs(got - counts * share) <= 1), (name, got, counts * share)
+
+
+def test_default_test_share_rule_of_thumb(digits):
+    data = prepare(digits, None, None, 0.1, None, seed=0)
+    assert len(data.splits["test"]) == pytest.approx(0.1 * len(digits), abs=10)  # 1,797 < 10,000: 10%
+    lfw = prepare(open_source("lfw"), None, None, 0.1, None, seed=0)
+    assert len(lfw.splits["test"]) == 40  # 200 < 1,000: 20%
+
+
+def test_training_split_is_in_stratified_order(digits):
+    data = prepare(digits, None, None, 0.1, 0.1, seed=0)
+    labels = data.splits["train"].labels
+    share = np.bincount(labels) / len(labels)
+    for size in (50, 137, 400):  # any contiguous window keeps the class mix (within < 2)
+        for start in range(0, len(labels) - size, 97):
+            got = np.bincount(labels[start:start + size], minlength=len(share))
+            assert np.all(np.abs(got - share * size) < 2), (start, size, got, share * size)
+
+
+def test_store_round_trip_and_class_table(tmp_path, digits):
+    out = str(tmp_path / "digits.h5")
+    data = prepare(digits, (16, 16), 3, 0.1, 0.1, seed=0, out_path=out)
+    assert data.image_shape == (16, 16, 3)
+    with h5py.File(out) as f:
+        assert f["train/images"].dtype == np.uint8
+        assert set(f) == set(SPLITS)
+    again = open_store(out)
+    assert again.class_names == digits.class_names
+    np.testing.assert_array_equal(again.splits["val"].labels, data.splits["val"].labels)
+    table = again.class_table()
+    assert "total" in table and str(len(again.splits["train"])) in table
+    # the store's train images equal the preprocessing of the source images
+    i = int(again.splits["train"].source_index[5])
+    np.testing.assert_array_equal(again.splits["train"].images[5], to_model_image(digits.load(i), (16, 16), 3))
+    again.close()
+    data.close()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def _write_folder(tmp_path, n_per_class=6):
+    from PIL import Image
+    from skimage import data as skd
+
+    root = tmp_path / "imgs"
+    photos = {"cat": skd.chelsea(), "coffee": skd.coffee()}
+    for name, img in photos.items():
+        (root / name).mkdir(parents=True)
+        for k in range(n_per_class):
+            Image.fromarray(img[k * 10:k * 10 + 200, k * 5:k * 5 + 250]).save(root / name / f"{k}.png")
+    (root / "cat" / "zero.png").write_bytes(b"")
+    (root / "cat" / "text.jpg").write_text("this is not an image\n")
+    good = (root / "coffee" / "0.png").read_bytes()
+    (root / "coffee" / "truncated.png").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def test_prepare_skips_bad_images_and_strict_fails(tmp_path, capsys):
+    root = _write_folder(tmp_path)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data:\n  source: {root}\n  image_size: [24, 24]\n  validation_split: 0.2\n"
+                        f"  test_split: 0.2\n")
+    out = tmp_path / "store.h5"
+    assert cli.main(["prepare", str(cfg_path), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "skipped 3 unreadable image(s)" in text
+    for bad, reason in (("zero.png", "empty file"), ("text.jpg", "not an image"), ("truncated.png", "truncated")):
+        assert any(bad in line and reason in line for line in text.splitlines()), (bad, text)
+    data = open_store(str(out))
+    assert sum(len(data.splits[s]) for s in SPLITS) == 12
+    data.close()
+    # strict: fails with one line naming the file, and the good store stays as it was
+    before = out.read_bytes()
+    assert cli.main(["prepare", str(cfg_path), "--output", str(out), "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(root) in err
+    assert out.read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_bad_sources_are_clear(tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\nmissing.png,cat\n")
+    with pytest.raises(SourceError, match="missing file"):
+        open_source(str(listing))
+    with pytest.raises(SourceError, match="no such file"):
+        open_source(str(tmp_path / "nothing"))
+    np.savez(tmp_path / "x.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]),
+             class_names=np.array(["a"]))
+    with pytest.raises(SourceError, match="outside the 1 classes"):
+        open_source(str(tmp_path / "x.npz"))
+    labels = np.array([0] * 10 + [1] * 2)
+    with pytest.raises(SourceError, match="class 'b' has 2 sample"):
+        stratified_split(labels, 0.2, 0.2, 0, ["a", "b"])
+
+
+def test_listing_and_npz_sources(tmp_path):
+    root = _write_folder(tmp_path, 3)
+    rows = ["path,label"] + [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("[0-9].png"))]
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    s = open_source(str(tmp_path / "l.csv"))
+    assert len(s) == 6 and s.class_names == ["cat", "coffee"]
+    import json
+    (tmp_path / "l.json").write_text(json.dumps([{"path": r.split(",")[0], "label": r.split(",")[1]}
+                                                  for r in rows[1:]]))
+    assert len(open_source(str(tmp_path / "l.json"))) == 6
+    x = np.random.default_rng(0).integers(0, 255, (10, 5, 5), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 2)
+    s = open_source(str(tmp_path / "d.npz"))
+    np.testing.assert_array_equal(s.load(3), x[3])
+
+
+# --------------------------------------------------------------------------- feeders
+@pytest.mark.parametrize("n", [1000, 1003, 997])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_sharding_covers_every_sample_once_per_pass(n, workers):
+    plan = Plan(n, seed=1)
+    batch = 12 * workers
+    seen = []
+    shares = {w: [] for w in range(workers)}
+    for step in range(n // batch + 2):
+        for w in range(workers):
+            a, b = plan.worker_slice(step, batch, w, workers)
+            idx, _ = plan.indices(a, b)
+            shares[w].append(idx)
+            seen.append((a, b, idx))
+    stream = np.concatenate([idx for a, b, idx in sorted(seen, key=lambda t: t[0])])
+    first_pass = stream[:n]
+    assert sorted(first_pass.tolist()) == list(range(n))
+    # disjoint shares within the pass
+    owner = {}
+    for a, b, idx in seen:
+        for pos, i in zip(range(a, b), idx):
+            if pos < n:
+                assert i not in owner
+                owner[i] = (a, b)
+
+
+@pytest.mark.parametrize("source", ["digits", "lfw"])
+def test_hybrid_segments_are_class_balanced(source):
+    data = prepare(open_source(source), None, None, 0.1, 0.1, seed=0)
+    train = data.splits["train"]
+    per_sample = train.nbytes // len(train)
+    feeder = Feeder(data, feed="hybrid", memory_budget=int(2.2 * 150 * per_sample), epochs_per_segment=3,
+                    global_batch=8)
+    plan = feeder.plan
+    k = len(plan.segments)
+    assert k == int(np.ceil(len(train) / 150)) and k > 1
+    counts = np.bincount(train.labels)
+    rows = np.concatenate(plan.segments)
+    assert sorted(rows.tolist()) == list(range(len(train)))  # a partition of the split
+    for seg in plan.segments:
+        got = np.bincount(train.labels[seg], minlength=len(counts))
+        assert np.all((got == counts // k) | (got == -(-counts // k))), (got, counts / k)
+        # in the stratified store a segment is one narrow row range: one sequential read
+        assert seg[-1] + 1 - seg[0] <= len(seg) + 4 * len(counts)
+    sizes = [len(s) for s in plan.segments]
+    assert max(sizes) - min(sizes) <= 1
+    # each segment is fed for epochs_per_segment passes, each pass a fresh permutation of it
+    for p in range(2 * 3):
+        assert sorted(plan.permutation(p).tolist()) == sorted(plan.segments[p // 3].tolist())
+    assert not np.array_equal(plan.permutation(0), plan.permutation(1))
+
+
+@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid"])
+def test_resumed_feeder_sees_the_same_batches(tmp_path, feed):
+    data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0, out_path=str(tmp_path / "d.h5"))
+    aug = config.AugmentConfig(flip_horizontal=True, rotation=10, zoom=0.1)
+    kw = dict(feed=feed, memory_budget=2 * 400 * 64, epochs_per_segment=2, seed=5, augment=aug, global_batch=64)
+    a = Feeder(data, **kw).batches(0)
+    full = [next(a) for _ in range(60)]  # crosses several segments and passes
+    b = Feeder(data, **kw).batches(37)
+    for k in range(37, 60):
+        x, y, p = next(b)
+        np.testing.assert_array_equal(x, full[k][0])
+        np.testing.assert_array_equal(y, full[k][1])
+        np.testing.assert_array_equal(p, full[k][2])
+    pos = Feeder(data, **kw).plan.position(37, 64)
+    assert set(pos) >= {"segment", "epoch_in_segment", "pass_number", "offset_in_pass"}
+    data.close()
+
+
+def test_feeds_give_identical_streams(tmp_path):
+    data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0, out_path=str(tmp_path / "d.h5"))
+    streams = {}
+    for feed in ("memory", "disk"):
+        g = Feeder(data, feed=feed, global_batch=50, seed=2).batches(0)
+        streams[feed] = [next(g) for _ in range(30)]
+    for (xa, ya, _), (xb, yb, _) in zip(streams["memory"], streams["disk"]):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    data.close()
+
+
+def test_worker_streams_union_equals_single_stream():
+    data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0)
+    single = Feeder(data, global_batch=60, seed=4).batches(0)
+    parts = [Feeder(data, global_batch=60, seed=4, worker=w, workers=3).batches(0) for w in range(3)]
+    for _ in range(10):
+        x, y, _ = next(single)
+        got = [next(p) for p in parts]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), x)
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), y)
+
+
+def test_augment_params_depend_only_on_position():
+    whole = augment_params(9, 100, 40)
+    np.testing.assert_array_equal(whole[10:20], augment_params(9, 110, 10))
+    assert not np.array_equal(augment_params(9, 0, 5), augment_params(10, 0, 5))
+
+
+def test_augmentation_same_eager_and_in_tf_data():
+    import tensorflow as tf
+
+    data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0)
+    x = data.splits["train"].images[:16].astype(np.float32)
+    p = augment_params(1, 0, 16)
+    aug = config.AugmentConfig(flip_horizontal=True, rotation=20, shift=0.1, zoom=0.2, brightness=0.1,
+                               contrast=0.2)
+    eager = apply_augment(tf.constant(x), tf.constant(p), aug).numpy()
+    ds = tf.data.Dataset.from_tensors((x, p)).map(lambda a, b: apply_augment(a, b, aug))
+    graph = next(iter(ds)).numpy()
+    np.testing.assert_allclose(eager, graph, atol=1e-4)
+    assert eager.shape == x.shape and not np.allclose(eager, x)
+    assert eager.min() >= 0 and eager.max() <= 255
+
+
+def test_load_data_from_config():
+    cfg = config.load(QUICKSTART)
+    data = load_data(cfg)
+    assert data.image_shape == (8, 8, 1) and data.num_classes == 10
+    assert sum(len(data.splits[s]) for s in SPLITS) == 1797
