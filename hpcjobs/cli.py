@@ -27,6 +27,13 @@ def _user_errors() -> tuple:
             ExportError)
 
 
+def _run_failures() -> tuple:
+    """Errors that end a run with one clear line and exit code 1 (not a user error)."""
+    from .train import TrainingDiverged
+
+    return (TrainingDiverged,)
+
+
 def _config(args):
     from . import config
 
@@ -147,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"hpcjobs: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except _run_failures() as e:
+        print(f"hpcjobs: training failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hpcjobs: interrupted", file=sys.stderr)
         return 130

@@ -332,6 +332,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _convert(value: Any, tp, where: str, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -377,6 +380,8 @@ def _convert(value: Any, tp, where: str, key: str):
             raise ConfigError(where, key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(where, key, f"expected a number, got {value!r}")
         return float(value)

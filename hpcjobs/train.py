@@ -337,6 +337,7 @@ class Trainer:
             board = report.TensorBoard(rd.tensorboard, rd.writer)
             reason = self._loop(step, history, stop, progress, board, session)
             step = int(self.step_var.numpy())
+            self.checkpoints.save(step)  # the final state (no-op if just saved)
             finished = reason in ("finished", "early_stopping")
             if finished:
                 if es.patience is not None and es.restore_best and os.path.exists(self._best_path):
