@@ -256,6 +256,8 @@ class DistributeConfig:
 
 @_frozen
 class SlurmConfig:
+    """Resources and behaviour of Slurm jobs (`hpcjobs submit`; flags of the same names override)."""
+
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -263,14 +265,31 @@ class SlurmConfig:
     ntasks_per_node: Optional[int] = None  # null: 1 (tf.distribute) or gpus_per_node (horovod)
     gpus_per_node: int = 0
     cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None
+    mem: Optional[str] = None  # per node: 64G, 500M, 64GiB
     time: str = "01:00:00"
-    job_name: Optional[str] = None
-    modules: tuple[str, ...] = ()
-    activate: Optional[str] = None  # e.g. path/to/venv/bin/activate
-    extra_sbatch: tuple[str, ...] = ()
+    job_name: Optional[str] = None  # null: the config's name
+    modules: tuple[str, ...] = ()  # `module load` each, in order
+    activate: Optional[str] = None  # e.g. path/to/venv/bin/activate (sourced), or a conda env name
+    extra_sbatch: tuple[str, ...] = ()  # more #SBATCH options, e.g. --constraint=v100
     max_requeues: int = 10
     signal_margin: int = 120  # seconds before the time limit for SIGUSR1
+    python: Optional[str] = None  # the job's interpreter; null: the one running `hpcjobs submit`
+    srun_args: tuple[str, ...] = ()  # more srun options, e.g. --mpi=pmix for Horovod
+    infer_partition: Optional[str] = None  # inference jobs; null: partition
+    infer_time: Optional[str] = None  # inference jobs; null: time
+    array: int = 0  # >0: a job array of this many tasks (training: repeats with seeds seed..seed+N-1)
+    array_parallel: Optional[int] = None  # at most this many array tasks at once
+    search: tuple[str, ...] = ()  # grid search as a job array: "key.path=v1,v2,..." each
+    slot: Optional[str] = None  # daily (or other) time slots: each job's --time, e.g. 01:00:00
+    slot_every: str = "day"  # day, week, or a duration like 12h
+    slot_at: Optional[str] = None  # HH:MM of the first slot
+    slot_count: int = 7  # jobs in the chain
+
+    _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:+-]*")
+    _MEM = re.compile(r"(?i)\d+(?:\.\d+)?\s*(?:[KMGT](?:i?B)?)?")
+    _OPTION = re.compile(r"(?:#SBATCH\s+)?--?[A-Za-z][A-Za-z0-9-]*(?:[=\s].*)?", re.S)
+    _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+=.+", re.S)
+    _AT = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
 
     def __post_init__(self):
         for name in ("nodes", "max_requeues"):
@@ -278,27 +297,95 @@ class SlurmConfig:
                 raise ValueError(f"{name}: must be >= {1 if name == 'nodes' else 0}")
         if self.gpus_per_node < 0:
             raise ValueError("gpus_per_node: must be >= 0")
+        for name in ("ntasks_per_node", "cpus_per_task", "array_parallel"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 or null")
+        if self.array < 0 or self.slot_count < 1:
+            raise ValueError("array: must be >= 0" if self.array < 0 else "slot_count: must be >= 1")
         if self.signal_margin < 1:
             raise ValueError("signal_margin: must be >= 1")
-        try:
-            parse_duration(self.time)
-        except ValueError as e:
-            raise ValueError(f"time: {e}")
+        # nothing that reaches a job script may carry a line break or another control character
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, str) and (not v.strip() or any(ord(c) < 32 or ord(c) == 127 for c in v)):
+                    raise ValueError(f"{f.name}: {v!r}: empty, or has a line break or control character")
+        for name in ("partition", "account", "qos", "infer_partition"):
+            v = getattr(self, name)
+            if v is not None and not self._NAME.fullmatch(v):
+                raise ValueError(f"{name}: {v!r} is not a Slurm name (letters, digits, _ . , : + -)")
+        if self.job_name is not None and "/" in self.job_name:
+            raise ValueError(f"job_name: {self.job_name!r}: no '/' (the name is part of the log file name)")
+        if self.mem is not None and not self._MEM.fullmatch(self.mem.strip()):
+            raise ValueError(f"mem: {self.mem!r} is not a size like 64G, 500M or 64GiB")
+        for name in ("modules", "srun_args"):
+            for v in getattr(self, name):
+                if name == "modules" and len(v.split()) != 1:
+                    raise ValueError(f"modules: {v!r}: one module per entry")
+                if name == "srun_args" and not self._OPTION.fullmatch(v):
+                    raise ValueError(f"srun_args: {v!r}: expected an option like --mpi=pmix")
+        for v in self.extra_sbatch:
+            if not self._OPTION.fullmatch(v):
+                raise ValueError(f"extra_sbatch: {v!r}: expected an sbatch option like --constraint=v100")
+        for v in self.search:
+            if not self._KEY.fullmatch(v):
+                raise ValueError(f"search: {v!r}: expected key.path=value1,value2,...")
+        if self.array and self.search:
+            raise ValueError("array: give array (repeats) or search (a grid), not both")
+        seconds = {}
+        for name in ("time", "infer_time", "slot", "slot_every"):
+            v = getattr(self, name)
+            if v is None or (name == "slot_every" and v in ("day", "week")):
+                continue
+            try:
+                seconds[name] = parse_duration(v)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}")
+            if seconds[name] < 60:
+                raise ValueError(f"{name}: {v!r} is below Slurm's minimum of one minute")
+        if self.slot_at is not None and not self._AT.fullmatch(self.slot_at.strip()):
+            raise ValueError(f"slot_at: {self.slot_at!r}: expected HH:MM (24-hour clock)")
+        limit = seconds.get("slot", seconds["time"])
+        if self.signal_margin >= limit:
+            raise ValueError(f"signal_margin: {self.signal_margin} s is not below the time limit "
+                             f"({int(limit)} s): lower signal_margin or raise time")
+        if self.slot is not None:
+            every = {"day": 86400, "week": 7 * 86400}.get(self.slot_every) or seconds["slot_every"]
+            if seconds["slot"] > every:
+                raise ValueError(f"slot: {self.slot} is longer than slot_every ({self.slot_every})")
 
 
 @_frozen
 class InferConfig:
     model: Optional[str] = None  # a run directory or an export directory
+    # an image folder tree, a .csv/.json listing (path column; labels optional),
+    # an hpcjobs .h5 store or an .npz of images
     input: Optional[str] = None
-    output: Optional[str] = None
+    output: Optional[str] = None  # results file: .h5 or .csv (see format)
+    format: Literal["auto", "h5", "csv", "both"] = "auto"  # auto: by the output's extension
+    split: Literal["test", "val", "train", "all"] = "test"  # which split of an .h5 store
     batch_size: int = 256
     top_k: int = 5
-    chunk_size: int = 1024
+    chunk_size: int = 1024  # rows per atomically committed chunk (the unit of resume)
+    workers: Optional[int] = None  # decode threads; null = the CPU count
+    shard: Optional[str] = None  # "i/n"; null = from the Slurm array or MPI rank, else 0/1
+    time_budget: Optional[str] = None  # stop after the chunk that would cross it (exit 75)
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers: must be >= 1 or null")
+        if self.shard is not None:
+            m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
+            if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+                raise ValueError(f"shard: expected i/n with 0 <= i < n, got {self.shard!r}")
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise ValueError(f"time_budget: {e}")
 
 
 @_frozen
