@@ -33,6 +33,20 @@ def seed_variables(model) -> list:
     return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
 
 
+def weights_digest(model) -> str:
+    """sha256 over every variable of the model in order (shapes and bytes), to compare runs.
+
+    Variable paths are left out: Keras numbers auto-named objects per process."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in model.variables:
+        arr = v.numpy()
+        h.update(f"{arr.dtype}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def _fsync_checkpoint(prefix: str):
     for path in glob.glob(prefix + ".*"):
         with open(path, "rb") as f:
@@ -56,7 +70,7 @@ class Checkpoints:
     into a temporary directory that is removed, as tf.distribute requires."""
 
     def __init__(self, directory: str, objects: dict, cfg: CheckpointConfig, writer: bool = True,
-                 all_save: bool = False):
+                 all_save: bool = False, size_bytes: int = 0):
         import tensorflow as tf
 
         self.tf = tf
@@ -71,6 +85,7 @@ class Checkpoints:
         self.last_save_time = time.monotonic()
         self.last_save_step = None
         self.save_seconds: list[float] = []
+        self.first_guess = 0.5 + size_bytes / 50e6  # seconds, until a save has been measured
 
     # -- restore ----------------------------------------------------------------------
     def restore_latest(self, log=print) -> str | None:
@@ -116,7 +131,7 @@ class Checkpoints:
 
     @property
     def expected_save_seconds(self) -> float:
-        return max(self.save_seconds[-5:]) if self.save_seconds else 5.0
+        return max(self.save_seconds[-5:]) if self.save_seconds else self.first_guess
 
     def close(self):
         if not self.writer:

@@ -48,6 +48,11 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
     if args.restart and os.path.exists(run_dir):
+        from .rundir import RunDir
+
+        probe = RunDir(run_dir)
+        probe.lock()  # refuse to move a run that a process is using
+        probe.unlock()
         aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(run_dir, aside)
         print(f"moved the previous run aside to {aside}")
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

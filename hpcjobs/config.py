@@ -266,7 +266,7 @@ class SlurmConfig:
     gpus_per_node: int = 0
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None  # per node: 64G, 500M, 64GiB
-    time: str = "01:00:00"
+    time: str = "01:00:00"  # Slurm's forms (a bare number is minutes, as in sbatch) or 90m, 4h, 2d
     job_name: Optional[str] = None  # null: the config's name
     modules: tuple[str, ...] = ()  # `module load` each, in order
     activate: Optional[str] = None  # e.g. path/to/venv/bin/activate (sourced), or a conda env name
@@ -338,7 +338,7 @@ class SlurmConfig:
             if v is None or (name == "slot_every" and v in ("day", "week")):
                 continue
             try:
-                seconds[name] = parse_duration(v)
+                seconds[name] = self.seconds(v)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}")
             if seconds[name] < 60:
@@ -353,6 +353,12 @@ class SlurmConfig:
             every = {"day": 86400, "week": 7 * 86400}.get(self.slot_every) or seconds["slot_every"]
             if seconds["slot"] > every:
                 raise ValueError(f"slot: {self.slot} is longer than slot_every ({self.slot_every})")
+
+    @staticmethod
+    def seconds(text: str) -> float:
+        """Seconds of a Slurm time: a bare number is minutes (as in sbatch), else parse_duration."""
+        t = str(text).strip()
+        return float(t) * 60 if re.fullmatch(r"\d+", t) else parse_duration(t)
 
 
 @_frozen

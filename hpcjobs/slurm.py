@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import submitit.helpers
 
-from .config import Config, ConfigError, SlurmConfig, dump, parse_duration, to_dict
+from .config import Config, ConfigError, SlurmConfig, dump, to_dict
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
 TEMPLATES = ("train", "infer", "search")
@@ -64,7 +64,7 @@ def _error(key: str, message: str) -> ConfigError:
 # --------------------------------------------------------------------------- rendering
 def format_time(text: str) -> str:
     """Slurm's ``[D-]HH:MM:SS`` from any duration the config accepts."""
-    seconds = int(round(parse_duration(text)))
+    seconds = int(round(SlurmConfig.seconds(text)))
     days, rest = divmod(seconds, 86400)
     h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)
@@ -334,7 +334,7 @@ def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.dat
     first = now.replace(hour=parts[0], minute=parts[1], second=parts[2] if len(parts) > 2 else 0)
     if first <= now:
         first += _dt.timedelta(days=1)
-    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or parse_duration(s.slot_every)
+    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or SlurmConfig.seconds(s.slot_every)
     return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count)]
 
 
@@ -593,7 +593,7 @@ def submit(config, run_dir: str, **slurm_overrides):
         additional[opt[2:].replace("-", "_")] = True if value is None else value
     setup = [line for line in _setup_lines(s).splitlines() if not line.startswith("#")]
     kw = dict(name=params["job_name"], nodes=s.nodes, tasks_per_node=params["ntasks_per_node"],
-              timeout_min=max(1, int(-(-parse_duration(s.time) // 60))), slurm_signal_delay_s=s.signal_margin,
+              timeout_min=max(1, int(-(-SlurmConfig.seconds(s.time) // 60))), slurm_signal_delay_s=s.signal_margin,
               slurm_max_num_timeout=s.max_requeues, slurm_setup=setup, slurm_additional_parameters=additional)
     if s.partition:
         kw["slurm_partition"] = s.partition

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import cluster as cluster_mod
 from . import distribute, export, report
-from .checkpoint import Checkpoints, find_checkpoint, seed_variables
+from .checkpoint import Checkpoints, find_checkpoint, seed_variables, weights_digest
 from .config import Config, OptimizerConfig, dump, parse_duration
 from .data import load_data
 from .data.feed import Feeder
@@ -185,8 +185,10 @@ class Trainer:
         objects = dict(model=self.model, optimizer=self.optimizer, step=self.step_var,
                        epoch_sums=self.epoch_sums, best=self.best, best_epoch=self.best_epoch, wait=self.wait,
                        epoch_seconds=self.epoch_seconds, seeds=seed_variables(self.model))
+        size = 3 * sum(int(np.prod(v.shape)) * 4 for v in self.model.variables)  # weights + Adam slots
         self.checkpoints = Checkpoints(self.run_dir.checkpoints, objects, cfg.checkpoint,
-                                       writer=self.rt.is_chief, all_save=self.rt.kind == "multiworker")
+                                       writer=self.rt.is_chief, all_save=self.rt.kind == "multiworker",
+                                       size_bytes=size)
         self._build_functions()
 
     # -- compiled functions -----------------------------------------------------------
@@ -307,7 +309,6 @@ class Trainer:
         t = cfg.training
         es = t.early_stopping
         if rd.writer:
-            rd.lock()
             os.makedirs(rd.path, exist_ok=True)
             from .rundir import atomic_write
 
@@ -349,11 +350,14 @@ class Trainer:
                     export.save(self.model, export.preprocessing_info(self.data, cfg.data.normalize), rd.export)
                     if history:
                         report.plot_training(history, os.path.join(rd.plots, "training.png"))
+            digest = weights_digest(self.model)
+            print(f"worker {self.rt.worker}/{self.rt.workers} step {step} weights sha256 {digest}", flush=True)
             session.end, session.end_step, session.stopped_by = time.time(), step, reason
             status["sessions"] = sessions + [session.__dict__]
             status.update(status="finished" if finished else "stopped", step=step,
                           epoch=step / self.steps_per_epoch, best=_nan_to_none(float(self.best.numpy())),
-                          best_epoch=int(self.best_epoch.numpy()) or None, monitor=es.monitor)
+                          best_epoch=int(self.best_epoch.numpy()) or None, monitor=es.monitor,
+                          weights_sha256=digest)
             if history:
                 status["last"] = history[-1]
             rd.write_status(status)
@@ -375,7 +379,6 @@ class Trainer:
         finally:
             stop.uninstall()
             self.checkpoints.close()
-            rd.unlock()
 
     @property
     def _best_path(self) -> str:
@@ -467,4 +470,16 @@ def _nan_to_none(x: float):
 
 def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None, time_budget=None,
           verbose=True) -> int:
-    return Trainer(cfg, run_dir, time_budget=time_budget, verbose=verbose).run(from_checkpoint, init_weights)
+    """Train a run (resuming it if it has a checkpoint); 0 finished, 75 stopped with more to do.
+
+    The chief locks the run directory first, before TensorFlow is even imported, so a
+    second process on the same run is refused at once."""
+    info = cluster_mod.detect()
+    rd = RunDir(run_dir, writer=info.is_chief)
+    if rd.writer:
+        rd.lock()
+    try:
+        trainer = Trainer(cfg, run_dir, info=info, time_budget=time_budget, verbose=verbose)
+        return trainer.run(from_checkpoint, init_weights)
+    finally:
+        rd.unlock()

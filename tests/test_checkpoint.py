@@ -1,0 +1,200 @@
+"""Resumable sessions: exact resume after time-budget stops, signals, damaged checkpoints,
+the run-directory lock, and SIGKILL fault injection."""
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcjobs import cli
+from hpcjobs.data import prepare_store
+from hpcjobs import config
+
+from conftest import QUICKSTART, REPO
+
+# Deterministic, with Dropout (simple_cnn) and random augmentation on.
+DET = ["training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12",
+       "training.batch_size=64",
+       "data.augment.flip_horizontal=true", "data.augment.rotation=10", "data.augment.zoom=0.1",
+       "checkpoint.every_minutes=null"]
+
+
+def sets(*items):
+    return sum((["--set", s] for s in items), [])
+
+
+def train(run, *items, budget=None):
+    extra = ["--time-budget", budget] if budget else []
+    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *sets(*items), *extra])
+
+
+def status(run):
+    return json.loads((run / "run.json").read_text())
+
+
+def metrics_without_seconds(run):
+    return [{k: v for k, v in row.items() if k != "seconds"}
+            for row in csv.DictReader(open(run / "metrics.csv"))]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "digits.h5"
+    prepare_store(config.load(QUICKSTART), str(path), progress=False).close()
+    return str(path)
+
+
+@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid"])
+def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store, feed):
+    feed_sets = [f"data.feed={feed}"]
+    if feed != "memory":
+        feed_sets += [f"data.store={store}"]
+    if feed == "hybrid":
+        feed_sets += ["data.memory_budget=60000", "data.epochs_per_segment=2"]  # several segments
+    whole = tmp_path / "whole"
+    assert train(whole, *DET, *feed_sets) == 0
+    parts = tmp_path / "parts"
+    codes = []
+    for _ in range(20):
+        code = train(parts, *DET, *feed_sets, budget="3s")
+        codes.append(code)
+        if code == 0:
+            break
+        assert code == 75
+        assert status(parts)["status"] == "stopped"
+    assert codes.count(75) >= 2, codes
+    st = status(parts)
+    assert st["status"] == "finished"
+    stops = [s for s in st["sessions"] if s["stopped_by"] == "time_budget"]
+    assert len(stops) >= 2 and all(0 < s["end_step"] < st["total_steps"] for s in stops)
+    assert st["weights_sha256"] == status(whole)["weights_sha256"]
+    assert metrics_without_seconds(parts) == metrics_without_seconds(whole)
+    assert st["test_accuracy"] == status(whole)["test_accuracy"]
+
+
+def _spawn(run, *items, env_extra=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
+                             *sets(*items)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO)
+
+
+def _wait_for_step(run, proc, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        if (run / "metrics.csv").exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.1)
+    raise AssertionError("training did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_and_exits_75(tmp_path, sig):
+    run = tmp_path / "sig"
+    p = _spawn(run, "training.epochs=200")
+    _wait_for_step(run, p)
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 75, out
+    st = status(run)
+    assert st["status"] == "stopped" and st["sessions"][-1]["stopped_by"] == sig.name
+    assert os.path.exists(run / "checkpoints" / "checkpoint")
+    assert f"ckpt-{st['step']}.index" in os.listdir(run / "checkpoints")
+
+
+def test_second_process_on_same_run_is_refused(tmp_path):
+    run = tmp_path / "locked"
+    p = _spawn(run, "training.epochs=200")
+    try:
+        _wait_for_step(run, p)
+        r = subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run)],
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        assert r.returncode == 2
+        assert "in use by another hpcjobs process" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
+    run = tmp_path / "damaged"
+    assert train(run, *DET, "checkpoint.every_steps=20") == 0
+    whole = status(run)["weights_sha256"]
+    ckpts = sorted((run / "checkpoints").glob("ckpt-*.index"), key=lambda p: int(p.name[5:-6]))
+    newest = ckpts[-1].with_suffix("")
+    data = next((run / "checkpoints").glob(newest.name + ".data-*"))
+    data.write_bytes(data.read_bytes()[:100])  # truncated
+    (run / "run.json").unlink()
+    assert train(run, *DET, "checkpoint.every_steps=20") == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} cannot be read" in out and "trying the previous one" in out
+    assert status(run)["weights_sha256"] == whole  # retrained the lost steps exactly
+
+
+def test_restart_moves_old_run_aside(tmp_path):
+    run = tmp_path / "r"
+    assert train(run, "training.epochs=1") == 0
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(run), "--restart", "--set", "training.epochs=1"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert len(aside) == 1 and (aside[0] / "run.json").exists()
+    assert len(status(run)["sessions"]) == 1
+
+
+def test_from_checkpoint_and_init_weights(tmp_path, capsys):
+    src = tmp_path / "src"
+    assert train(src, "training.epochs=1") == 0
+    a = tmp_path / "a"
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(a), "--from", str(src),
+                     "--set", "training.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "starting from checkpoint" in out
+    st = status(a)
+    assert st["sessions"][0]["start_step"] == status(src)["step"]
+    b = tmp_path / "b"
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(b), "--init-weights",
+                     str(src / "export" / "model.keras"), "--set", "training.epochs=1"]) == 0
+    assert "initialised" in capsys.readouterr().out
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(tmp_path / "c"), "--from", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
+    """Kill -9 the trainer at random moments (some while a checkpoint is being written);
+    every restart resumes from the last complete checkpoint; final weights are exact."""
+    items = [*DET, "training.epochs=8", "checkpoint.every_steps=7"]
+    whole = tmp_path / "whole"
+    assert train(whole, *items) == 0
+    run = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(40):
+        p = _spawn(run, *items)
+        if kills < 12:
+            # wait until training is under way, then kill after a random delay
+            t0 = time.time()
+            while time.time() - t0 < 60 and p.poll() is None and not (run / "checkpoints").exists():
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 2.0))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                kills += 1
+                continue
+        out, _ = p.communicate(timeout=300)
+        if p.returncode == 0:
+            break
+        assert p.returncode in (75, -9), out
+    assert kills >= 10
+    st = status(run)
+    assert st["status"] == "finished"
+    assert st["weights_sha256"] == status(whole)["weights_sha256"]
+    assert metrics_without_seconds(run) == metrics_without_seconds(whole)
+    print(f"SIGKILLs: {kills}, sessions: {len(st['sessions'])}")
