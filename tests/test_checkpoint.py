@@ -169,7 +169,7 @@ def test_from_checkpoint_and_init_weights(tmp_path, capsys):
 def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     """Kill -9 the trainer at random moments (some while a checkpoint is being written);
     every restart resumes from the last complete checkpoint; final weights are exact."""
-    items = [*DET, "training.epochs=8", "checkpoint.every_steps=7"]
+    items = [*DET, "training.epochs=20", "checkpoint.every_steps=7"]
     whole = tmp_path / "whole"
     assert train(whole, *items) == 0
     run = tmp_path / "killed"
@@ -178,11 +178,14 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     for attempt in range(40):
         p = _spawn(run, *items)
         if kills < 12:
-            # wait until training is under way, then kill after a random delay
+            # wait until this session is training, then kill after a random delay
+            started = len(status(run)["sessions"]) if (run / "run.json").exists() else 0
             t0 = time.time()
-            while time.time() - t0 < 60 and p.poll() is None and not (run / "checkpoints").exists():
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 2.0))
+            while time.time() - t0 < 60 and p.poll() is None:
+                if (run / "run.json").exists() and len(status(run)["sessions"]) > started:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.2))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
