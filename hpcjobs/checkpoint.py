@@ -78,6 +78,7 @@ class Checkpoints:
         self.writer = writer
         self.saves = writer or all_save  # multi-worker: every worker takes part in the save
         self.ckpt = tf.train.Checkpoint(**objects)
+        self.shared = directory  # every worker restores from the run's checkpoints
         self.directory = directory if writer else tempfile.mkdtemp(prefix="hpcjobs-ckpt-")
         self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, max_to_keep=cfg.max_to_keep,
                                                   checkpoint_name="ckpt")
@@ -90,7 +91,8 @@ class Checkpoints:
     # -- restore ----------------------------------------------------------------------
     def restore_latest(self, log=print) -> str | None:
         """Restore the newest readable checkpoint; older ones are tried if it is damaged."""
-        candidates = list(reversed(self.manager.checkpoints))
+        state = self.tf.train.get_checkpoint_state(self.shared) if os.path.isdir(self.shared) else None
+        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
             try:
                 self.restore(path)
@@ -99,7 +101,7 @@ class Checkpoints:
                 log(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:160]}); trying the previous one")
         if candidates:
-            raise CheckpointError(f"{self.directory}: no readable checkpoint among {len(candidates)}")
+            raise CheckpointError(f"{self.shared}: no readable checkpoint among {len(candidates)}")
         return None
 
     def restore(self, path: str):

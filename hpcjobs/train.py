@@ -244,11 +244,11 @@ class Trainer:
 
         @tf.function
         def agree(flag):
-            """Max of a flag over all workers, so every worker stops at the same step."""
+            """Sum of a flag over all workers, so every worker stops at the same step."""
             per_replica = strategy.run(lambda: tf.cast(flag, tf.float32))
-            total = strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)
+            total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             if hvd is not None:
-                total = hvd.allreduce(total, op=hvd.Max)
+                total = hvd.allreduce(total, op=hvd.Sum)
             return total
 
         self._train_steps, self._eval_step, self._agree = train_steps, eval_step, agree
