@@ -281,7 +281,17 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
     def restore(self, from_checkpoint: str | None = None, init_weights: str | None = None) -> str:
-        """Resume order: own checkpoint, --from, --init-weights, scratch.  Returns which."""
+        """Resume order: own checkpoint, --from, --init-weights, scratch.  Returns which.
+        Under Horovod, rank 0's state is then broadcast to every rank."""
+        origin = self._restore(from_checkpoint, init_weights)
+        hvd = self.rt.hvd
+        if hvd is not None:
+            state = [self.step_var, self.epoch_sums, self.best, self.best_epoch, self.wait, self.epoch_seconds]
+            keras_vars = list(self.model.variables) + list(self.optimizer.variables)
+            hvd.broadcast_variables([v.value for v in keras_vars] + state, root_rank=0)
+        return origin
+
+    def _restore(self, from_checkpoint, init_weights) -> str:
         say = self.say
         path = self.checkpoints.restore_latest(log=say)
         if path:

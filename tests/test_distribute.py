@@ -157,3 +157,62 @@ def test_multiworker_stop_and_resume_is_exact(tmp_path):
     (c0, o0), (c1, o1) = finish([launch(run, items, env=e) for e in tf_config_env(2)])
     assert (c0, c1) == (0, 0), o0[-2000:]
     assert digest(o0) == digest(o1) == want
+
+
+def _horovod_or_skip():
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("Horovod missing in CI: bash slurm/install-horovod.sh")
+        pytest.skip("Horovod not built here: bash slurm/install-horovod.sh")
+
+
+def mpirun(run, items, n=2):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    return subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n),
+                             "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "PATH", "-x", "PYTHONPATH",
+                             sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
+                             *sets(items)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO)
+
+
+def digests(out):
+    return dict(re.findall(r"worker (\d+)/\d+ step \d+ weights sha256 ([0-9a-f]{64})", out))
+
+
+@pytest.mark.horovod
+@pytest.mark.multiprocess
+def test_horovod_two_ranks_match_single_process(tmp_path, single):
+    _horovod_or_skip()
+    run = tmp_path / "hvd"
+    (code, out), = finish([mpirun(run, SAME + ["distribute.strategy=horovod"])])
+    assert code == 0, out[-3000:]
+    d = digests(out)
+    assert set(d) == {"0", "1"} and d["0"] == d["1"], out[-2000:]
+    assert "strategy horovod x2" in out
+    assert_close(metrics(run), metrics(single[0]))
+
+
+@pytest.mark.horovod
+@pytest.mark.multiprocess
+def test_horovod_stop_and_resume_is_exact(tmp_path):
+    _horovod_or_skip()
+    items = SAME + ["distribute.strategy=horovod", "training.epochs=25", "model.dropout=0.3"]
+    (code, out), = finish([mpirun(tmp_path / "whole", items)])
+    assert code == 0, out[-2000:]
+    want = digests(out)["0"]
+    run = tmp_path / "parts"
+    p = mpirun(run, items)
+    t = time.time()
+    while not (run / "metrics.csv").exists() and time.time() - t < 120:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGUSR1)  # mpirun forwards it to the ranks
+    (code, out), = finish([p])
+    st = json.loads((run / "run.json").read_text())
+    assert st["status"] == "stopped" and 0 < st["step"] < st["total_steps"], out[-2000:]
+    (code, out), = finish([mpirun(run, items)])
+    assert code == 0, out[-2000:]
+    d = digests(out)
+    assert d["0"] == d["1"] == want
