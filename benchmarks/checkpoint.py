@@ -1,0 +1,94 @@
+"""Checkpoint cost and resume latency.
+
+1. Cost of checkpointing at the default cadence (checkpoint.every_minutes: 10, plus the
+   final save) and, for scale, at one save per epoch: seconds spent saving (with fsync)
+   as a share of the training wall time, on the quickstart (digits) and on Fashion-MNIST
+   (if Debian's dataset-fashion-mnist is installed).
+2. Resume latency: process start to the first training step done, for a fresh start and
+   for a resume from a checkpoint, measured on `hpcjobs train` subprocesses, alternating.
+
+    python benchmarks/checkpoint.py [--fashion-epochs 2] [--rounds 3]
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
+
+
+def cost(name, overrides, work):
+    from hpcjobs import config
+    from hpcjobs.train import Trainer
+
+    for label, extra in (("default cadence", []), ("every epoch", ["checkpoint.every_steps=EPOCH"])):
+        cfg = config.load(QUICKSTART, overrides)
+        if extra:
+            t = Trainer(cfg, os.path.join(work, "probe"), verbose=False)
+            extra = [f"checkpoint.every_steps={t.steps_per_epoch}"]
+            cfg = config.load(QUICKSTART, overrides + extra)
+        run = os.path.join(work, f"{name}-{label.replace(' ', '-')}")
+        t = Trainer(cfg, run, verbose=False)
+        start = time.perf_counter()
+        code = t.run()
+        wall = time.perf_counter() - start
+        saved = sum(t.checkpoints.save_seconds)
+        print(f"{name:>14}, {label:>15}: {len(t.checkpoints.save_seconds):3d} saves, {saved:6.3f} s of "
+              f"{wall:7.2f} s training = {100 * saved / wall:5.2f}%  (exit {code})")
+
+
+def first_step_seconds(run, extra=()):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", run,
+                          "--set", "training.log_every_steps=1", "--set", "training.steps_per_call=1",
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in p.stdout:
+        if line.startswith("step "):
+            elapsed = time.perf_counter() - t
+            break
+    else:
+        raise RuntimeError("no step line")
+    p.kill()
+    p.wait()
+    return elapsed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fashion-epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="hpcjobs-ckpt-bench-")
+    try:
+        cost("quickstart", [], work)
+        if os.path.isdir("/usr/share/datasets/fashion-mnist"):
+            cost("fashion-mnist", ["data.source=fashion-mnist", "training.batch_size=128",
+                                   f"training.epochs={args.fashion_epochs}"], work)
+
+        resumable = os.path.join(work, "resumable")
+        subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", resumable,
+                        "--set", "training.epochs=1"], check=True, capture_output=True,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        fresh, resume = [], []
+        for k in range(args.rounds):
+            fresh.append(first_step_seconds(os.path.join(work, f"fresh-{k}")))
+            # a longer run of the same config resumes from the 1-epoch checkpoint
+            resume.append(first_step_seconds(resumable, ["--set", "training.epochs=50"]))
+        f, r = statistics.median(fresh), statistics.median(resume)
+        print(f"process start to first step: fresh {f:.2f} s, resumed {r:.2f} s "
+              f"(rounds fresh {', '.join(f'{x:.2f}' for x in fresh)}; resumed {', '.join(f'{x:.2f}' for x in resume)})")
+        print(f"ratio resumed / fresh: {r / f:.3f}   (target <= 1.5)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
