@@ -877,7 +877,7 @@ def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None,
 
 def add_arguments(parser):
     parser.add_argument("config", nargs="?", help="YAML config with an infer: section (optional)")
-    parser.add_argument("--model", help="run directory or export directory (infer.model; default --run-dir)")
+    parser.add_argument("--model", help="run directory or export directory (infer.model; default: --run-dir)")
     parser.add_argument("--input", help="image folder tree, .csv/.json listing, hpcjobs .h5 store or .npz")
     parser.add_argument("--output", help="results file, .h5 or .csv (STEM.errors.csv lists unreadable inputs)")
     parser.add_argument("--split", choices=["test", "val", "train", "all"],
@@ -891,14 +891,15 @@ def add_arguments(parser):
 
 def _settings(args) -> InferConfig:
     """The infer: section of the config (if any) with the command line's flags on top.
-    The model: --model, else --run-dir, else infer.model, else the config's runs/<name>."""
+    The model: --model, else infer.model, else --run-dir, else the config's runs/<name>
+    (``hpcjobs submit --infer`` always passes the run directory; an infer.model says more)."""
     from . import config
 
     if args.config:
         cfg = config.load(args.config, args.set)
     else:
         cfg = config.from_dict({}, "hpcjobs infer", args.set)
-    model = args.model or args.run_dir or cfg.infer.model or (os.path.join("runs", cfg.name) if args.config
+    model = args.model or cfg.infer.model or args.run_dir or (os.path.join("runs", cfg.name) if args.config
                                                               else None)
     flags = {"model": model, "input": args.input, "output": args.output, "split": args.split,
              "shard": args.shard, "time_budget": args.time_budget}
