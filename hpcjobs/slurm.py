@@ -578,14 +578,9 @@ def submit(config, run_dir: str, **slurm_overrides):
     _sbatch_binary()
     folder = os.path.join(run_dir, "slurm", "submitit")
     os.makedirs(folder, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=s.max_requeues,
+                                     slurm_python=shlex.quote(s.python or sys.executable))
     additional = {}
-    if s.account:
-        additional["account"] = s.account
-    if s.qos:
-        additional["qos"] = s.qos
-    if s.mem:
-        additional["mem"] = format_mem(s.mem)
     for extra in s.extra_sbatch:
         opt, value = _option(extra)
         if not opt.startswith("--"):
@@ -594,15 +589,16 @@ def submit(config, run_dir: str, **slurm_overrides):
     setup = [line for line in _setup_lines(s).splitlines() if not line.startswith("#")]
     kw = dict(name=params["job_name"], nodes=s.nodes, tasks_per_node=params["ntasks_per_node"],
               timeout_min=max(1, int(-(-SlurmConfig.seconds(s.time) // 60))), slurm_signal_delay_s=s.signal_margin,
-              slurm_max_num_timeout=s.max_requeues, slurm_setup=setup, slurm_additional_parameters=additional)
-    if s.partition:
-        kw["slurm_partition"] = s.partition
+              slurm_setup=setup, slurm_additional_parameters=additional)
+    for name in ("partition", "account", "qos"):
+        if getattr(s, name):
+            kw[f"slurm_{name}"] = getattr(s, name)
+    if s.mem:
+        kw["slurm_mem"] = format_mem(s.mem)
     if s.gpus_per_node:
         kw["gpus_per_node"] = s.gpus_per_node
     if s.cpus_per_task:
         kw["cpus_per_task"] = s.cpus_per_task
-    if s.python:
-        kw["slurm_python"] = shlex.quote(s.python)
     executor.update_parameters(**kw)
     from .rundir import atomic_write
 

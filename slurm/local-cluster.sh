@@ -124,6 +124,21 @@ EOF
     printf 'export SLURM_CONF=%q\n' "$CONF" >"$STATE/env.sh"
 }
 
+# Multi-node jobs (tf.distribute, MPI) connect to the workers by node name: the emulated
+# nodes' names must resolve, to this machine.  As root, add them to /etc/hosts if they don't.
+HOSTS_MARK="# hpcjobs slurm/local-cluster.sh"
+ensure_node_names() {
+    local n missing=()
+    for n in "${NODES[@]}"; do getent hosts "$n" >/dev/null 2>&1 || missing+=("$n"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ] && [ -w /etc/hosts ]; then
+        say "adding ${missing[*]} (127.0.0.1) to /etc/hosts"
+        echo "127.0.0.1 ${missing[*]} $HOSTS_MARK" >>/etc/hosts
+    else
+        say "warning: ${missing[*]} do not resolve; multi-node jobs need them (add them to /etc/hosts as 127.0.0.1)"
+    fi
+}
+
 # ------------------------------------------------------------------------- daemons
 pid_alive() {  # pid_alive FILE: the PID in FILE is a running process
     local pid
@@ -202,6 +217,7 @@ cmd_start() {
         return 0
     fi
     write_config
+    ensure_node_names
     start_munged
     start_slurmctld
     local n
