@@ -43,6 +43,7 @@ _SCRIPT_PARAMS = {
     "config": "the resolved config file the job reads (train, infer)",
     "array": "number of array tasks (search; infer: shards)",
     "on_stop": "train: 'requeue' (default) or 'next-slot' (a chain of time slots)",
+    "merge": "infer: the job joins the shards' part files (after an inference array)",
 }
 _SLURM_PARAMS = ("partition", "account", "qos", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task",
                  "mem", "time", "job_name", "modules", "activate", "extra_sbatch", "max_requeues",
@@ -51,7 +52,7 @@ _REQUIRED = {"train": ("python", "run_dir", "config"), "infer": ("python", "run_
              "search": ("python", "run_dir", "array")}
 _ALLOWED = {
     "train": set(_SLURM_PARAMS) - {"array_parallel"} | {"python", "run_dir", "config", "on_stop"},
-    "infer": set(_SLURM_PARAMS) - {"signal_margin"} | {"python", "run_dir", "config", "array"},
+    "infer": set(_SLURM_PARAMS) - {"signal_margin"} | {"python", "run_dir", "config", "array", "merge"},
     "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array"},
 }
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -162,6 +163,8 @@ def render(template: str, **params) -> str:
     array = params.get("array")
     if array is not None and (isinstance(array, bool) or not isinstance(array, int) or array < 1):
         raise _error("array", f"{array!r}: must be a positive number of tasks")
+    if params.get("merge") not in (None, False, True) or (params.get("merge") and array is not None):
+        raise _error("merge", "true or false, and not for an array")
     on_stop = params.get("on_stop") or "requeue"
     if on_stop not in ("requeue", "next-slot"):
         raise _error("on_stop", f"{on_stop!r}: must be requeue or next-slot")
@@ -202,6 +205,7 @@ def render(template: str, **params) -> str:
         "setup": _setup_lines(s),
         "max_requeues": str(int(s.max_requeues)),
         "on_stop": shlex.quote(on_stop),
+        "infer_args": "--merge" if params.get("merge") else "",
     }
     if "config" in params and params["config"] is not None:
         values["config"] = shlex.quote(_path("config", params["config"]))
@@ -394,6 +398,12 @@ def cmd_submit(args) -> int:
     params = template_params(cfg, s, kind, run_dir, None if kind == "search" else config_path)
     script = render(kind, **params)
     script_path = os.path.join(run_dir, "slurm", f"{kind}.sbatch")
+    merge_script = None
+    if kind == "infer" and s.array:
+        merge_params = {k: v for k, v in params.items() if k not in ("array", "array_parallel")}
+        merge_params.update(nodes=1, ntasks_per_node=1, gpus_per_node=0, merge=True,
+                            job_name=f"{params['job_name']}-merge")
+        merge_script = render("infer", **merge_params)
     begins = slot_begins(s) if s.slot else []
     job_name = params["job_name"]
 
@@ -402,6 +412,9 @@ def cmd_submit(args) -> int:
         for i, begin in enumerate(begins):
             dep = "" if i == 0 else f" --dependency=afterany:<job {i}>"
             print(f"# slot {i + 1}/{len(begins)}: sbatch --begin={begin.isoformat()}{dep} {shlex.quote(script_path)}")
+        if merge_script:
+            print("# then, after the array (sbatch --dependency=afterok:<array job>):")
+            print(merge_script, end="")
         return 0
 
     from .rundir import atomic_write
@@ -426,6 +439,12 @@ def cmd_submit(args) -> int:
             submitted.append((previous, extra))
     else:
         submitted.append((_sbatch(script_path), []))
+    if merge_script:
+        merge_path = os.path.join(run_dir, "slurm", "infer-merge.sbatch")
+        atomic_write(merge_path, merge_script, fsync=False)
+        os.chmod(merge_path, 0o755)
+        extra = [f"--dependency=afterok:{submitted[0][0]}"]
+        merge_id = _sbatch(merge_path, extra)
     logs = []
     for job_id, extra in submitted:
         log = os.path.join(run_dir, "slurm", f"{job_name}-{job_id}_<task>.out" if kind != "train" and params.get("array")
@@ -437,6 +456,11 @@ def cmd_submit(args) -> int:
         when = f" (from {extra[0].split('=', 1)[1]})" if extra else ""
         print(f"submitted {kind} job {job_id}{when}")
         print(f"  log: {log}")
+    if merge_script:
+        log = os.path.join(run_dir, "slurm", f"{job_name}-merge-{merge_id}.out")
+        _record(run_dir, dict(job_id=merge_id, kind="infer-merge", script=merge_path, log=log, sbatch_args=extra,
+                              submitted=time.time()))
+        print(f"submitted infer-merge job {merge_id} (after {submitted[0][0]})\n  log: {log}")
     print(f"  script: {script_path}\n  status: hpcjobs status {run_dir}")
     return 0
 

@@ -607,3 +607,59 @@ def test_submitit_api_runs_checkpointable_training_and_requeues(on_cluster, tmp_
     assert [s["stopped_by"] for s in st["sessions"]] == ["SIGUSR1", "finished"]
     assert job.result() == 0  # the result file exists: result() does not poll
     assert slurm.read_jobs(str(run))[0]["kind"] == "submitit"
+
+
+@pytest.mark.slurm
+def test_slot_chain_is_queued_with_begin_times_and_dependencies(on_cluster, tmp_path):
+    import datetime as dt
+
+    at = (dt.datetime.now() + dt.timedelta(hours=2)).strftime("%H:%M")
+    run = tmp_path / "slots"
+    assert submit([QUICKSTART, "--run-dir", str(run), "--slot", "00:10:00", "--at", at, "--count", "3",
+                   "--signal-margin", "60"]) == 0
+    jobs = [j["job_id"] for j in slurm.read_jobs(str(run))]
+    try:
+        shown = {}
+        for job in jobs:
+            out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            shown[job] = dict(re.findall(r"(\w+)=(\S+)", out))
+        assert [shown[j]["JobState"] for j in jobs] == ["PENDING"] * 3
+        assert [shown[j]["TimeLimit"] for j in jobs] == ["00:10:00"] * 3
+        assert shown[jobs[0]]["Reason"] == "BeginTime" and shown[jobs[0]]["StartTime"].endswith(f"T{at}:00")
+        assert shown[jobs[1]]["Dependency"].startswith(f"afterany:{jobs[0]}")
+        assert shown[jobs[2]]["Dependency"].startswith(f"afterany:{jobs[1]}")
+        states = slurm.job_states(str(run))
+        assert [s.split(": ")[1].split()[0] for s in states] == ["PENDING"] * 3, states
+    finally:
+        subprocess.run(["scancel", *jobs], capture_output=True)
+
+
+def test_infer_array_dry_run_shows_the_merge_job(tmp_path, capsys):
+    assert submit([QUICKSTART, "--infer", "--array", "3", "--run-dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    first, merge = out.split("# then, after the array (sbatch --dependency=afterok:<array job>):\n")
+    assert "#SBATCH --array=0-2" in first and "INFER_ARGS=()" in first
+    assert "#SBATCH --array" not in merge and "INFER_ARGS=(--merge)" in merge
+    assert "#SBATCH --job-name=quickstart-infer-merge" in merge
+
+
+@pytest.mark.slurm
+def test_inference_array_then_merge(on_cluster, tmp_path):
+    from sklearn.datasets import load_digits
+    import numpy as np
+
+    run = tmp_path / "trained"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
+                    "--set", "training.epochs=1"], env=env, check=True, capture_output=True)
+    images = (load_digits().images[:200] * 16).astype("uint8")[..., None]
+    np.savez(tmp_path / "in.npz", images=images)
+    out = tmp_path / "preds.csv"
+    assert submit([QUICKSTART, "--infer", "--array", "2", "--run-dir", str(run), "--time", "5",
+                   "--set", f"infer.input={tmp_path / 'in.npz'}", "--set", f"infer.output={out}"]) == 0
+    jobs = slurm.read_jobs(str(run))
+    assert [j["kind"] for j in jobs] == ["infer", "infer-merge"]
+    wait_for(lambda: job_done(jobs[1]["job_id"]), 180, "the inference array and its merge", jobs[1]["job_id"], run)
+    assert squeue_states(jobs[0]["job_id"]) == ["COMPLETED"] * 2 and squeue_states(jobs[1]["job_id"]) == ["COMPLETED"]
+    with open(out) as f:
+        assert len(f.read().strip().splitlines()) == 201  # a header and one row per image
