@@ -17,8 +17,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${HPCJOBS_SLURM_STATE:-$REPO/.slurm-local}
 CONF=$STATE/slurm.conf
 NODES=(node1 node2)
-CTLD_PORT=${HPCJOBS_SLURMCTLD_PORT:-16817}
-NODE_PORTS=${HPCJOBS_SLURMD_PORTS:-17001-17002}
+CTLD_PORT=${HPCJOBS_SLURMCTLD_PORT:-}  # default: the first free of 16817, 16827, ...
+NODE_PORT=${HPCJOBS_SLURMD_PORT:-}      # node1's; node2's is the next (default 17001, 17011, ...)
 HOST=$(hostname -s)
 SLURM_BIN=(slurmctld slurmd munged sbatch srun squeue sinfo scontrol scancel)
 
@@ -57,6 +57,26 @@ ensure_packages() {
 }
 
 # ------------------------------------------------------------------------- configuration
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+choose_ports() {  # free ports, so a second checkout's cluster can run beside this one
+    local i p ok
+    if [ -z "$CTLD_PORT" ]; then
+        for i in $(seq 0 20); do
+            p=$(( 16817 + 10 * i ))
+            port_in_use "$p" || { CTLD_PORT=$p; break; }
+        done
+    fi
+    if [ -z "$NODE_PORT" ]; then
+        for i in $(seq 0 20); do
+            p=$(( 17001 + 10 * i )) ok=1
+            for n in $(seq 0 $(( ${#NODES[@]} - 1 ))); do port_in_use $(( p + n )) && ok=; done
+            [ -n "$ok" ] && { NODE_PORT=$p; break; }
+        done
+    fi
+    [ -n "$CTLD_PORT" ] && [ -n "$NODE_PORT" ] || die "no free ports for slurmctld/slurmd near 16817/17001"
+}
+
 real_memory_mb() {
     # per emulated node: half the machine, at most 8 GiB, at least 512 MiB
     local kb
@@ -68,6 +88,7 @@ real_memory_mb() {
 }
 
 write_config() {
+    choose_ports
     mkdir -p "$STATE"/{munge,ctld,log,run} "${NODES[@]/#/$STATE/spool/}"
     chmod 700 "$STATE/munge"
     if [ ! -s "$STATE/munge/munge.key" ]; then
@@ -117,7 +138,7 @@ KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=node[1-${#NODES[@]}] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE_PORTS CPUs=1 RealMemory=$(real_memory_mb) State=UNKNOWN
+NodeName=node[1-${#NODES[@]}] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE_PORT-$(( NODE_PORT + ${#NODES[@]} - 1 )) CPUs=1 RealMemory=$(real_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$tmp" "$CONF"
