@@ -36,15 +36,7 @@ TEMPLATES = ("train", "infer", "search")
 EX_TEMPFAIL = 75
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
 
-# Parameters of render(): the SlurmConfig fields that shape a script, plus these.
-_SCRIPT_PARAMS = {
-    "python": "interpreter that runs hpcjobs (absolute path)",
-    "run_dir": "the run directory (absolute path)",
-    "config": "the resolved config file the job reads (train, infer)",
-    "array": "number of array tasks (search; infer: shards)",
-    "on_stop": "train: 'requeue' (default) or 'next-slot' (a chain of time slots)",
-    "merge": "infer: the job joins the shards' part files (after an inference array)",
-}
+# Parameters of render(): the SlurmConfig fields that shape a script, plus those of _REQUIRED/_ALLOWED.
 _SLURM_PARAMS = ("partition", "account", "qos", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task",
                  "mem", "time", "job_name", "modules", "activate", "extra_sbatch", "max_requeues",
                  "signal_margin", "srun_args", "array_parallel")
@@ -134,10 +126,14 @@ def _setup_lines(s: SlurmConfig) -> str:
 
 
 def render(template: str, **params) -> str:
-    """Fill ``slurm/<template>.sbatch``.  Parameters: SlurmConfig fields plus python, run_dir, config...
+    """Fill ``slurm/<template>.sbatch`` (train, infer or search).
 
-    Unknown parameters are an error that lists the valid ones; every value is validated
-    and shell-quoted.
+    Parameters: the SlurmConfig fields that shape a script (partition ... srun_args), and
+    ``python`` (absolute path of the job's interpreter), ``run_dir`` (absolute), ``config``
+    (train, infer: the resolved config the job reads), ``array`` (search, infer: number of
+    tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots),
+    ``merge`` (infer: join the shards' part files).  An unknown parameter is an error that
+    lists the valid ones; every value is validated and shell-quoted.
     """
     if template not in TEMPLATES:
         raise _error("template", f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
@@ -462,7 +458,18 @@ def cmd_submit(args) -> int:
                               submitted=time.time()))
         print(f"submitted infer-merge job {merge_id} (after {submitted[0][0]})\n  log: {log}")
     print(f"  script: {script_path}\n  status: hpcjobs status {run_dir}")
+    if kind == "train" and _finished(run_dir):
+        print(f"note: {run_dir} is finished already, so the job will exit at once; "
+              "give another --run-dir to train again")
     return 0
+
+
+def _finished(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+            return json.load(f).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --------------------------------------------------------------------------- job states

@@ -534,7 +534,7 @@ def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_pa
 
 @pytest.mark.slurm
 def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(on_cluster, tmp_path):
-    sets = ["training.epochs=40", "training.deterministic=true", "checkpoint.every_minutes=null",
+    sets = ["training.epochs=30", "training.deterministic=true", "checkpoint.every_minutes=null",
             "training.log_every_steps=100000"]
     set_args = [a for s in sets for a in ("--set", s)]
     reference = tmp_path / "reference"
