@@ -240,7 +240,8 @@ def slurm_section(cfg: Config, overrides: dict) -> SlurmConfig:
         s = dataclasses.replace(cfg.slurm, **given)
     except ValueError as e:
         name, _, msg = str(e).partition(": ")
-        flag = "--" + name.replace("_", "-") if name in given else f"slurm.{name}"
+        flag = next((f for f, field_name, _ in _FLAGS if field_name == name), None) if name in given else None
+        flag = flag or f"slurm.{name}"
         raise _error(flag, msg or str(e)) from None
     if s.slot is not None and s.time != s.slot:
         s = dataclasses.replace(s, time=s.slot)
@@ -405,6 +406,9 @@ def cmd_submit(args) -> int:
 
     if args.dry_run:
         print(script, end="")
+        if kind == "search":
+            for i, sets in enumerate(trial_sets):
+                print(f"# trial-{i:03d}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
         for i, begin in enumerate(begins):
             dep = "" if i == 0 else f" --dependency=afterany:<job {i}>"
             print(f"# slot {i + 1}/{len(begins)}: sbatch --begin={begin.isoformat()}{dep} {shlex.quote(script_path)}")
