@@ -430,37 +430,29 @@ def cmd_submit(args) -> int:
     atomic_write(script_path, script, fsync=False)
     os.chmod(script_path, 0o755)
 
-    submitted = []
+    def queue(kind_: str, path: str, name: str, extra: list[str], array: bool) -> str:
+        """sbatch one script, record the job in jobs.json at once, say where its log goes."""
+        job_id = _sbatch(path, extra)
+        log = os.path.join(run_dir, "slurm", f"{name}-{job_id}_<task>.out" if array else f"{name}-{job_id}.out")
+        _record(run_dir, dict(job_id=job_id, kind=kind_, script=path, log=log, sbatch_args=extra,
+                              submitted=time.time()))
+        when = "".join(f" ({a.replace('--begin=', 'from ').replace('--dependency=', 'after ')})" for a in extra)
+        print(f"submitted {kind_} job {job_id}{when}\n  log: {log}")
+        return job_id
+
+    is_array = kind != "train" and bool(params.get("array"))
     if begins:
         previous = None
         for begin in begins:
             extra = [f"--begin={begin.isoformat()}"] + ([f"--dependency=afterany:{previous}"] if previous else [])
-            previous = _sbatch(script_path, extra)
-            submitted.append((previous, extra))
+            previous = queue(kind, script_path, job_name, extra, False)
     else:
-        submitted.append((_sbatch(script_path), []))
+        first = queue(kind, script_path, job_name, [], is_array)
     if merge_script:
         merge_path = os.path.join(run_dir, "slurm", "infer-merge.sbatch")
         atomic_write(merge_path, merge_script, fsync=False)
         os.chmod(merge_path, 0o755)
-        extra = [f"--dependency=afterok:{submitted[0][0]}"]
-        merge_id = _sbatch(merge_path, extra)
-    logs = []
-    for job_id, extra in submitted:
-        log = os.path.join(run_dir, "slurm", f"{job_name}-{job_id}_<task>.out" if kind != "train" and params.get("array")
-                           else f"{job_name}-{job_id}.out")
-        logs.append(log)
-        _record(run_dir, dict(job_id=job_id, kind=kind, script=script_path, log=log, sbatch_args=extra,
-                              submitted=time.time()))
-    for (job_id, extra), log in zip(submitted, logs):
-        when = f" (from {extra[0].split('=', 1)[1]})" if extra else ""
-        print(f"submitted {kind} job {job_id}{when}")
-        print(f"  log: {log}")
-    if merge_script:
-        log = os.path.join(run_dir, "slurm", f"{job_name}-merge-{merge_id}.out")
-        _record(run_dir, dict(job_id=merge_id, kind="infer-merge", script=merge_path, log=log, sbatch_args=extra,
-                              submitted=time.time()))
-        print(f"submitted infer-merge job {merge_id} (after {submitted[0][0]})\n  log: {log}")
+        queue("infer-merge", merge_path, f"{job_name}-merge", [f"--dependency=afterok:{first}"], False)
     print(f"  script: {script_path}\n  status: hpcjobs status {run_dir}")
     if kind == "train" and _finished(run_dir):
         print(f"note: {run_dir} is finished already, so the job will exit at once; "
