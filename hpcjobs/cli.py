@@ -47,7 +47,9 @@ def _run_dir(args, cfg) -> str:
 def cmd_train(args) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
-    if args.restart and os.path.exists(run_dir):
+    from .cluster import detect
+
+    if args.restart and os.path.exists(run_dir) and detect().is_chief:  # the chief moves, workers follow
         from .rundir import RunDir
 
         probe = RunDir(run_dir)

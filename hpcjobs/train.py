@@ -199,6 +199,10 @@ class Trainer:
         replicas = float(rt.replicas)
         hvd = rt.hvd
 
+        # Horovod averages gradients over ranks, tf.distribute sums them over replicas:
+        # either way the update is the gradient of the global-batch mean loss.
+        scale = float(hvd.size()) if hvd is not None else 1.0
+
         def replica_step(x, y):
             with tf.GradientTape() as tape:
                 probs = model(x, training=True)
@@ -206,11 +210,11 @@ class Trainer:
                 loss = tf.reduce_sum(per_example) / global_batch
                 if model.losses:
                     loss += tf.add_n(model.losses) / replicas
+                loss *= scale
             variables = model.trainable_variables
             if hvd is not None:
-                # Horovod averages gradients across ranks: scale to the global batch mean.
-                tape = hvd.DistributedGradientTape(tape)
-                grads = tape.gradient(loss * hvd.size(), [v.value for v in variables])
+                # Keras 3 variables have no .ref(): Horovod gets the tf.Variables behind them
+                grads = hvd.DistributedGradientTape(tape).gradient(loss, [v.value for v in variables])
             else:
                 grads = tape.gradient(loss, variables)
             optimizer.apply_gradients(zip(grads, variables))
@@ -227,6 +231,8 @@ class Trainer:
         def train_steps(iterator, steps):
             sums = tf.zeros(3, tf.float64)
             for _ in tf.range(steps):
+                # one step at a time: collectives of two iterations must never overlap
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
                 x, y = next(iterator)
                 per_replica = strategy.run(replica_step, args=(x, y))
                 sums += tf.cast(reduce_sum(per_replica), tf.float64)
