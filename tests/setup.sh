@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh machine: system packages (as root, with
 # apt-get: Open MPI for mpi4py/mpirun, Debian's Fashion-MNIST, Slurm and munge for the
-# local cluster) and the Python package with its test extras.
+# local cluster), the Python package with its test extras, and Horovod (built against
+# the installed TensorFlow by slurm/install-horovod.sh; a few minutes, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(openmpi-bin libopenmpi-dev dataset-fashion-mnist slurm-wlm munge)
+pkgs=(openmpi-bin libopenmpi-dev dataset-fashion-mnist slurm-wlm munge cmake g++)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -19,3 +20,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 python -m pip install -q -e ".[cpu,test]"
+if [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; then
+  bash slurm/install-horovod.sh
+fi
