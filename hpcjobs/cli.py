@@ -99,6 +99,10 @@ def cmd_status(args) -> int:
         print(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
               f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
               + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    from .slurm import job_states
+
+    for line in job_states(args.run):
+        print(f"  {line}")
     if "last" in st:
         last = st["last"]
         print("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -55,7 +55,7 @@ def _configure_devices(tf, cfg: DistributeConfig, info: ClusterInfo):
 
 
 def _tf_config_from_slurm(info: ClusterInfo, port: int) -> dict:
-    """A TF_CONFIG for a Slurm step with one task per node (or several, on distinct ports).
+    """A TF_CONFIG for a Slurm step with one task per node (or several).
 
     Built from the node list like SlurmClusterResolver, without its GPU query, so it also
     works on CPU-only nodes.
@@ -63,7 +63,8 @@ def _tf_config_from_slurm(info: ClusterInfo, port: int) -> dict:
     if not info.nodes or info.world_size < 1:
         raise ClusterError("multi-worker training in Slurm needs SLURM_STEP_NODELIST: launch with srun")
     per_node = max(1, math.ceil(info.world_size / len(info.nodes)))
-    workers = [f"{info.nodes[r // per_node]}:{port + r % per_node}" for r in range(info.world_size)]
+    # a port per rank: unique even when several "nodes" share one host (the local test cluster)
+    workers = [f"{info.nodes[r // per_node]}:{port + r}" for r in range(info.world_size)]
     return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": info.rank}}
 
 

@@ -108,7 +108,7 @@ def test_slurm_tf_config_without_gpus():
 
     info = cluster.ClusterInfo(launcher="slurm", rank=1, world_size=2, nodes=("node1", "node2"))
     cfg = _tf_config_from_slurm(info, 23456)
-    assert cfg == {"cluster": {"worker": ["node1:23456", "node2:23456"]}, "task": {"type": "worker", "index": 1}}
+    assert cfg == {"cluster": {"worker": ["node1:23456", "node2:23457"]}, "task": {"type": "worker", "index": 1}}
 
 
 @pytest.mark.multiprocess

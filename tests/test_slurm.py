@@ -500,28 +500,13 @@ def last_job(run) -> str:
     return slurm.read_jobs(str(run))[-1]["job_id"]
 
 
-KNOWN_MULTIWORKER_BUGS = {
-    "Failed to add port to server": "distribute._tf_config_from_slurm gives every worker port 23456, and the "
-                                    "local cluster's two nodes share one host: use DEFAULT_PORT + rank",
-    "AttributeError: MAX": "train.py agree(): tf.distribute.ReduceOp has no MAX (all-reduce SUM, then > 0)",
-}
-
-
 @pytest.mark.slurm
 def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_path):
     run = tmp_path / "mw"
     assert submit([QUICKSTART, "--run-dir", str(run), "--nodes", "2", "--time", "5",
                    "--set", "distribute.strategy=multiworker", "--set", "training.epochs=1"]) == 0
     job = last_job(run)
-
-    def known_bug():
-        text = logs(run)
-        return next((why for sign, why in KNOWN_MULTIWORKER_BUGS.items() if sign in text), None)
-
-    wait_for(lambda: job_done(job) or known_bug(), 180, "the 2-node job", job, run)
-    if known_bug():
-        subprocess.run(["scancel", job], capture_output=True)
-        pytest.xfail(f"known bug outside hpcjobs/slurm.py: {known_bug()}")
+    wait_for(lambda: job_done(job), 180, "the 2-node job", job, run)
     text = logs(run)
     assert squeue_states(job) == ["COMPLETED"], text[-4000:]
     digests = dict(re.findall(r"worker (\d)/2 step \d+ weights sha256 (\w+)", text))
