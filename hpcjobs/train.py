@@ -94,6 +94,17 @@ def make_optimizer(cfg: OptimizerConfig, lr: float):
 
 
 # --------------------------------------------------------------------------- stop signals
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def hold_stop_signals():
+    """Block the stop signals in this thread, so every thread started from now on
+    (TensorFlow's pools, Horovod's and MPI's background threads) inherits the block and
+    the kernel delivers them to the main thread only: a signal landing in a thread that
+    waits inside MPI interrupts its system call and can wedge a collective."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 class StopFlag:
     """SIGUSR1/SIGTERM set a flag; the loop checks it between compiled calls."""
 
@@ -102,8 +113,10 @@ class StopFlag:
         self._old = {}
 
     def install(self):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
+        # signals held since start-up arrive now, in the main thread
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -228,7 +241,9 @@ class Trainer:
             return total
 
         @tf.function
-        def train_steps(iterator, steps):
+        def train_steps(iterator, steps, flags):
+            """``steps`` train steps, then the workers' flags (stop, checkpoint due) summed
+            over all workers: the one collective that keeps every worker's decisions equal."""
             sums = tf.zeros(3, tf.float64)
             for _ in tf.range(steps):
                 # one step at a time: collectives of two iterations must never overlap
@@ -236,7 +251,9 @@ class Trainer:
                 x, y = next(iterator)
                 per_replica = strategy.run(replica_step, args=(x, y))
                 sums += tf.cast(reduce_sum(per_replica), tf.float64)
-            return sums
+            with tf.control_dependencies([sums]):
+                agreed = reduce_sum(strategy.run(lambda: tf.identity(flags)))
+            return sums, agreed
 
         def replica_eval(x, y, w):
             probs = model(x, training=False)
@@ -248,16 +265,7 @@ class Trainer:
         def eval_step(x, y, w):
             return tf.cast(reduce_sum(strategy.run(replica_eval, args=(x, y, w))), tf.float64)
 
-        @tf.function
-        def agree(flag):
-            """Sum of a flag over all workers, so every worker stops at the same step."""
-            per_replica = strategy.run(lambda: tf.cast(flag, tf.float32))
-            total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            if hvd is not None:
-                total = hvd.allreduce(total, op=hvd.Sum)
-            return total
-
-        self._train_steps, self._eval_step, self._agree = train_steps, eval_step, agree
+        self._train_steps, self._eval_step = train_steps, eval_step
 
     def _distributed(self, fn):
         strategy = self.rt.strategy
@@ -273,17 +281,15 @@ class Trainer:
             sums += self._eval_step(x, y, w).numpy()
         return {"loss": sums[0] / max(sums[2], 1), "accuracy": sums[1] / max(sums[2], 1)}
 
-    def should_stop(self, stop: StopFlag, call_seconds: float) -> str | None:
-        reason = stop.signal
-        if reason is None and self.deadline is not None:
-            margin = 1.5 * self.checkpoints.expected_save_seconds + 2 * call_seconds + 1.0
+    def stop_reason(self, stop: StopFlag, call_seconds: float) -> str | None:
+        """This worker's reason to stop after the next call: a signal or the time budget."""
+        if stop.signal:
+            return stop.signal
+        if self.deadline is not None:
+            margin = 1.5 * self.checkpoints.expected_save_seconds + 3 * call_seconds + 1.0
             if time.monotonic() + margin >= self.deadline:
-                reason = "time_budget"
-        if self.rt.workers > 1:
-            if float(self._agree(reason is not None)) > 0:
-                return reason or "peer"
-            return None
-        return reason
+                return "time_budget"
+        return None
 
     # -- the loop ---------------------------------------------------------------------
     def restore(self, from_checkpoint: str | None = None, init_weights: str | None = None) -> str:
@@ -411,8 +417,11 @@ class Trainer:
             n = min(t.steps_per_call, epoch_end - step)
             if cfg.checkpoint.every_steps:
                 n = min(n, cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
+            local_reason = self.stop_reason(stop, call_seconds)
+            flags = [local_reason is not None, self.checkpoints.due(step + n)]
             t_call = time.monotonic()
-            sums = self._train_steps(iterator, tf.constant(n, tf.int64)).numpy()
+            sums, agreed = self._train_steps(iterator, tf.constant(n, tf.int64), tf.constant(flags, tf.float32))
+            sums, (stop_votes, save_votes) = sums.numpy(), agreed.numpy()
             call_seconds = time.monotonic() - t_call
             step += n
             self.step_var.assign(step)
@@ -433,8 +442,8 @@ class Trainer:
                     return reason
             if step >= self.total_steps:
                 return "finished"
-            reason = self.should_stop(stop, call_seconds)
-            if reason or self.checkpoints.due(step):
+            reason = (local_reason or stop.signal or "peer") if stop_votes > 0 else None
+            if reason or save_votes > 0:
                 self.epoch_seconds.assign(time.monotonic() - epoch_start)
                 saved = self.checkpoints.save(step)
                 if saved and reason is None:
@@ -475,7 +484,7 @@ class Trainer:
                     self.say(f"early stopping: {es.monitor} has not improved for {es.patience} epochs "
                              f"(best {float(self.best.numpy()):.4f} at epoch {int(self.best_epoch.numpy())})")
                     reason = "early_stopping"
-        if self.checkpoints.due(step) or reason:
+        if reason:  # early stopping; cadence saves are agreed in the loop
             self.checkpoints.save(step)
         return reason
 
@@ -490,6 +499,7 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
 
     The chief locks the run directory first, before TensorFlow is even imported, so a
     second process on the same run is refused at once."""
+    hold_stop_signals()
     info = cluster_mod.detect()
     rd = RunDir(run_dir, writer=info.is_chief)
     if rd.writer:

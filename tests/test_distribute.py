@@ -171,11 +171,24 @@ def _horovod_or_skip():
 def mpirun(run, items, n=2):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
-    return subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n),
-                             "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "PATH", "-x", "PYTHONPATH",
-                             sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-                             *sets(items)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=REPO)
+    # output to a file, not a pipe: nobody reads a pipe while the test waits, and a full
+    # pipe would block the ranks' progress output
+    log = open(f"{run}.mpirun.log", "a+")
+    p = subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n),
+                          "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable, "-m", "hpcjobs", "train", QUICKSTART,
+                          "--run-dir", str(run), *sets(items)], stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    p.log = log
+    return p
+
+
+def finish_mpirun(p, timeout=300):
+    p.wait(timeout=timeout)
+    p.log.seek(0)
+    out = p.log.read()
+    p.log.truncate(0)
+    p.log.close()
+    return p.returncode, out
 
 
 def digests(out):
@@ -187,7 +200,7 @@ def digests(out):
 def test_horovod_two_ranks_match_single_process(tmp_path, single):
     _horovod_or_skip()
     run = tmp_path / "hvd"
-    (code, out), = finish([mpirun(run, SAME + ["distribute.strategy=horovod"])])
+    code, out = finish_mpirun(mpirun(run, SAME + ["distribute.strategy=horovod"]))
     assert code == 0, out[-3000:]
     d = digests(out)
     assert set(d) == {"0", "1"} and d["0"] == d["1"], out[-2000:]
@@ -200,7 +213,7 @@ def test_horovod_two_ranks_match_single_process(tmp_path, single):
 def test_horovod_stop_and_resume_is_exact(tmp_path):
     _horovod_or_skip()
     items = SAME + ["distribute.strategy=horovod", "training.epochs=25", "model.dropout=0.3"]
-    (code, out), = finish([mpirun(tmp_path / "whole", items)])
+    code, out = finish_mpirun(mpirun(tmp_path / "whole", items))
     assert code == 0, out[-2000:]
     want = digests(out)["0"]
     run = tmp_path / "parts"
@@ -209,10 +222,10 @@ def test_horovod_stop_and_resume_is_exact(tmp_path):
     while not (run / "metrics.csv").exists() and time.time() - t < 120:
         time.sleep(0.1)
     p.send_signal(signal.SIGUSR1)  # mpirun forwards it to the ranks
-    (code, out), = finish([p])
+    code, out = finish_mpirun(p)
     st = json.loads((run / "run.json").read_text())
     assert st["status"] == "stopped" and 0 < st["step"] < st["total_steps"], out[-2000:]
-    (code, out), = finish([mpirun(run, items)])
+    code, out = finish_mpirun(mpirun(run, items))
     assert code == 0, out[-2000:]
     d = digests(out)
     assert d["0"] == d["1"] == want
