@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def make_store(path, n, size, classes=10, seed=0):
-    import h5py
     import numpy as np
 
     from hpcjobs.data.sources import Samples
@@ -64,7 +63,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    import numpy as np
     import tensorflow as tf
     from PIL import Image
 

@@ -9,14 +9,17 @@ step counter is the data position.
 Saves go through ``tf.train.CheckpointManager`` into ``RUN/checkpoints``; the files
 are fsync'ed before the save counts, and restore falls back to the previous
 checkpoint when the newest cannot be read.  The decision *when* to save is the
-loop's: this module offers ``due()`` for the configured cadence and a clock.
+loop's: this module offers ``due()`` for the configured cadence and a clock, and the
+stop flag that SIGUSR1/SIGTERM (Slurm's warning before a time limit) set.
 """
 from __future__ import annotations
 
 import glob
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +29,48 @@ from .rundir import fsync_dir
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was asked for (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- stop signals
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def hold_stop_signals():
+    """Block the stop signals in this thread, so every thread started from now on
+    (TensorFlow's pools, Horovod's and MPI's background threads) inherits the block and
+    the kernel delivers them to the main thread only: a signal landing in a thread that
+    waits inside MPI interrupts its system call and can wedge a collective."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+class StopFlag:
+    """SIGUSR1/SIGTERM set a flag; the loop checks it between compiled calls."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals (e.g. inference in a thread)
+        for sig in STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        # signals held since start-up arrive now, in the main thread
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def uninstall(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    __enter__ = install
+
+    def __exit__(self, *exc):
+        self.uninstall()
 
 
 def seed_variables(model) -> list:

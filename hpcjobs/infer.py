@@ -71,9 +71,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,6 +79,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .checkpoint import StopFlag
 from .config import ConfigError, InferConfig, parse_duration
 from .data.images import IMAGE_EXTENSIONS, ImageError, decode, to_model_image
 from .data.sources import SourceError
@@ -618,29 +617,6 @@ def _decoded_batches(load: Callable[[int], np.ndarray], lo: int, hi: int, batch_
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# =========================================================================== stopping
-class _Stop:
-    """SIGUSR1/SIGTERM set a flag, read between chunks."""
-
-    def __init__(self):
-        self.signal: Optional[str] = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-
 # =========================================================================== a shard
 @dataclass
 class _Job:
@@ -652,7 +628,7 @@ class _Job:
     log: Callable[[str], None]
 
 
-def _run_shard(job: _Job, predictor: Predictor, inputs: Inputs, stop: _Stop) -> str:
+def _run_shard(job: _Job, predictor: Predictor, inputs: Inputs, stop: StopFlag) -> str:
     """Run (or resume) this process's shard.  'done', or the reason it stopped early."""
     cfg, outs, shard, log = job.cfg, job.outputs, job.shard, job.log
     n = len(inputs)
@@ -842,7 +818,7 @@ def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None,
     job = _Job(cfg, outs, shard, deadline, cfg.workers or os.cpu_count() or 1, log)
 
     status, error = "failed", None
-    with _Stop() as stop:
+    with StopFlag() as stop:
         try:
             inputs = open_inputs(cfg.input, cfg.split)
             try:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +20,7 @@ import numpy as np
 
 from . import cluster as cluster_mod
 from . import distribute, export, report
-from .checkpoint import Checkpoints, find_checkpoint, seed_variables, weights_digest
+from .checkpoint import Checkpoints, StopFlag, find_checkpoint, hold_stop_signals, seed_variables, weights_digest
 from .config import Config, OptimizerConfig, dump, parse_duration
 from .data import load_data
 from .data.feed import Feeder
@@ -91,40 +89,6 @@ def make_optimizer(cfg: OptimizerConfig, lr: float):
     if cfg.name == "rmsprop":
         return O.RMSprop(sched, momentum=cfg.momentum)
     return {"adam": O.Adam, "adagrad": O.Adagrad, "adadelta": O.Adadelta, "nadam": O.Nadam}[cfg.name](sched)
-
-
-# --------------------------------------------------------------------------- stop signals
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def hold_stop_signals():
-    """Block the stop signals in this thread, so every thread started from now on
-    (TensorFlow's pools, Horovod's and MPI's background threads) inherits the block and
-    the kernel delivers them to the main thread only: a signal landing in a thread that
-    waits inside MPI interrupts its system call and can wedge a collective."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-class StopFlag:
-    """SIGUSR1/SIGTERM set a flag; the loop checks it between compiled calls."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def install(self):
-        for sig in STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        # signals held since start-up arrive now, in the main thread
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def uninstall(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -327,7 +291,7 @@ class Trainer:
             print(text, flush=True)
 
     def run(self, from_checkpoint=None, init_weights=None) -> int:
-        tf, cfg, rd = self.tf, self.cfg, self.run_dir
+        cfg, rd = self.cfg, self.run_dir
         t = cfg.training
         es = t.early_stopping
         if rd.writer:
@@ -408,7 +372,7 @@ class Trainer:
 
     def _loop(self, step, history, stop, progress, board, session) -> str:
         tf, cfg = self.tf, self.cfg
-        t, es = cfg.training, cfg.training.early_stopping
+        t = cfg.training
         iterator = iter(self._distributed(lambda: self.feeder.train_dataset(start_step=step)))
         epoch_start = time.monotonic() - float(self.epoch_seconds.numpy())
         call_seconds = 0.0

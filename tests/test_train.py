@@ -1,7 +1,6 @@
 """The training loop through the public interface, on real data."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
