@@ -122,15 +122,15 @@ def main():
                                                               "epochs_per_segment": 2},
                                     "training": {"batch_size": args.batch, "steps_per_call": 10}})
             tr = Trainer(cfg, os.path.join(work, f"run-{feed}"), data=data, verbose=False)
-            it = iter(tr.feeder.train_dataset())
-            tr._train_steps(it, tf.constant(10, tf.int64))
+            it = tr.train_iterator()
+            tr.steps(it, 10)
             trainers[feed] = (tr, it)
         train_rates = {feed: [] for feed in trainers}
         for _ in range(args.rounds):
             for feed, (tr, it) in trainers.items():
                 t = time.perf_counter()
                 for _ in range(args.train_steps // 10):
-                    tr._train_steps(it, tf.constant(10, tf.int64)).numpy()
+                    tr.steps(it, 10)
                 train_rates[feed].append(args.train_steps * args.batch / (time.perf_counter() - t))
         tm = {feed: statistics.median(v) for feed, v in train_rates.items()}
         for feed, v in tm.items():

@@ -60,15 +60,14 @@ def main():
         c = config.from_dict({"name": "bench", "data": {"source": source, "feed": "memory"},
                               "training": {"batch_size": args.batch, "steps_per_call": spc}})
         t = Trainer(c, f"/tmp/hpcjobs-bench-{os.getpid()}", data=data, verbose=False)
-        it = iter(t.feeder.train_dataset())
-        t._train_steps(it, tf.constant(spc, tf.int64))
-        for _ in range(20 // spc):
-            t._train_steps(it, tf.constant(spc, tf.int64))
+        it = t.train_iterator()
+        for _ in range(1 + 20 // spc):
+            t.steps(it, spc)
 
         def our_round(t=t, it=it, spc=spc):
             start = time.perf_counter()
             for _ in range(args.steps // spc):
-                t._train_steps(it, tf.constant(spc, tf.int64)).numpy()
+                t.steps(it, spc)
             return (args.steps // spc) * spc * args.batch / (time.perf_counter() - start)
 
         ours[spc] = our_round

@@ -231,6 +231,15 @@ class Trainer:
 
         self._train_steps, self._eval_step = train_steps, eval_step
 
+    def train_iterator(self, start_step: int = 0):
+        """An iterator over this worker's training batches, from ``start_step`` on."""
+        return iter(self._distributed(lambda: self.feeder.train_dataset(start_step=start_step)))
+
+    def steps(self, iterator, n: int):
+        """Run ``n`` compiled train steps (no stop or save votes); (loss sum, correct, count)."""
+        sums, _ = self._train_steps(iterator, self.tf.constant(n, self.tf.int64), self.tf.zeros(2, self.tf.float32))
+        return sums.numpy()
+
     def _distributed(self, fn):
         strategy = self.rt.strategy
         if self.rt.kind in ("none", "horovod"):
@@ -373,7 +382,7 @@ class Trainer:
     def _loop(self, step, history, stop, progress, board, session) -> str:
         tf, cfg = self.tf, self.cfg
         t = cfg.training
-        iterator = iter(self._distributed(lambda: self.feeder.train_dataset(start_step=step)))
+        iterator = self.train_iterator(step)
         epoch_start = time.monotonic() - float(self.epoch_seconds.numpy())
         call_seconds = 0.0
         while step < self.total_steps:
