@@ -212,7 +212,7 @@ class TrainingConfig:
     epochs: int = 10
     steps_per_epoch: Optional[int] = None  # null = one pass over the training split
     batch_size: int = 128  # global batch: per-replica batch x replicas
-    steps_per_call: int = 1  # train steps inside one compiled call
+    steps_per_call: int = 10  # train steps inside one compiled call (epoch and checkpoint bounds cut it)
     log_every_steps: int = 100
     seed: int = 0
     deterministic: bool = False

@@ -519,7 +519,9 @@ def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_pa
 
 @pytest.mark.slurm
 def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(on_cluster, tmp_path):
-    sets = ["training.epochs=30", "training.deterministic=true", "checkpoint.every_minutes=null",
+    # a few minutes of training (more while the reference run shares the cores) under a 1-minute
+    # limit: only Slurm's warning signal (or the job's own end time) can stop the sessions
+    sets = ["training.epochs=250", "training.deterministic=true", "checkpoint.every_minutes=null",
             "training.log_every_steps=100000"]
     set_args = [a for s in sets for a in ("--set", s)]
     reference = tmp_path / "reference"
@@ -527,28 +529,18 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     ref = subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
                             *set_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "requeue"
-    # a 1-minute limit with the warning 45 s ahead: Slurm signals each session within its first
-    # 30 s (slurmctld checks every 30 s), so a session may also be stopped by Slurm itself
     assert submit([QUICKSTART, "--run-dir", str(run), "--time", "1", "--signal-margin", "45",
-                   "--max-requeues", "10", *set_args]) == 0
+                   "--max-requeues", "20", *set_args]) == 0
     job = last_job(run)
     assert "#SBATCH --signal=B:USR1@45" in (run / "slurm" / "train.sbatch").read_text()
-    # and, so that two requeues happen whatever the phase of that timer, the first two sessions
-    # also get the warning from here, through the batch shell as --signal=B:USR1 delivers it
-    for session in (1, 2):
-        wait_for(lambda: status(run).get("status") == "running" and len(status(run)["sessions"]) == session
-                 or job_done(job), 150, f"session {session} to run", job, run)
-        if session == 2:
-            time.sleep(2)  # some progress in this one
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], capture_output=True)
-    wait_for(lambda: job_done(job), 240, "the requeued job to finish", job, run)
+    wait_for(lambda: job_done(job), 900, "the requeued job to finish", job, run)
     st = status(run)
     text = logs(run)
     assert st.get("status") == "finished", text[-4000:]
     stops = [s["stopped_by"] for s in st["sessions"]]
     assert len(stops) >= 3 and stops[-1] == "finished", stops
-    assert stops[0] == "SIGUSR1", stops
     assert all(s in ("SIGUSR1", "SIGTERM", "time_budget") for s in stops[:-1]), stops
+    assert "SIGUSR1" in stops, stops  # Slurm's own warning signal stopped a session
     assert text.count("requeueing job") >= 2 and "restart 2," in text
     assert ref.wait(timeout=240) == 0, ref.stderr.read()[-2000:]
     assert st["weights_sha256"] == status(reference)["weights_sha256"]
