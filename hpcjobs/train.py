@@ -419,9 +419,8 @@ class Trainer:
             if reason or save_votes > 0:
                 self.epoch_seconds.assign(time.monotonic() - epoch_start)
                 saved = self.checkpoints.save(step)
-                if saved and reason is None:
-                    progress.say(f"checkpoint {os.path.basename(saved.path)} ({saved.seconds:.2f}s)") \
-                        if not progress.tty else None
+                if saved and reason is None and not progress.tty:  # a line in the logs, not on the bar
+                    progress.say(f"checkpoint {os.path.basename(saved.path)} ({saved.seconds:.2f}s)")
             if reason:
                 return reason
         return "finished"
