@@ -24,7 +24,7 @@ from .checkpoint import Checkpoints, StopFlag, find_checkpoint, hold_stop_signal
 from .config import Config, OptimizerConfig, dump, parse_duration
 from .data import load_data
 from .data.feed import Feeder
-from .rundir import RunDir
+from .rundir import RunDir, atomic_path, atomic_write
 
 EX_TEMPFAIL = 75
 
@@ -305,10 +305,9 @@ class Trainer:
         es = t.early_stopping
         if rd.writer:
             os.makedirs(rd.path, exist_ok=True)
-            from .rundir import atomic_write
-
             atomic_write(rd.config_yaml, dump(cfg))
         status = rd.read_status() if rd.writer else {}
+        sessions = status.get("sessions", [])  # earlier sessions; this one is appended to them
         session = Session(job_id=self.info.job_id)
         stop = StopFlag()
         stop.install()
@@ -317,7 +316,6 @@ class Trainer:
             step = int(self.step_var.numpy())
             session.start_step = step
             history = [r for r in rd.read_metrics() if r["step"] <= step]
-            sessions = status.get("sessions", [])
             status.pop("error", None)
             status.update(name=cfg.name, status="running", total_steps=self.total_steps,
                           steps_per_epoch=self.steps_per_epoch, feed=self.feeder.feed,
@@ -331,7 +329,7 @@ class Trainer:
                          f"strategy {self.rt.kind} x{self.rt.replicas}, start {origin} at step {step}/{self.total_steps}")
             progress = report.Progress(self.steps_per_epoch, t.epochs, t.log_every_steps, self.verbose)
             board = report.TensorBoard(rd.tensorboard, rd.writer)
-            reason = self._loop(step, history, stop, progress, board, session)
+            reason = self._loop(step, history, stop, progress, board)
             step = int(self.step_var.numpy())
             self.checkpoints.save(step)  # the final state (no-op if just saved)
             finished = reason in ("finished", "early_stopping")
@@ -366,7 +364,7 @@ class Trainer:
             return EX_TEMPFAIL
         except BaseException as e:
             session.end, session.stopped_by = time.time(), f"error: {type(e).__name__}"
-            status["sessions"] = status.get("sessions", [])[:-1] + [session.__dict__]
+            status["sessions"] = sessions + [session.__dict__]
             status["status"] = "failed"
             status["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
             rd.write_status(status)
@@ -379,7 +377,7 @@ class Trainer:
     def _best_path(self) -> str:
         return os.path.join(self.run_dir.checkpoints, "best.weights.h5")
 
-    def _loop(self, step, history, stop, progress, board, session) -> str:
+    def _loop(self, step, history, stop, progress, board) -> str:
         tf, cfg = self.tf, self.cfg
         t = cfg.training
         iterator = self.train_iterator(step)
@@ -446,8 +444,6 @@ class Trainer:
                 self.best_epoch.assign(row["epoch"])
                 self.wait.assign(0)
                 if es.patience is not None and self.run_dir.writer:
-                    from .rundir import atomic_path
-
                     with atomic_path(self._best_path) as tmp:
                         self.model.save_weights(tmp)
             else:

@@ -201,3 +201,14 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     assert st["weights_sha256"] == status(whole)["weights_sha256"]
     assert metrics_without_seconds(run) == metrics_without_seconds(whole)
     print(f"SIGKILLs: {kills}, sessions: {len(st['sessions'])}")
+
+
+def test_failed_session_keeps_the_earlier_sessions(tmp_path):
+    run = tmp_path / "unreadable"
+    assert train(run, "training.epochs=1") == 0
+    for data in (run / "checkpoints").glob("ckpt-*.data-*"):
+        data.write_bytes(b"")  # every checkpoint unreadable: a user error, exit 2
+    assert train(run, "training.epochs=2") == 2
+    st = status(run)
+    assert st["status"] == "failed" and "no readable checkpoint" in st["error"]
+    assert [s["stopped_by"] for s in st["sessions"]] == ["finished", "error: CheckpointError"]
