@@ -38,9 +38,10 @@ def cost(name, overrides, work):
         start = time.perf_counter()
         code = t.run()
         wall = time.perf_counter() - start
-        saved = sum(t.checkpoints.save_seconds)
-        print(f"{name:>14}, {label:>15}: {len(t.checkpoints.save_seconds):3d} saves, {saved:6.3f} s of "
-              f"{wall:7.2f} s training = {100 * saved / wall:5.2f}%  (exit {code})")
+        c = t.checkpoints
+        print(f"{name:>14}, {label:>15}: {len(c.save_seconds):3d} saves, blocked {c.blocked_seconds:6.3f} s of "
+              f"{wall:7.2f} s training = {100 * c.blocked_seconds / wall:5.2f}%  "
+              f"(writes {sum(c.write_seconds):6.3f} s; exit {code})")
 
 
 def first_step_seconds(run, extra=()):

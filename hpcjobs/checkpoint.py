@@ -92,11 +92,16 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _fsync_checkpoint(prefix: str):
+def _fsync_files(prefix: str):
+    """fsync a checkpoint's data and index files and their folder."""
     for path in glob.glob(prefix + ".*"):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    folder = os.path.dirname(prefix)
+    fsync_dir(os.path.dirname(prefix))
+
+
+def _fsync_state(folder: str):
+    """fsync CheckpointManager's ``checkpoint`` state file (which names the latest)."""
     state = os.path.join(folder, "checkpoint")
     if os.path.exists(state):
         with open(state, "rb") as f:
@@ -104,15 +109,64 @@ def _fsync_checkpoint(prefix: str):
     fsync_dir(folder)
 
 
+def _remove_partial_writes(folder: str) -> list[str]:
+    """Delete what a killed save leaves: TensorFlow's ``<prefix>_temp`` folders and the
+    state file's ``checkpoint.tmp*`` twins (nothing in them is ever named as latest)."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith("_temp") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith("checkpoint.tmp"):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+_keras_async_fixed = False
+
+
+def _fix_keras_async_copy():
+    """Make TensorFlow's asynchronous checkpoints work with Keras 3 variables.
+
+    TF's async writer copies every variable to a host-side twin inside a tf.function
+    (``_copy_trackable_to_cpu``).  Keras 3's TF variable implements that by creating a
+    new ``tf.Variable`` on *every* call, which tf.function refuses from the second save
+    on ("tf.function only supports singleton tf.Variables").  The Keras variable is a
+    wrapper whose checkpoint value is its inner ``tf.Variable``'s, so its twin can simply
+    be the inner variable's twin, which TF refreshes on each save."""
+    global _keras_async_fixed
+    if _keras_async_fixed:
+        return
+    try:
+        from keras.src.backend.tensorflow.core import Variable
+    except ImportError:  # another Keras layout: leave it alone
+        return
+
+    def _copy_trackable_to_cpu(self, object_map):
+        self.value._copy_trackable_to_cpu(object_map)
+        object_map[self] = object_map[self.value]
+
+    Variable._copy_trackable_to_cpu = _copy_trackable_to_cpu
+    _keras_async_fixed = True
+
+
 @dataclass
 class Saved:
     path: str
-    seconds: float
+    seconds: float  # the time the caller was blocked (the whole write unless asynchronous)
 
 
 class Checkpoints:
     """The run's checkpoints.  ``writer`` False (a non-chief multi-worker process) saves
-    into a temporary directory that is removed, as tf.distribute requires."""
+    into a temporary directory that is removed, as tf.distribute requires.
+
+    With ``async_write`` a save blocks only while the variables are copied to host
+    memory; a TensorFlow thread writes the files.  A checkpoint becomes the latest (in
+    the ``checkpoint`` state file) only once its files are written and fsync'ed, in
+    both modes, so a process killed mid-write resumes from the previous one."""
 
     def __init__(self, directory: str, objects: dict, cfg: CheckpointConfig, writer: bool = True,
                  all_save: bool = False, size_bytes: int = 0):
@@ -127,15 +181,25 @@ class Checkpoints:
         self.directory = directory if writer else tempfile.mkdtemp(prefix="hpcjobs-ckpt-")
         self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, max_to_keep=cfg.max_to_keep,
                                                   checkpoint_name="ckpt")
-        self.options = tf.train.CheckpointOptions(enable_async=cfg.async_write)
+        if cfg.async_write:
+            _fix_keras_async_copy()
         self.last_save_time = time.monotonic()
         self.last_save_step = None
-        self.save_seconds: list[float] = []
+        self.save_seconds: list[float] = []  # blocked time of each save
+        self.write_seconds: list[float] = []  # start to files written and fsync'ed
+        self.wait_seconds = 0.0  # in wait() for asynchronous writes
+        self._pending = None  # (path, start) of a write not yet waited for
+        self._written_path = None
         self.first_guess = 0.5 + size_bytes / 50e6  # seconds, until a save has been measured
 
     # -- restore ----------------------------------------------------------------------
     def restore_latest(self, log=print) -> str | None:
         """Restore the newest readable checkpoint; older ones are tried if it is damaged."""
+        if self.writer and os.path.isdir(self.shared):
+            partial = _remove_partial_writes(self.shared)
+            if partial:
+                log(f"removed {len(partial)} partial checkpoint write(s) left by a killed session: "
+                    f"{', '.join(partial)}")
         state = self.tf.train.get_checkpoint_state(self.shared) if os.path.isdir(self.shared) else None
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
@@ -162,27 +226,68 @@ class Checkpoints:
         return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= c.every_minutes * 60
 
     def save(self, step: int) -> Saved | None:
+        """Checkpoint the current state as ``ckpt-<step>``.  An asynchronous write goes
+        on in the background: ``wait()`` before relying on it."""
         if not self.saves or step == self.last_save_step:
             return None
         t = time.monotonic()
-        path = self.manager.save(checkpoint_number=step, options=self.options)
-        if self.cfg.async_write:
-            self.ckpt.sync()
-        if self.writer:
-            _fsync_checkpoint(path)
+        self._wait()  # one write at a time
+        start = time.monotonic()
+
+        def written(path):  # runs after the files are written, before the state names them
+            if self.writer:
+                _fsync_files(path)
+            self.write_seconds.append(time.monotonic() - start)
+            self._written_path = path
+
+        # fresh options each time: CheckpointManager appends its own callback to the list
+        options = self.tf.train.CheckpointOptions(enable_async=self.cfg.async_write,
+                                                  experimental_write_callbacks=[written])
+        path = self.manager.save(checkpoint_number=step, options=options)
+        self._pending = path
+        if not self.cfg.async_write:
+            self._wait()
         seconds = time.monotonic() - t
         self.save_seconds.append(seconds)
         self.last_save_time = time.monotonic()
         self.last_save_step = step
         return Saved(path, seconds)
 
+    def wait(self):
+        """Block until the last save is on disk; raise CheckpointError if it failed."""
+        t = time.monotonic()
+        try:
+            self._wait()
+        finally:
+            self.wait_seconds += time.monotonic() - t
+
+    @property
+    def blocked_seconds(self) -> float:
+        """The time the loop spent in saves and waits for them."""
+        return sum(self.save_seconds) + self.wait_seconds
+
+    def _wait(self):
+        if self._pending is None:
+            return
+        path, self._pending = self._pending, None
+        if self.cfg.async_write:
+            self.ckpt.sync()
+        if self._written_path != path:
+            raise CheckpointError(f"{path}: the checkpoint write failed (see the messages above)")
+        if self.writer:
+            _fsync_state(self.directory)
+
     @property
     def expected_save_seconds(self) -> float:
-        return max(self.save_seconds[-5:]) if self.save_seconds else self.first_guess
+        """How long the final save before a deadline may take (a whole write)."""
+        return max(self.write_seconds[-5:]) if self.write_seconds else self.first_guess
 
     def close(self):
-        if not self.writer:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            self.wait()
+        finally:
+            if not self.writer:
+                shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def find_checkpoint(path: str) -> str:

@@ -237,7 +237,7 @@ class CheckpointConfig:
     every_steps: Optional[int] = None
     every_minutes: Optional[float] = 10.0
     max_to_keep: int = 3
-    async_write: bool = False
+    async_write: bool = True  # saves block only while copying to host memory
 
     def __post_init__(self):
         if self.every_steps is not None and self.every_steps < 1:

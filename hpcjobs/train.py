@@ -331,7 +331,9 @@ class Trainer:
             board = report.TensorBoard(rd.tensorboard, rd.writer)
             reason = self._loop(step, history, stop, progress, board)
             step = int(self.step_var.numpy())
-            self.checkpoints.save(step)  # the final state (no-op if just saved)
+            # the final state (no-op if just saved); an asynchronous write overlaps the test
+            # evaluation and the export, and is waited for before run.json says it is done
+            self.checkpoints.save(step)
             finished = reason in ("finished", "early_stopping")
             if finished:
                 if es.patience is not None and es.restore_best and os.path.exists(self._best_path):
@@ -343,6 +345,7 @@ class Trainer:
                     export.save(self.model, export.preprocessing_info(self.data, cfg.data.normalize), rd.export)
                     if history:
                         report.plot_training(history, os.path.join(rd.plots, "training.png"))
+            self.checkpoints.wait()
             digest = weights_digest(self.model)
             print(f"worker {self.rt.worker}/{self.rt.workers} step {step} weights sha256 {digest}", flush=True)
             session.end, session.end_step, session.stopped_by = time.time(), step, reason

@@ -49,9 +49,13 @@ def store(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid"])
+@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid", "memory-async"])
 def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store, feed):
-    feed_sets = [f"data.feed={feed}"]
+    if feed == "memory-async":  # asynchronous writes, several per session
+        feed, feed_sets = "memory", ["checkpoint.async_write=true", "checkpoint.every_steps=5"]
+    else:
+        feed_sets = []
+    feed_sets += [f"data.feed={feed}"]
     if feed != "memory":
         feed_sets += [f"data.store={store}"]
     if feed == "hybrid":
@@ -201,6 +205,62 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     assert st["weights_sha256"] == status(whole)["weights_sha256"]
     assert metrics_without_seconds(run) == metrics_without_seconds(whole)
     print(f"SIGKILLs: {kills}, sessions: {len(st['sessions'])}")
+
+
+def _latest_named(ckpts) -> int:
+    """The step of the checkpoint the state file names as latest (0: none)."""
+    state = ckpts / "checkpoint"
+    if not state.exists():
+        return 0
+    first = state.read_text().splitlines()[0]  # model_checkpoint_path: "ckpt-N"
+    return int(first.split('"')[1].split("-")[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async"])
+def test_sigkill_while_a_checkpoint_is_written(tmp_path, async_write):
+    """Kill -9 exactly while a checkpoint is being written: the moment its temporary
+    folder appears (data half-written), or the moment its index appears (files written,
+    not yet named latest).  Each restart resumes from the last complete checkpoint, and
+    the final weights equal the uninterrupted run's."""
+    items = [*DET, "model.width=256", "checkpoint.every_steps=2",  # 17 MB checkpoints
+             f"checkpoint.async_write={str(async_write).lower()}"]
+    whole = tmp_path / "whole"
+    assert train(whole, *items) == 0
+    run = tmp_path / "killed"
+    ckpts = run / "checkpoints"
+    rng = random.Random(7)
+    kills = []  # (step being written, latest complete step) at each kill
+    for k in range(6):
+        target = "_temp" if k % 2 == 0 else ".index"
+        skip = rng.randint(0, 2)  # saves of this session allowed to complete first
+        seen = set(os.listdir(ckpts)) if ckpts.exists() else set()
+        p = _spawn(run, *items)
+        t0 = time.time()
+        while p.poll() is None and time.time() - t0 < 120:
+            names = set(os.listdir(ckpts)) if ckpts.exists() else set()
+            fresh = sorted(n for n in names - seen if n.endswith(target))
+            seen |= names
+            if fresh and skip == 0:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                kills.append((int(fresh[0][5:].split("_")[0].split(".")[0]), _latest_named(ckpts)))
+                break
+            skip -= len(fresh)
+            time.sleep(0.0005)
+        else:
+            out, _ = p.communicate(timeout=120)
+            raise AssertionError(f"no kill in session {k} (exit {p.returncode}):\n{out}")
+    mid_write = [(w, latest) for w, latest in kills if w > latest]
+    assert len(mid_write) >= 4, kills  # the checkpoint being written was not yet the latest
+    assert train(run, *items) == 0
+    st = status(run)
+    starts = [s["start_step"] for s in st["sessions"]]
+    assert starts[1:] == [latest for _, latest in kills], (starts, kills)  # the last complete one
+    assert not [n for n in os.listdir(ckpts) if n.endswith("_temp") or n.startswith("checkpoint.tmp")]
+    assert st["weights_sha256"] == status(whole)["weights_sha256"]
+    assert metrics_without_seconds(run) == metrics_without_seconds(whole)
+    print(f"kills while a checkpoint was written: {len(mid_write)} of {len(kills)}: {kills}")
 
 
 def test_failed_session_keeps_the_earlier_sessions(tmp_path):

@@ -136,7 +136,8 @@ def test_multiworker_two_processes(tmp_path, single):
 
 @pytest.mark.multiprocess
 def test_multiworker_stop_and_resume_is_exact(tmp_path):
-    items = SAME + ["distribute.strategy=multiworker", "training.epochs=25", "model.dropout=0.3"]
+    items = SAME + ["distribute.strategy=multiworker", "training.epochs=25", "model.dropout=0.3",
+                    "checkpoint.every_steps=7"]  # periodic (asynchronous) saves by both workers
     whole = tmp_path / "whole"
     envs = tf_config_env(2)
     (c0, o0), (c1, o1) = finish([launch(whole, items, env=e) for e in envs])
@@ -212,7 +213,8 @@ def test_horovod_two_ranks_match_single_process(tmp_path, single):
 @pytest.mark.multiprocess
 def test_horovod_stop_and_resume_is_exact(tmp_path):
     _horovod_or_skip()
-    items = SAME + ["distribute.strategy=horovod", "training.epochs=25", "model.dropout=0.3"]
+    items = SAME + ["distribute.strategy=horovod", "training.epochs=25", "model.dropout=0.3",
+                    "checkpoint.every_steps=7"]
     code, out = finish_mpirun(mpirun(tmp_path / "whole", items))
     assert code == 0, out[-2000:]
     want = digests(out)["0"]
