@@ -1,9 +1,11 @@
 """Checkpoint cost and resume latency.
 
 1. Cost of checkpointing at the default cadence (checkpoint.every_minutes: 10, plus the
-   final save) and, for scale, at one save per epoch: seconds spent saving (with fsync)
-   as a share of the training wall time, on the quickstart (digits) and on Fashion-MNIST
-   (if Debian's dataset-fashion-mnist is installed).
+   final save) and, for scale, at one save per epoch: seconds the training loop is
+   blocked by saves (asynchronous writes, the default; on the quickstart also
+   synchronous ones, side by side) as a share of the training wall time, on the
+   quickstart (digits) and on Fashion-MNIST (if Debian's dataset-fashion-mnist is
+   installed).
 2. Resume latency: process start to the first training step done, for a fresh start and
    for a resume from a checkpoint, measured on `hpcjobs train` subprocesses, alternating.
 
@@ -23,23 +25,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
 
-def cost(name, overrides, work):
+def cost(name, overrides, work, modes=("async",)):
+    """Blocked = time the training loop spent in saves and in waiting for them; writes =
+    the saves' whole durations (with async writes, mostly in TensorFlow's writer thread)."""
     from hpcjobs import config
     from hpcjobs.train import Trainer
 
-    for label, extra in (("default cadence", []), ("every epoch", ["checkpoint.every_steps=EPOCH"])):
+    # warm-up, not reported: the first run in a process pays TensorFlow's one-off setup
+    Trainer(config.load(QUICKSTART, overrides + ["training.epochs=1"]), os.path.join(work, f"{name}-warm"),
+            verbose=False).run()
+    for mode, label, extra in [(m, c, e) for m in modes for c, e in (("default cadence", []),
+                                                                        ("every epoch", ["EPOCH"]))]:
         cfg = config.load(QUICKSTART, overrides)
         if extra:
             t = Trainer(cfg, os.path.join(work, "probe"), verbose=False)
             extra = [f"checkpoint.every_steps={t.steps_per_epoch}"]
-            cfg = config.load(QUICKSTART, overrides + extra)
-        run = os.path.join(work, f"{name}-{label.replace(' ', '-')}")
+        cfg = config.load(QUICKSTART, overrides + extra + [f"checkpoint.async_write={mode == 'async'}"])
+        label = f"{label}, {mode}"
+        run = os.path.join(work, f"{name}-{label.replace(' ', '-').replace(',', '')}")
         t = Trainer(cfg, run, verbose=False)
         start = time.perf_counter()
         code = t.run()
         wall = time.perf_counter() - start
         c = t.checkpoints
-        print(f"{name:>14}, {label:>15}: {len(c.save_seconds):3d} saves, blocked {c.blocked_seconds:6.3f} s of "
+        print(f"{name:>14}, {label:>22}: {len(c.save_seconds):3d} saves, blocked {c.blocked_seconds:6.3f} s of "
               f"{wall:7.2f} s training = {100 * c.blocked_seconds / wall:5.2f}%  "
               f"(writes {sum(c.write_seconds):6.3f} s; exit {code})")
 
@@ -68,7 +77,7 @@ def main():
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="hpcjobs-ckpt-bench-")
     try:
-        cost("quickstart", [], work)
+        cost("quickstart", [], work, modes=("async", "sync"))
         if os.path.isdir("/usr/share/datasets/fashion-mnist"):
             cost("fashion-mnist", ["data.source=fashion-mnist", "training.batch_size=128",
                                    f"training.epochs={args.fashion_epochs}"], work)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -29,6 +30,15 @@ from .rundir import fsync_dir
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was asked for (exit code 2)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written: disk full, quota, a bad path (exit code 1)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e))  # TF's op-location prefix
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
 
 
 # --------------------------------------------------------------------------- stop signals
@@ -243,7 +253,15 @@ class Checkpoints:
         # fresh options each time: CheckpointManager appends its own callback to the list
         options = self.tf.train.CheckpointOptions(enable_async=self.cfg.async_write,
                                                   experimental_write_callbacks=[written])
-        path = self.manager.save(checkpoint_number=step, options=options)
+        # the writer thread starts inside the first save: it must not take stop signals
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            path = self.manager.save(checkpoint_number=step, options=options)
+        except (OSError, self.tf.errors.OpError) as e:
+            raise CheckpointWriteError(f"cannot write checkpoint ckpt-{step} in {self.directory} "
+                                       f"({_first_line(e)})") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self._pending = path
         if not self.cfg.async_write:
             self._wait()
@@ -273,7 +291,13 @@ class Checkpoints:
         if self.cfg.async_write:
             self.ckpt.sync()
         if self._written_path != path:
-            raise CheckpointError(f"{path}: the checkpoint write failed (see the messages above)")
+            # TF keeps the writer thread's error to raise at exit; take it now, once
+            helper = getattr(self.ckpt, "_async_checkpointer_impl", None)
+            error = getattr(helper, "_async_error", None)
+            if error is not None:
+                helper._async_error = None
+            why = f" ({_first_line(error)})" if error else ""
+            raise CheckpointWriteError(f"cannot write checkpoint {path}{why}")
         if self.writer:
             _fsync_state(self.directory)
 

@@ -29,9 +29,10 @@ def _user_errors() -> tuple:
 
 def _run_failures() -> tuple:
     """Errors that end a run with one clear line and exit code 1 (not a user error)."""
+    from .checkpoint import CheckpointWriteError
     from .train import TrainingDiverged
 
-    return (TrainingDiverged,)
+    return (TrainingDiverged, CheckpointWriteError)
 
 
 def _config(args):

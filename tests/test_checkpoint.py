@@ -272,3 +272,21 @@ def test_failed_session_keeps_the_earlier_sessions(tmp_path):
     st = status(run)
     assert st["status"] == "failed" and "no readable checkpoint" in st["error"]
     assert [s["stopped_by"] for s in st["sessions"]] == ["finished", "error: CheckpointError"]
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async"])
+def test_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_path, async_write):
+    run = tmp_path / "nowrite"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-5_temp").write_text("")  # a file where TF writes its temporary folder
+    r = subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
+                        *sets("training.epochs=1", "checkpoint.every_steps=5",
+                              f"checkpoint.async_write={str(async_write).lower()}")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("hpcjobs: training failed: cannot write checkpoint") and "ckpt-5" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    st = status(run)
+    assert st["status"] == "failed" and "cannot write checkpoint" in st["error"]
