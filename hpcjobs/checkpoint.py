@@ -198,7 +198,7 @@ class Checkpoints:
         self.save_seconds: list[float] = []  # blocked time of each save
         self.write_seconds: list[float] = []  # start to files written and fsync'ed
         self.wait_seconds = 0.0  # in wait() for asynchronous writes
-        self._pending = None  # (path, start) of a write not yet waited for
+        self._pending = None  # the path of a save not yet waited for
         self._written_path = None
         self.first_guess = 0.5 + size_bytes / 50e6  # seconds, until a save has been measured
 
