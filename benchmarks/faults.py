@@ -11,7 +11,7 @@ finished and its weights sha256 and metrics.csv must equal the uninterrupted run
 Deterministic mode, Dropout and augmentation are on.  The tests run a short version of
 this (tests/test_checkpoint.py); this script is for longer campaigns:
 
-    python benchmarks/faults.py [--kills 30] [--epochs 30] [--every-steps 5] [--async-write true]
+    python benchmarks/faults.py [--kills 30] [--epochs 60] [--every-steps 5] [--async-write true]
         [--set KEY=VALUE ...]      # e.g. --set data.source=fashion-mnist
 
 Exit code 0 when every check holds, 1 otherwise.
@@ -90,7 +90,7 @@ def metrics(run):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=30)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--every-steps", type=int, default=5)
     ap.add_argument("--async-write", default="true", choices=["true", "false"])
     ap.add_argument("--max-delay", type=float, default=3.0, help="seconds, for the random-moment kills")

@@ -272,7 +272,7 @@ class Checkpoints:
         return Saved(path, seconds)
 
     def wait(self):
-        """Block until the last save is on disk; raise CheckpointError if it failed."""
+        """Block until the last save is on disk; raise CheckpointWriteError if it failed."""
         t = time.monotonic()
         try:
             self._wait()
