@@ -31,7 +31,11 @@ import submitit.helpers
 
 from .config import Config, ConfigError, SlurmConfig, dump, to_dict
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
+# A source checkout (or editable install) reads the repository's slurm/ folder; a wheel
+# installs the same templates as data files under <prefix>/share/hpcjobs/slurm.
+_CHECKOUT_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
+TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
+    else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
 TEMPLATES = ("train", "infer", "search")
 EX_TEMPFAIL = 75
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
@@ -223,7 +227,7 @@ def read_template(name: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError:
-        raise _error("template", f"{path}: missing (hpcjobs needs its slurm/ folder: install with pip install -e)") \
+        raise _error("template", f"{path}: missing (reinstall hpcjobs: its wheel installs the templates there)") \
             from None
 
 

@@ -62,6 +62,29 @@ def test_dry_run_matches_reference(name, capsys, monkeypatch):
         assert out == f.read(), f"rendered output differs from {path} (HPCJOBS_UPDATE_REFERENCE=1 rewrites it)"
 
 
+@pytest.mark.slow
+def test_a_wheel_install_renders_the_same_scripts(tmp_path):
+    """A non-editable install (a wheel in a fresh venv, run outside the repository)
+    finds the templates it carries and renders exactly the pinned script."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, cwd=tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    wheel, = (tmp_path / "wheel").glob("hpcjobs-*.whl")
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], check=True)
+    name = "sbatch_bede_train.txt"
+    argv = [a if not a.startswith("configs/") else os.path.join(REPO, a) for a in REFERENCES[name]]
+    r = subprocess.run([str(venv / "bin" / "hpcjobs"), "submit", *argv, "--python", PY, "--dry-run"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=""))
+    assert r.returncode == 0, r.stderr
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import hpcjobs.slurm as s; print(s.TEMPLATE_DIR)"],
+                           capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+    assert where == str(venv / "share" / "hpcjobs" / "slurm")
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        assert r.stdout == f.read()
+
+
 def test_dry_run_writes_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     assert submit([QUICKSTART, "--run-dir", str(run), "--dry-run"]) == 0
