@@ -241,7 +241,7 @@ def test_sigkill_while_a_checkpoint_is_written(tmp_path, async_write):
             names = set(os.listdir(ckpts)) if ckpts.exists() else set()
             fresh = sorted(n for n in names - seen if n.endswith(target))
             seen |= names
-            if fresh and skip == 0:
+            if fresh and skip <= 0:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
                 kills.append((int(fresh[0][5:].split("_")[0].split(".")[0]), _latest_named(ckpts)))
