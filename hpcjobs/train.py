@@ -455,9 +455,7 @@ class Trainer:
                     self.say(f"early stopping: {es.monitor} has not improved for {es.patience} epochs "
                              f"(best {float(self.best.numpy()):.4f} at epoch {int(self.best_epoch.numpy())})")
                     reason = "early_stopping"
-        if reason:  # early stopping; cadence saves are agreed in the loop
-            self.checkpoints.save(step)
-        return reason
+        return reason  # run() saves the final state
 
 
 def _nan_to_none(x: float):
