@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from .config import CheckpointConfig
-from .rundir import fsync_dir
+from .rundir import fsync_dir, fsync_file
 
 
 class CheckpointError(RuntimeError):
@@ -105,8 +105,7 @@ def weights_digest(model) -> str:
 def _fsync_files(prefix: str):
     """fsync a checkpoint's data and index files and their folder."""
     for path in glob.glob(prefix + ".*"):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(path)
     fsync_dir(os.path.dirname(prefix))
 
 
@@ -114,8 +113,7 @@ def _fsync_state(folder: str):
     """fsync CheckpointManager's ``checkpoint`` state file (which names the latest)."""
     state = os.path.join(folder, "checkpoint")
     if os.path.exists(state):
-        with open(state, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(state)
     fsync_dir(folder)
 
 

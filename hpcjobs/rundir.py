@@ -30,6 +30,11 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used (exit code 2): in use, or not a run."""
 
 
+def fsync_file(path: str):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: str):
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -48,8 +53,7 @@ def atomic_path(path: str, fsync: bool = True):
     try:
         yield tmp
         if fsync and os.path.isfile(tmp):
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
         os.replace(tmp, path)
         if fsync:
             fsync_dir(folder)
