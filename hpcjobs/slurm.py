@@ -30,6 +30,7 @@ from typing import Any, Optional
 import submitit.helpers
 
 from .config import Config, ConfigError, SlurmConfig, dump, to_dict
+from .rundir import atomic_write
 
 # A source checkout (or editable install) reads the repository's slurm/ folder; a wheel
 # installs the same templates as data files under <prefix>/share/hpcjobs/slurm.
@@ -364,8 +365,6 @@ def _sbatch(script: str, extra: list[str] = ()) -> str:
 
 
 def _record(run_dir: str, entry: dict):
-    from .rundir import atomic_write
-
     path = os.path.join(run_dir, "slurm", "jobs.json")
     jobs = read_jobs(run_dir)
     jobs.append(entry)
@@ -420,8 +419,6 @@ def cmd_submit(args) -> int:
             print("# then, after the array (sbatch --dependency=afterok:<array job>):")
             print(merge_script, end="")
         return 0
-
-    from .rundir import atomic_write
 
     os.makedirs(os.path.join(run_dir, "slurm"), exist_ok=True)
     atomic_write(config_path, dump(cfg), fsync=False)
@@ -498,15 +495,20 @@ def job_states(run_dir: str) -> list[str]:
     return lines
 
 
-def _squeue_states(job_id: str) -> list[str]:
-    if not shutil.which("squeue"):
+def _query_rows(cmd: list[str], fields: int) -> list[list[str]]:
+    """The ``|``-separated rows a Slurm query prints; none if the command is missing or fails."""
+    if not shutil.which(cmd[0]):
         return []
-    p = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%i|%T|%M|%l|%R|%r"])
+    p = _run(cmd)
     if p is None or p.returncode != 0:
         return []
+    return [(line.split("|") + [""] * fields)[:fields] for line in p.stdout.strip().splitlines()]
+
+
+def _squeue_states(job_id: str) -> list[str]:
     out = []
-    for line in p.stdout.strip().splitlines():
-        jid, state, elapsed, limit, where, reason = (line.split("|") + [""] * 6)[:6]
+    for jid, state, elapsed, limit, where, reason in _query_rows(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%i|%T|%M|%l|%R|%r"], 6):
         detail = f"{state} {elapsed}/{limit}"
         if state == "RUNNING":
             detail += f" on {where}"
@@ -517,14 +519,9 @@ def _squeue_states(job_id: str) -> list[str]:
 
 
 def _sacct_states(job_id: str) -> list[str]:
-    if not shutil.which("sacct"):
-        return []
-    p = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,Elapsed,ExitCode"])
-    if p is None or p.returncode != 0:
-        return []
     out = []
-    for line in p.stdout.strip().splitlines():
-        jid, state, elapsed, code = (line.split("|") + [""] * 4)[:4]
+    for jid, state, elapsed, code in _query_rows(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,Elapsed,ExitCode"], 4):
         detail = f"{state} {elapsed} exit {code}"
         out.append(detail if jid == job_id else f"{jid} {detail}")
     return out
@@ -631,8 +628,6 @@ def submit(config, run_dir: str, **slurm_overrides):
     if s.cpus_per_task:
         kw["cpus_per_task"] = s.cpus_per_task
     executor.update_parameters(**kw)
-    from .rundir import atomic_write
-
     atomic_write(os.path.join(run_dir, "config.yaml"), dump(cfg), fsync=False)
     job = executor.submit(TrainCall(to_dict(cfg), run_dir))
     _record(run_dir, dict(job_id=str(job.job_id), kind="submitit", script=None,
