@@ -9,78 +9,30 @@ step counter is the data position.
 Saves go through ``tf.train.CheckpointManager`` into ``RUN/checkpoints``; the files
 are fsync'ed before the save counts, and restore falls back to the previous
 checkpoint when the newest cannot be read.  The decision *when* to save is the
-loop's: this module offers ``due()`` for the configured cadence and a clock, and the
-stop flag that SIGUSR1/SIGTERM (Slurm's warning before a time limit) set.
+loop's: this module offers ``due()`` for the configured cadence and a clock (the stop
+signals live in ``hpcjobs.signals``).
 """
 from __future__ import annotations
 
 import glob
 import os
-import re
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
+from . import compat, signals
 from .config import CheckpointConfig
+from .errors import RunFailure, UserError, first_line
 from .rundir import fsync_dir, fsync_file
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was asked for (exit code 2)."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RunFailure):
     """A checkpoint could not be written: disk full, quota, a bad path (exit code 1)."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e))  # TF's op-location prefix
-    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
-
-
-# --------------------------------------------------------------------------- stop signals
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def hold_stop_signals():
-    """Block the stop signals in this thread, so every thread started from now on
-    (TensorFlow's pools, Horovod's and MPI's background threads) inherits the block and
-    the kernel delivers them to the main thread only: a signal landing in a thread that
-    waits inside MPI interrupts its system call and can wedge a collective."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-class StopFlag:
-    """SIGUSR1/SIGTERM set a flag; the loop checks it between compiled calls."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # only the main thread may handle signals (e.g. inference in a thread)
-        for sig in STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        # signals held since start-up arrive now, in the main thread
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def uninstall(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-    __enter__ = install
-
-    def __exit__(self, *exc):
-        self.uninstall()
 
 
 def seed_variables(model) -> list:
@@ -133,34 +85,6 @@ def _remove_partial_writes(folder: str) -> list[str]:
     return removed
 
 
-_keras_async_fixed = False
-
-
-def _fix_keras_async_copy():
-    """Make TensorFlow's asynchronous checkpoints work with Keras 3 variables.
-
-    TF's async writer copies every variable to a host-side twin inside a tf.function
-    (``_copy_trackable_to_cpu``).  Keras 3's TF variable implements that by creating a
-    new ``tf.Variable`` on *every* call, which tf.function refuses from the second save
-    on ("tf.function only supports singleton tf.Variables").  The Keras variable is a
-    wrapper whose checkpoint value is its inner ``tf.Variable``'s, so its twin can simply
-    be the inner variable's twin, which TF refreshes on each save."""
-    global _keras_async_fixed
-    if _keras_async_fixed:
-        return
-    try:
-        from keras.src.backend.tensorflow.core import Variable
-    except ImportError:  # another Keras layout: leave it alone
-        return
-
-    def _copy_trackable_to_cpu(self, object_map):
-        self.value._copy_trackable_to_cpu(object_map)
-        object_map[self] = object_map[self.value]
-
-    Variable._copy_trackable_to_cpu = _copy_trackable_to_cpu
-    _keras_async_fixed = True
-
-
 @dataclass
 class Saved:
     path: str
@@ -190,7 +114,7 @@ class Checkpoints:
         self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, max_to_keep=cfg.max_to_keep,
                                                   checkpoint_name="ckpt")
         if cfg.async_write:
-            _fix_keras_async_copy()
+            compat.fix_keras_async_checkpoint()
         self.last_save_time = time.monotonic()
         self.last_save_step = None
         self.save_seconds: list[float] = []  # blocked time of each save
@@ -251,15 +175,12 @@ class Checkpoints:
         # fresh options each time: CheckpointManager appends its own callback to the list
         options = self.tf.train.CheckpointOptions(enable_async=self.cfg.async_write,
                                                   experimental_write_callbacks=[written])
-        # the writer thread starts inside the first save: it must not take stop signals
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            path = self.manager.save(checkpoint_number=step, options=options)
+            with signals.held():  # the writer thread starts inside the first save: no stop signals there
+                path = self.manager.save(checkpoint_number=step, options=options)
         except (OSError, self.tf.errors.OpError) as e:
             raise CheckpointWriteError(f"cannot write checkpoint ckpt-{step} in {self.directory} "
-                                       f"({_first_line(e)})") from None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                                       f"({first_line(e)})") from None
         self._pending = path
         if not self.cfg.async_write:
             self._wait()
@@ -289,12 +210,8 @@ class Checkpoints:
         if self.cfg.async_write:
             self.ckpt.sync()
         if self._written_path != path:
-            # TF keeps the writer thread's error to raise at exit; take it now, once
-            helper = getattr(self.ckpt, "_async_checkpointer_impl", None)
-            error = getattr(helper, "_async_error", None)
-            if error is not None:
-                helper._async_error = None
-            why = f" ({_first_line(error)})" if error else ""
+            error = compat.take_async_checkpoint_error(self.ckpt) if self.cfg.async_write else None
+            why = f" ({first_line(error)})" if error else ""
             raise CheckpointWriteError(f"cannot write checkpoint {path}{why}")
         if self.writer:
             _fsync_state(self.directory)

@@ -10,30 +10,7 @@ import os
 import sys
 import time
 
-EXIT_USAGE = 2
-
-
-def _user_errors() -> tuple:
-    from .checkpoint import CheckpointError
-    from .cluster import ClusterError
-    from .config import ConfigError
-    from .data.images import ImageError
-    from .data.sources import SourceError
-    from .export import ExportError
-    from .models import ModelError
-    from .rundir import RunDirError
-
-    return (ConfigError, SourceError, ImageError, ModelError, ClusterError, RunDirError, CheckpointError,
-            ExportError)
-
-
-def _run_failures() -> tuple:
-    """Errors that end a run with one clear line and exit code 1 (not a user error)."""
-    from .checkpoint import CheckpointWriteError
-    from .train import TrainingDiverged
-
-    return (TrainingDiverged, CheckpointWriteError)
-
+from .errors import EX_FAILURE, EX_INTERRUPTED, EX_USAGE, RunFailure, UserError
 
 def _config(args):
     from . import config
@@ -164,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"hpcjobs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except _run_failures() as e:
-        print(f"hpcjobs: training failed: {e}", file=sys.stderr)
-        return 1
+        return EX_USAGE
+    except RunFailure as e:
+        what = "training" if args.command == "train" else args.command
+        print(f"hpcjobs: {what} failed: {e}", file=sys.stderr)
+        return EX_FAILURE
     except KeyboardInterrupt:
         print("hpcjobs: interrupted", file=sys.stderr)
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":

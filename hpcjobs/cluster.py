@@ -12,8 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from .errors import UserError
 
-class ClusterError(RuntimeError):
+
+class ClusterError(UserError, RuntimeError):
     """The launch environment is inconsistent; the message names the fix (exit code 2)."""
 
 

@@ -18,8 +18,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
+from .units import SLURM_MEM, parse_bytes, parse_duration, parse_shard, slurm_seconds
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user error in a config file or override: one line, exit code 2."""
 
     def __init__(self, where: str, key: str, message: str):
@@ -29,52 +32,6 @@ class ConfigError(ValueError):
 
 def _frozen(cls):
     return dataclass(frozen=True, kw_only=True, slots=True)(cls)
-
-
-# --------------------------------------------------------------------------- units
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
-_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-def parse_duration(text: str | int | float) -> float:
-    """Seconds from ``90``, ``90s``, ``15m``, ``1h``, ``2d`` or Slurm's ``[D-]HH:MM:SS``."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    s = str(text).strip()
-    m = _DURATION.match(s)
-    if m:
-        return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
-    m = _SLURM_TIME.match(s)
-    if m and (":" in s or "-" in s):
-        days = int(m.group(1) or 0)
-        parts = [int(p) for p in m.group(2, 3, 4) if p is not None]
-        if len(parts) == 3:
-            h, mi, sec = parts
-        elif len(parts) == 2:
-            # Slurm: "MM:SS", but "D-HH:MM"
-            h, mi, sec = (parts[0], parts[1], 0) if m.group(1) else (0, parts[0], parts[1])
-        else:
-            h, mi, sec = (parts[0], 0, 0) if m.group(1) else (0, parts[0], 0)
-        return float(days * 86400 + h * 3600 + mi * 60 + sec)
-    raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 1h or 01:30:00)")
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*$", re.I)
-
-
-def parse_bytes(text: str | int) -> int:
-    """Bytes from ``512MiB``, ``512M`` (both binary), ``2GB`` (decimal) or a plain integer."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB or 2GiB)")
-    number, unit, binary = m.groups()
-    if not unit:
-        return int(float(number))
-    decimal = str(text).strip().upper().endswith("B") and not binary
-    power = "KMGT".index(unit.upper()) + 1
-    return int(float(number) * (1000 if decimal else 1024) ** power)
 
 
 # --------------------------------------------------------------------------- sections
@@ -286,7 +243,6 @@ class SlurmConfig:
     slot_count: int = 7  # jobs in the chain
 
     _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:+-]*")
-    _MEM = re.compile(r"(?i)\d+(?:\.\d+)?\s*(?:[KMGT](?:i?B)?)?")
     _OPTION = re.compile(r"(?:#SBATCH\s+)?--?[A-Za-z][A-Za-z0-9-]*(?:[=\s].*)?", re.S)
     _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+=.+", re.S)
     _AT = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
@@ -316,7 +272,7 @@ class SlurmConfig:
                 raise ValueError(f"{name}: {v!r} is not a Slurm name (letters, digits, _ . , : + -)")
         if self.job_name is not None and "/" in self.job_name:
             raise ValueError(f"job_name: {self.job_name!r}: no '/' (the name is part of the log file name)")
-        if self.mem is not None and not self._MEM.fullmatch(self.mem.strip()):
+        if self.mem is not None and not SLURM_MEM.fullmatch(self.mem.strip()):
             raise ValueError(f"mem: {self.mem!r} is not a size like 64G, 500M or 64GiB")
         for name in ("modules", "srun_args"):
             for v in getattr(self, name):
@@ -338,7 +294,7 @@ class SlurmConfig:
             if v is None or (name == "slot_every" and v in ("day", "week")):
                 continue
             try:
-                seconds[name] = self.seconds(v)
+                seconds[name] = slurm_seconds(v)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}")
             if seconds[name] < 60:
@@ -353,12 +309,6 @@ class SlurmConfig:
             every = {"day": 86400, "week": 7 * 86400}.get(self.slot_every) or seconds["slot_every"]
             if seconds["slot"] > every:
                 raise ValueError(f"slot: {self.slot} is longer than slot_every ({self.slot_every})")
-
-    @staticmethod
-    def seconds(text: str) -> float:
-        """Seconds of a Slurm time: a bare number is minutes (as in sbatch), else parse_duration."""
-        t = str(text).strip()
-        return float(t) * 60 if re.fullmatch(r"\d+", t) else parse_duration(t)
 
 
 @_frozen
@@ -384,9 +334,10 @@ class InferConfig:
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers: must be >= 1 or null")
         if self.shard is not None:
-            m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
-            if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-                raise ValueError(f"shard: expected i/n with 0 <= i < n, got {self.shard!r}")
+            try:
+                parse_shard(self.shard)
+            except ValueError as e:
+                raise ValueError(f"shard: {e}") from None
         if self.time_budget is not None:
             try:
                 parse_duration(self.time_budget)

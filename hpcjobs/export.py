@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 
+from .errors import UserError
 from .rundir import atomic_path, atomic_write
 
 FORMAT = "hpcjobs-preprocessing/1"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that is missing or does not match its model (exit code 2)."""
 
 

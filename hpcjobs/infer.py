@@ -79,13 +79,15 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .checkpoint import StopFlag
-from .config import ConfigError, InferConfig, parse_duration
+from .config import ConfigError, InferConfig
+from .errors import EX_TEMPFAIL
 from .data.images import IMAGE_EXTENSIONS, ImageError, decode, to_model_image
 from .data.sources import SourceError
 from .rundir import atomic_path, atomic_write
+from .signals import StopFlag
+from . import units
+from .units import parse_duration
 
-EX_TEMPFAIL = 75
 FORMAT = "hpcjobs-infer/1"
 READ_ROWS = 65536  # rows per block when joining part files
 
@@ -245,10 +247,10 @@ class Shard:
 
 
 def parse_shard(text: str) -> Shard:
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise InferError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 3/8")
-    return Shard(int(m.group(1)), int(m.group(2)))
+    try:
+        return Shard(*units.parse_shard(text))
+    except ValueError:
+        raise InferError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 3/8") from None
 
 
 def choose_shard(explicit: Optional[str], info) -> tuple[Shard, str]:

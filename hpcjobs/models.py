@@ -12,11 +12,12 @@ import os
 import numpy as np
 
 from .config import ModelConfig
+from .errors import UserError
 
 BUILTIN = ("simple_cnn", "small_resnet")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be built or loaded as configured (exit code 2)."""
 
 

@@ -23,10 +23,12 @@ import json
 import os
 import time
 
+from .errors import UserError
+
 METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used (exit code 2): in use, or not a run."""
 
 

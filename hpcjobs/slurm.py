@@ -29,8 +29,11 @@ from typing import Any, Optional
 
 import submitit.helpers
 
+from . import compat
 from .config import Config, ConfigError, SlurmConfig, dump, to_dict
+from .errors import EX_TEMPFAIL
 from .rundir import atomic_write
+from .units import format_slurm_mem, format_slurm_time, slurm_seconds
 
 # A source checkout (or editable install) reads the repository's slurm/ folder; a wheel
 # installs the same templates as data files under <prefix>/share/hpcjobs/slurm.
@@ -38,7 +41,6 @@ _CHECKOUT_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
 TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
     else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
 TEMPLATES = ("train", "infer", "search")
-EX_TEMPFAIL = 75
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
 
 # Parameters of render(): the SlurmConfig fields that shape a script, plus those of _REQUIRED/_ALLOWED.
@@ -60,26 +62,6 @@ def _error(key: str, message: str) -> ConfigError:
 
 
 # --------------------------------------------------------------------------- rendering
-def format_time(text: str) -> str:
-    """Slurm's ``[D-]HH:MM:SS`` from any duration the config accepts."""
-    seconds = int(round(SlurmConfig.seconds(text)))
-    days, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    return f"{days}-{h:02d}:{m:02d}:{s:02d}" if days else f"{h:02d}:{m:02d}:{s:02d}"
-
-
-def format_mem(text: str) -> str:
-    """Slurm's ``--mem`` (binary units, K/M/G/T suffix) from 64G, 500M, 64GiB or 64GB."""
-    m = re.fullmatch(r"(?i)\s*(\d+)\s*([KMGT])?\s*", text)
-    if m:
-        return m.group(1) + (m.group(2) or "M").upper()
-    from .config import parse_bytes
-
-    mib = -(-parse_bytes(text) // (1024 * 1024))
-    return f"{mib}M"
-
-
 def _path(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise _error(name, f"{value!r}: not a usable path (empty, or a line break or control character)")
@@ -181,8 +163,8 @@ def render(template: str, **params) -> str:
     if s.cpus_per_task:
         sb.append(_sbatch_line("--cpus-per-task", s.cpus_per_task))
     if s.mem:
-        sb.append(_sbatch_line("--mem", format_mem(s.mem)))
-    sb.append(_sbatch_line("--time", format_time(s.time)))
+        sb.append(_sbatch_line("--mem", format_slurm_mem(s.mem)))
+    sb.append(_sbatch_line("--time", format_slurm_time(s.time)))
     if array is not None:
         spec = f"0-{array - 1}" + (f"%{s.array_parallel}" if s.array_parallel else "")
         sb.append(_sbatch_line("--array", spec))
@@ -340,7 +322,7 @@ def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.dat
     first = now.replace(hour=parts[0], minute=parts[1], second=parts[2] if len(parts) > 2 else 0)
     if first <= now:
         first += _dt.timedelta(days=1)
-    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or SlurmConfig.seconds(s.slot_every)
+    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or slurm_seconds(s.slot_every)
     return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count)]
 
 
@@ -547,7 +529,7 @@ class TrainCall(submitit.helpers.Checkpointable):
         from .train import train
 
         cfg = from_dict(self.config, "<submitted config>")
-        usr_sig, saved = _submitit_signal()
+        usr_sig, saved = compat.submitit_signal()
         if usr_sig is not None and usr_sig != signal.SIGUSR1:
             signal.signal(usr_sig, lambda signum, frame: os.kill(os.getpid(), signal.SIGUSR1))
         try:
@@ -555,7 +537,7 @@ class TrainCall(submitit.helpers.Checkpointable):
         finally:
             if usr_sig is not None and usr_sig != signal.SIGUSR1:
                 signal.signal(usr_sig, saved)
-        if rc == EX_TEMPFAIL and getattr(saved, "__func__", None) is _submitit_requeue():
+        if rc == EX_TEMPFAIL and getattr(saved, "__func__", None) is compat.submitit_requeue_handler():
             # submitit's own handler: checkpoint this call (see checkpoint()), requeue the job, exit
             saved(usr_sig, None)
         return rc
@@ -563,23 +545,6 @@ class TrainCall(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         """Requeue the same call: the training resumes from the run directory's checkpoint."""
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-def _submitit_requeue():
-    from submitit.core.job_environment import SignalHandler
-
-    return SignalHandler.checkpoint_and_try_requeue
-
-
-def _submitit_signal():
-    try:
-        import submitit
-
-        env = submitit.JobEnvironment()
-        sig = env._usr_sig()
-    except Exception:  # not inside a submitit job
-        return None, None
-    return sig, signal.getsignal(sig)
 
 
 def submit(config, run_dir: str, **slurm_overrides):
@@ -616,13 +581,13 @@ def submit(config, run_dir: str, **slurm_overrides):
         additional[opt[2:].replace("-", "_")] = True if value is None else value
     setup = [line for line in _setup_lines(s).splitlines() if not line.startswith("#")]
     kw = dict(name=params["job_name"], nodes=s.nodes, tasks_per_node=params["ntasks_per_node"],
-              timeout_min=max(1, int(-(-SlurmConfig.seconds(s.time) // 60))), slurm_signal_delay_s=s.signal_margin,
+              timeout_min=max(1, int(-(-slurm_seconds(s.time) // 60))), slurm_signal_delay_s=s.signal_margin,
               slurm_setup=setup, slurm_additional_parameters=additional)
     for name in ("partition", "account", "qos"):
         if getattr(s, name):
             kw[f"slurm_{name}"] = getattr(s, name)
     if s.mem:
-        kw["slurm_mem"] = format_mem(s.mem)
+        kw["slurm_mem"] = format_slurm_mem(s.mem)
     if s.gpus_per_node:
         kw["gpus_per_node"] = s.gpus_per_node
     if s.cpus_per_task:

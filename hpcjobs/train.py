@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import cluster as cluster_mod
-from . import distribute, export, report
-from .checkpoint import Checkpoints, StopFlag, find_checkpoint, hold_stop_signals, seed_variables, weights_digest
-from .config import Config, OptimizerConfig, dump, parse_duration
+from . import distribute, export, report, signals
+from .checkpoint import Checkpoints, find_checkpoint, seed_variables, weights_digest
+from .signals import StopFlag
+from .config import Config, OptimizerConfig, dump
+from .errors import EX_TEMPFAIL, RunFailure
+from .units import parse_duration
 from .data import load_data
 from .data.feed import Feeder
 from .rundir import RunDir, atomic_path, atomic_write
 
-EX_TEMPFAIL = 75
-
-
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailure):
     """The loss became NaN or infinite (exit code 1)."""
 
 
@@ -468,13 +468,13 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
 
     The chief locks the run directory first, before TensorFlow is even imported, so a
     second process on the same run is refused at once."""
-    hold_stop_signals()
-    info = cluster_mod.detect()
-    rd = RunDir(run_dir, writer=info.is_chief)
-    if rd.writer:
-        rd.lock()
-    try:
-        trainer = Trainer(cfg, run_dir, info=info, time_budget=time_budget, verbose=verbose)
-        return trainer.run(from_checkpoint, init_weights)
-    finally:
-        rd.unlock()
+    with signals.held():  # until the loop's StopFlag takes them; released if building fails
+        info = cluster_mod.detect()
+        rd = RunDir(run_dir, writer=info.is_chief)
+        if rd.writer:
+            rd.lock()
+        try:
+            trainer = Trainer(cfg, run_dir, info=info, time_budget=time_budget, verbose=verbose)
+            return trainer.run(from_checkpoint, init_weights)
+        finally:
+            rd.unlock()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hpcjobs import cli, config
+from hpcjobs import cli, config, units
 from hpcjobs.config import ConfigError
 
 from conftest import QUICKSTART
@@ -87,15 +87,15 @@ def test_base_config_is_overridden(tmp_path):
 
 
 def test_durations_and_sizes():
-    assert config.parse_duration("90s") == 90
-    assert config.parse_duration("15m") == 900
-    assert config.parse_duration("1h") == 3600
-    assert config.parse_duration("01:30:00") == 5400
-    assert config.parse_duration("2-00:00:00") == 2 * 86400
-    assert config.parse_bytes("512MiB") == 512 * 2**20
-    assert config.parse_bytes("2GB") == 2 * 10**9
+    assert units.parse_duration("90s") == 90
+    assert units.parse_duration("15m") == 900
+    assert units.parse_duration("1h") == 3600
+    assert units.parse_duration("01:30:00") == 5400
+    assert units.parse_duration("2-00:00:00") == 2 * 86400
+    assert units.parse_bytes("512MiB") == 512 * 2**20
+    assert units.parse_bytes("2GB") == 2 * 10**9
     with pytest.raises(ValueError):
-        config.parse_duration("tomorrow")
+        units.parse_duration("tomorrow")
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from hpcjobs import cli, config, slurm
+from hpcjobs import cli, config, slurm, units
 from hpcjobs.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,12 +140,12 @@ def test_a_placeholder_the_renderer_does_not_know_is_an_error(monkeypatch):
                                            ("2d", "2-00:00:00"), ("2-00:00:00", "2-00:00:00"),
                                            ("04:00:00", "04:00:00"), ("1-12", "1-12:00:00")])
 def test_slurm_time_formats(text, expected):
-    assert slurm.format_time(text) == expected
+    assert units.format_slurm_time(text) == expected
 
 
 @pytest.mark.parametrize("text,expected", [("64G", "64G"), ("500m", "500M"), ("64GiB", "65536M"), ("2GB", "1908M")])
 def test_mem_formats(text, expected):
-    assert slurm.format_mem(text) == expected
+    assert units.format_slurm_mem(text) == expected
 
 
 @pytest.mark.parametrize("kw,match", [

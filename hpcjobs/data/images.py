@@ -11,10 +11,12 @@ import os
 
 import numpy as np
 
+from ..errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be used: names the file and the reason."""
 
     def __init__(self, path: str, reason: str):

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, decode
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -25,7 +26,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source cannot be read; the message names the file (exit code 2)."""
 
 

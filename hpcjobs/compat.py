@@ -1,0 +1,97 @@
+"""Every use of a private Keras, TensorFlow or submitit API, in one place.
+
+Each function names the versions it was checked against.  None of them fails
+silently: when the private name is gone, :class:`CompatError` says which one and
+which version was expected, and ``tests/test_compat.py`` exercises every function
+against the installed packages, so an upgrade that breaks one fails loudly there.
+"""
+from __future__ import annotations
+
+import signal
+
+
+class CompatError(RuntimeError):
+    """A private API hpcjobs relies on is missing from the installed package."""
+
+
+# --------------------------------------------------------------------------- Keras
+_keras_async_fixed = False
+
+
+def fix_keras_async_checkpoint():
+    """Make TensorFlow's asynchronous checkpoints work with Keras 3 variables.
+
+    Checked against Keras 3.15 (``keras.src.backend.tensorflow.core.Variable``) and
+    TensorFlow 2.21.  TF's async writer copies every variable to a host-side twin
+    inside a tf.function (``_copy_trackable_to_cpu``).  Keras 3's TF variable makes a
+    new ``tf.Variable`` on *every* call, which tf.function refuses from the second
+    save on ("tf.function only supports singleton tf.Variables").  The Keras variable
+    is a wrapper whose checkpoint value is its inner ``tf.Variable``'s, so its twin
+    can simply be the inner variable's twin, which TF refreshes on each save."""
+    global _keras_async_fixed
+    if _keras_async_fixed:
+        return
+    try:
+        from keras.src.backend.tensorflow.core import Variable
+    except ImportError as e:
+        raise CompatError("keras.src.backend.tensorflow.core.Variable is gone (checked with Keras 3.15): "
+                          "set checkpoint.async_write: false") from e
+    if not hasattr(Variable, "_copy_trackable_to_cpu"):
+        raise CompatError("Keras' Variable._copy_trackable_to_cpu is gone (checked with Keras 3.15): "
+                          "set checkpoint.async_write: false")
+
+    def _copy_trackable_to_cpu(self, object_map):
+        self.value._copy_trackable_to_cpu(object_map)
+        object_map[self] = object_map[self.value]
+
+    Variable._copy_trackable_to_cpu = _copy_trackable_to_cpu
+    _keras_async_fixed = True
+
+
+# --------------------------------------------------------------------------- TensorFlow
+def take_async_checkpoint_error(ckpt) -> BaseException | None:
+    """The error of a failed asynchronous write of ``tf.train.Checkpoint`` ``ckpt``, once.
+
+    Checked against TensorFlow 2.21: the writer thread keeps its exception in
+    ``ckpt._async_checkpointer_impl._async_error`` to raise at interpreter exit; taking
+    it (and clearing it) lets the caller report it now, in one line."""
+    helper = getattr(ckpt, "_async_checkpointer_impl", None)
+    if helper is None:
+        return None  # no asynchronous save was ever made through this checkpoint
+    if not hasattr(helper, "_async_error"):
+        raise CompatError("tf.train.Checkpoint's async helper has no _async_error (checked with TF 2.21)")
+    error, helper._async_error = helper._async_error, None
+    return error
+
+
+# --------------------------------------------------------------------------- submitit
+def submitit_signal() -> tuple[signal.Signals | None, object]:
+    """(the signal submitit sends before the time limit, its current handler), or
+    (None, None) outside a submitit job.
+
+    Checked against submitit 1.5.4: ``JobEnvironment._usr_sig()`` reads
+    SUBMITIT_PREEMPT_SIGNAL (USR2 by default)."""
+    import submitit
+    from submitit.core.job_environment import JobEnvironment
+
+    if not hasattr(JobEnvironment, "_usr_sig"):
+        raise CompatError("submitit's JobEnvironment._usr_sig is gone (checked with submitit 1.5.4)")
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return None, None
+    sig = env._usr_sig()
+    return sig, signal.getsignal(sig)
+
+
+def submitit_requeue_handler():
+    """submitit's own handler that checkpoints the callable and requeues the job.
+
+    Checked against submitit 1.5.4 (``SignalHandler.checkpoint_and_try_requeue``)."""
+    from submitit.core.job_environment import SignalHandler
+
+    try:
+        return SignalHandler.checkpoint_and_try_requeue
+    except AttributeError as e:
+        raise CompatError("submitit's SignalHandler.checkpoint_and_try_requeue is gone "
+                          "(checked with submitit 1.5.4)") from e

@@ -1,0 +1,50 @@
+"""Every private API in hpcjobs.compat works against the installed packages (fails loudly if not)."""
+import signal
+
+import numpy as np
+import pytest
+
+from hpcjobs import compat
+
+
+def test_keras_async_checkpoint_twice(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    compat.fix_keras_async_checkpoint()
+    v = keras.Variable(np.zeros(3, np.float32))
+    ckpt = tf.train.Checkpoint(v=v)
+    options = tf.train.CheckpointOptions(enable_async=True)
+    for i in range(2):  # the second async save is the one Keras 3 breaks without the fix
+        v.assign(np.full(3, i + 1, np.float32))
+        path = ckpt.save(str(tmp_path / "c"), options=options)
+        ckpt.sync()
+    v.assign(np.zeros(3, np.float32))
+    ckpt.restore(path).assert_existing_objects_matched()
+    assert v.numpy().tolist() == [2.0, 2.0, 2.0]
+    assert compat.take_async_checkpoint_error(ckpt) is None
+
+
+def test_async_checkpoint_error_is_taken_once(tmp_path):
+    import tensorflow as tf
+
+    ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+    assert compat.take_async_checkpoint_error(ckpt) is None  # no async save yet
+    ckpt.save(str(tmp_path / "c"), options=tf.train.CheckpointOptions(enable_async=True))
+    ckpt.sync()
+    ckpt._async_checkpointer_impl._async_error = OSError("disk full")
+    assert isinstance(compat.take_async_checkpoint_error(ckpt), OSError)
+    assert compat.take_async_checkpoint_error(ckpt) is None
+
+
+def test_submitit_signal(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert compat.submitit_signal() == (None, None)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "1")
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    sig, handler = compat.submitit_signal()
+    assert sig == signal.SIGUSR2 and handler is signal.getsignal(signal.SIGUSR2)
+    assert callable(compat.submitit_requeue_handler())
