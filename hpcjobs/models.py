@@ -8,6 +8,8 @@ exported model needs nothing but the geometric preprocessing in preprocessing.js
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -104,14 +106,7 @@ def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize:
     else:
         x = _application(keras, x, cfg, input_shape)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="head")(x)
-    model = keras.Model(inputs, outputs, name=cfg.arch)
-    if cfg.init_from:
-        copied = init_from(model, cfg.init_from)
-        if cfg.freeze_backbone:
-            for layer in model.layers:
-                if layer.name in copied:
-                    layer.trainable = False
-    return model
+    return keras.Model(inputs, outputs, name=cfg.arch)
 
 
 def load_exported(path: str):
@@ -126,25 +121,43 @@ def load_exported(path: str):
         raise ModelError(f"{path}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def init_from(model, path: str) -> list[str]:
-    """Copy weights from another hpcjobs model (a ``.keras`` export or a run directory)
-    layer by layer, by name, where the shapes match; the head and the normalisation
-    layer are never copied.  Returns the names of the layers copied."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "export", "model.keras") if os.path.isdir(os.path.join(path, "export")) \
-            else os.path.join(path, "model.keras")
-    source = load_exported(path)
+@dataclass
+class InitPlan:
+    """The layers of a model that ``model.init_from`` fills, found when the model is built."""
+
+    path: str
+    source: Any  # the loaded source model
+    layers: list[str]  # names of the layers to copy
+    frozen: bool
+
+    def apply(self, model):
+        """Copy the planned layers' weights from the source."""
+        src = {layer.name: layer for layer in self.source.layers}
+        for name in self.layers:
+            model.get_layer(name).set_weights(src[name].get_weights())
+
+
+def plan_init(model, path: str, freeze: bool = False) -> InitPlan:
+    """Match ``model``'s layers against another hpcjobs model (a ``.keras`` export, an
+    export folder or a run directory) by name and weight shapes; the head and the
+    normalisation layer never match.  With ``freeze`` the matched layers are made
+    non-trainable now, before an optimizer is built for the model."""
+    from .export import find
+
+    model_file = path if os.path.isfile(path) else os.path.join(find(path), "model.keras")
+    source = load_exported(model_file)
     src = {layer.name: layer for layer in source.layers}
-    copied = []
+    names = []
     for layer in model.layers:
         if layer.name in ("head", "normalize", "image") or layer.name not in src:
             continue
         theirs = src[layer.name].get_weights()
         mine = layer.get_weights()
-        if not mine or len(theirs) != len(mine) or any(a.shape != b.shape for a, b in zip(theirs, mine)):
-            continue
-        layer.set_weights(theirs)
-        copied.append(layer.name)
-    if not copied:
+        if mine and len(theirs) == len(mine) and all(a.shape == b.shape for a, b in zip(theirs, mine)):
+            names.append(layer.name)
+    if not names:
         raise ModelError(f"model.init_from: {path}: no layer matches this model's layers")
-    return copied
+    if freeze:
+        for name in names:
+            model.get_layer(name).trainable = False
+    return InitPlan(model_file, source, names, freeze)

@@ -6,6 +6,16 @@ import sys
 import time
 
 
+def format_seconds(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
     """A progress bar on a terminal; a line every ``every`` steps otherwise (Slurm logs)."""
 
@@ -24,20 +34,21 @@ class Progress:
             self.stream.write(text + "\n")
             self.stream.flush()
 
-    def step(self, step: int, loss: float, accuracy: float, images_per_s: float):
+    def step(self, step: int, loss: float, accuracy: float, images_per_s: float, eta: float | None = None):
         if not self.enabled:
             return
+        left = f" ETA {format_seconds(eta)}" if eta is not None else ""
         epoch, k = divmod(step - 1, self.steps_per_epoch)
         k += 1
         if self.tty:
             width = 30
             done = int(width * k / self.steps_per_epoch)
             self.stream.write(f"\repoch {epoch + 1}/{self.epochs} [{'=' * done:<{width}}] {k}/{self.steps_per_epoch}"
-                              f" loss {loss:.4f} acc {accuracy:.4f} {images_per_s:,.0f} img/s")
+                              f" loss {loss:.4f} acc {accuracy:.4f} {images_per_s:,.0f} img/s{left}")
             self.stream.flush()
         elif self.last_logged is None or step // self.every > self.last_logged // self.every:
             self.stream.write(f"step {step} epoch {epoch + 1}/{self.epochs} batch {k}/{self.steps_per_epoch} "
-                              f"loss {loss:.4f} accuracy {accuracy:.4f} {images_per_s:,.0f} img/s\n")
+                              f"loss {loss:.4f} accuracy {accuracy:.4f} {images_per_s:,.0f} img/s{left}\n")
             self.stream.flush()
             self.last_logged = step
 

@@ -1,0 +1,155 @@
+"""One training session: run.json's state machine around the loop, and the work at
+the end of training (final save, test evaluation, export, plot).
+
+run.json's ``status`` goes ``running`` -> ``stopped`` (more to do, exit 75) |
+``finished`` (exit 0) | ``failed`` (the error's first line); every session is
+appended to ``sessions``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+from .. import cluster as cluster_mod
+from .. import export, report, signals
+from ..checkpoint import weights_digest
+from ..config import Config, dump
+from ..errors import EX_OK, EX_TEMPFAIL
+from ..rundir import RunDir, atomic_write
+from ..signals import StopFlag
+from .hooks import FINISHED
+from .loop import Loop
+
+
+@dataclass
+class Session:
+    start: float = field(default_factory=time.time)
+    start_step: int = 0
+    end: float | None = None
+    end_step: int | None = None
+    stopped_by: str | None = None
+    job_id: str | None = None
+    host: str = field(default_factory=lambda: os.uname().nodename)
+
+
+class RunRecord:
+    """run.json of a run: the earlier sessions and this one (only the chief writes)."""
+
+    def __init__(self, rd: RunDir, job_id: str | None):
+        self.rd = rd
+        self.status = rd.read_status() if rd.writer else {}
+        self.earlier = self.status.get("sessions", [])
+        self.session = Session(job_id=job_id)
+
+    def write(self, **fields):
+        self.status["sessions"] = self.earlier + [self.session.__dict__]
+        self.status.update(fields)
+        self.rd.write_status(self.status)
+
+    def start(self, step: int, **fields):
+        self.session.start_step = step
+        self.status.pop("error", None)
+        self.write(status="running", **fields)
+
+    def end(self, step: int, reason: str, state: str, **fields):
+        self.session.end, self.session.end_step, self.session.stopped_by = time.time(), step, reason
+        self.write(status=state, step=step, **fields)
+
+    def fail(self, e: BaseException):
+        self.session.end, self.session.stopped_by = time.time(), f"error: {type(e).__name__}"
+        self.write(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def run_session(trainer, from_checkpoint: str | None = None) -> int:
+    """Restore, train, and finish; 0 when the run is finished, 75 when stopped with more to do."""
+    cfg, rd = trainer.cfg, trainer.run_dir
+    if rd.writer:
+        os.makedirs(rd.path, exist_ok=True)
+        atomic_write(rd.config_yaml, dump(cfg))
+    record = RunRecord(rd, trainer.info.job_id)
+    stop = StopFlag()
+    stop.install()
+    try:
+        origin = trainer.restore(from_checkpoint)
+        loop = Loop(trainer, trainer.hooks, stop)
+        record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
+                     steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
+                     strategy=trainer.rt.kind, replicas=trainer.rt.replicas)
+        _announce(trainer, origin, loop.step)
+        reason = loop.run()
+        return _finish(trainer, loop, reason, record)
+    except BaseException as e:
+        record.fail(e)
+        raise
+    finally:
+        stop.uninstall()
+        trainer.checkpoints.close()
+
+
+def _announce(trainer, origin: str, step: int):
+    if not trainer.verbose:
+        return
+    d, cfg = trainer.data, trainer.cfg
+    trainer.say(f"training {cfg.name}: {len(d.splits['train'])} train / {len(d.splits['val'])} val / "
+                f"{len(d.splits['test'])} test images {d.image_shape}, {d.num_classes} classes, feed "
+                f"{trainer.feeder.feed}, strategy {trainer.rt.kind} x{trainer.rt.replicas}, start {origin} "
+                f"at step {step}/{trainer.total_steps}")
+
+
+def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
+    rd, step = trainer.run_dir, loop.step
+    # the final state (no-op if just saved); an asynchronous write overlaps the test
+    # evaluation and the export, and is waited for before run.json says it is done
+    trainer.checkpoints.save(step)
+    finished = reason in FINISHED
+    loop.each("end", reason)
+    fields = {}
+    if finished:
+        fields.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
+        if rd.writer:
+            export.save(trainer.model, export.preprocessing_info(trainer.data, trainer.cfg.data.normalize),
+                        rd.export)
+            if loop.history:
+                report.plot_training(loop.history, os.path.join(rd.plots, "training.png"))
+    trainer.checkpoints.wait()
+    digest = weights_digest(trainer.model)
+    print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest}", flush=True)
+    for summary in loop.each("summary"):
+        fields.update(summary)
+    if loop.history:
+        fields["last"] = loop.history[-1]
+    record.end(step, reason, "finished" if finished else "stopped", epoch=step / trainer.steps_per_epoch,
+               weights_sha256=digest, **fields)
+    if not finished:
+        trainer.say(f"stopped ({reason}) at step {step}/{trainer.total_steps} with a checkpoint; "
+                    f"run the same command again to continue")
+        return EX_TEMPFAIL
+    if "test_accuracy" in fields:
+        trainer.say(f"test accuracy {fields['test_accuracy']:.4f}, test loss {fields['test_loss']:.4f}")
+    trainer.say(f"model: {rd.export}/model.keras  plots: {rd.plots}/training.png  run: {rd.path}")
+    return EX_OK
+
+
+def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None, time_budget=None,
+          verbose=True, hooks=()) -> int:
+    """Train a run (resuming it if it has a checkpoint); 0 finished, 75 stopped with more to do.
+
+    ``init_weights`` is the same as ``model.init_from``.  The chief locks the run
+    directory first, before TensorFlow is even imported, so a second process on the
+    same run is refused at once."""
+    from .trainer import Trainer
+
+    if init_weights:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_weights))
+    with signals.held():  # until the loop's StopFlag takes them; released if building fails
+        info = cluster_mod.detect()
+        rd = RunDir(run_dir, writer=info.is_chief)
+        if rd.writer:
+            rd.lock()
+        try:
+            trainer = Trainer(cfg, run_dir, info=info, time_budget=time_budget, verbose=verbose, hooks=hooks)
+            return trainer.run(from_checkpoint)
+        finally:
+            rd.unlock()

@@ -1,0 +1,80 @@
+"""The compiled part of training: the replica step, ``train_steps`` and ``eval_step``.
+
+``build_steps`` needs only a model, its optimizer and a distribution runtime (from
+``hpcjobs.distribute``): no data, no run directory.  ``train_steps(iterator, n,
+flags)`` runs ``n`` train steps inside one tf.function, each one ``strategy.run`` of
+the replica step (or a Horovod-wrapped step), then sums the workers' ``flags`` (stop,
+checkpoint due): the one collective that keeps every worker's decisions equal.
+Both return sums, never means: (loss sum, correct, count), in float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Steps:
+    train_steps: Callable  # (iterator, n: int64 tensor, flags: float32[2]) -> (sums[3], agreed flags[2])
+    eval_step: Callable  # (x, y, weight) -> sums[3]
+
+
+def build_steps(model, optimizer, runtime, global_batch: int) -> Steps:
+    import keras
+    import tensorflow as tf
+
+    strategy, hvd = runtime.strategy, runtime.hvd
+    global_batch = float(global_batch)
+    replicas = float(runtime.replicas)
+    # Horovod averages gradients over ranks, tf.distribute sums them over replicas:
+    # either way the update is the gradient of the global-batch mean loss.
+    scale = float(hvd.size()) if hvd is not None else 1.0
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+            loss = tf.reduce_sum(per_example) / global_batch
+            if model.losses:
+                loss += tf.add_n(model.losses) / replicas
+            loss *= scale
+        variables = model.trainable_variables
+        if hvd is not None:
+            # Keras 3 variables have no .ref(): Horovod gets the tf.Variables behind them
+            grads = hvd.DistributedGradientTape(tape).gradient(loss, [v.value for v in variables])
+        else:
+            grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        return tf.stack([tf.reduce_sum(per_example), correct, tf.cast(tf.size(y), tf.float32)])
+
+    def reduce_sum(per_replica):
+        total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        if hvd is not None:
+            total = hvd.allreduce(total, op=hvd.Sum)
+        return total
+
+    @tf.function
+    def train_steps(iterator, steps, flags):
+        sums = tf.zeros(3, tf.float64)
+        for _ in tf.range(steps):
+            # one step at a time: collectives of two iterations must never overlap
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            x, y = next(iterator)
+            per_replica = strategy.run(replica_step, args=(x, y))
+            sums += tf.cast(reduce_sum(per_replica), tf.float64)
+        with tf.control_dependencies([sums]):
+            agreed = reduce_sum(strategy.run(lambda: tf.identity(flags)))
+        return sums, agreed
+
+    def replica_eval(x, y, w):
+        probs = model(x, training=False)
+        per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+        correct = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
+        return tf.stack([tf.reduce_sum(per_example * w), tf.reduce_sum(correct * w), tf.reduce_sum(w)])
+
+    @tf.function
+    def eval_step(x, y, w):
+        return tf.cast(reduce_sum(strategy.run(replica_eval, args=(x, y, w))), tf.float64)
+
+    return Steps(train_steps, eval_step)

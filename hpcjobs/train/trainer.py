@@ -1,0 +1,160 @@
+"""The Trainer: builds a run's parts, restores them, and evaluates.
+
+Resume order (the normal path): the run's own newest readable checkpoint, else
+``--from CHECKPOINT``, else ``model.init_from`` (``--init-weights`` sets it), else
+from scratch.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import cluster as cluster_mod
+from .. import distribute, models
+from ..checkpoint import Checkpoints, find_checkpoint, seed_variables
+from ..config import Config
+from ..data import load_data
+from ..data.feed import Feeder
+from ..rundir import RunDir
+from ..units import parse_duration
+from . import hooks as hooks_mod
+from .optim import make_optimizer
+from .step import build_steps
+
+
+class Trainer:
+    """Everything one run needs, built in ``__init__``: it detects the launcher, sets up
+    the distribution runtime (``hvd.init()`` under Horovod), seeds the random
+    generators, reads and preprocesses the data (unless ``data`` is given), and builds
+    the model, the optimizer, the hooks' state, the compiled steps and the checkpoint
+    manager.  Nothing is restored, trained or written there: ``restore()`` and
+    ``run()`` (``session.py``) do that.  ``hooks`` are added after the built-in ones."""
+
+    def __init__(self, cfg: Config, run_dir: str, *, runtime=None, info=None, data=None,
+                 time_budget: str | None = None, verbose: bool = True, hooks=()):
+        import keras
+        import tensorflow as tf
+
+        self.tf, self.keras = tf, keras
+        self.cfg = cfg
+        self.t0 = time.monotonic()
+        self.info = info or cluster_mod.detect()
+        self.rt = runtime or distribute.setup(cfg.distribute, self.info)
+        t = cfg.training
+        keras.utils.set_random_seed(t.seed)
+        if t.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.run_dir = RunDir(run_dir, writer=self.rt.is_chief)
+        self.verbose = verbose and self.rt.is_chief
+        self.data = data or load_data(cfg)
+        self.feeder = Feeder(self.data, feed=cfg.data.feed, memory_budget=cfg.data.memory_budget,
+                             epochs_per_segment=cfg.data.epochs_per_segment, seed=cfg.data.seed + t.seed,
+                             augment=cfg.data.augment, global_batch=t.batch_size, worker=self.rt.worker,
+                             workers=self.rt.workers, local_replicas=self.rt.local_replicas)
+        self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.hooks = hooks_mod.default_hooks(self._deadline(time_budget or t.time_budget)) + list(hooks)
+        self._build_state()
+        self.compiled = build_steps(self.model, self.optimizer, self.rt, t.batch_size)
+
+    def _deadline(self, budget: str | None) -> float | None:
+        deadline = self.t0 + parse_duration(budget) if budget else None
+        if self.info.job_end_time:
+            job_deadline = self.t0 + (self.info.job_end_time - time.time())
+            deadline = job_deadline if deadline is None else min(deadline, job_deadline)
+        return deadline
+
+    def _build_state(self):
+        tf, cfg = self.tf, self.cfg
+        with self.rt.strategy.scope():
+            self.model = models.build(cfg.model, self.data.image_shape, self.data.num_classes, self.data.mean,
+                                      self.data.std, cfg.data.normalize)
+            # the layers model.init_from matches are known (and frozen) before the optimizer
+            # is built, so the checkpoint's graph is the same whichever way a session starts
+            self.init = models.plan_init(self.model, cfg.model.init_from, cfg.model.freeze_backbone) \
+                if cfg.model.init_from else None
+            lr = self.rt.scale_lr(cfg.optimizer.learning_rate, cfg.optimizer.scale_lr_with_workers)
+            self.optimizer = make_optimizer(cfg.optimizer, lr)
+            self.optimizer.build(self.model.trainable_variables)
+            self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.epoch_sums = tf.Variable(np.zeros(3), dtype=tf.float64, trainable=False, name="epoch_sums")
+            self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_seconds")
+            state = dict(step=self.step_var, epoch_sums=self.epoch_sums, epoch_seconds=self.epoch_seconds)
+            for hook in self.hooks:
+                state.update(hook.setup(self))
+        self.state = state  # every loop and hook variable, checkpointed beside the model
+        objects = dict(model=self.model, optimizer=self.optimizer, seeds=seed_variables(self.model), **state)
+        size = 3 * sum(int(np.prod(v.shape)) * 4 for v in self.model.variables)  # weights + Adam slots
+        self.checkpoints = Checkpoints(self.run_dir.checkpoints, objects, cfg.checkpoint,
+                                       writer=self.rt.is_chief, all_save=self.rt.kind == "multiworker",
+                                       size_bytes=size)
+
+    # -- compiled calls -----------------------------------------------------------------
+    def call(self, iterator, n: int, flags) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` train steps and the workers' summed flags: (sums, agreed flags)."""
+        tf = self.tf
+        sums, agreed = self.compiled.train_steps(iterator, tf.constant(n, tf.int64), tf.constant(flags, tf.float32))
+        return sums.numpy(), agreed.numpy()
+
+    def train_iterator(self, start_step: int = 0):
+        """An iterator over this worker's training batches, from ``start_step`` on."""
+        return iter(self._distributed(lambda: self.feeder.train_dataset(start_step=start_step)))
+
+    def steps(self, iterator, n: int):
+        """Run ``n`` compiled train steps (no stop or save votes); (loss sum, correct, count)."""
+        return self.call(iterator, n, [0.0, 0.0])[0]
+
+    def _distributed(self, fn):
+        if self.rt.kind in ("none", "horovod"):
+            return fn()
+        return self.rt.strategy.distribute_datasets_from_function(lambda ctx: fn())
+
+    def evaluate(self, split: str) -> dict:
+        if len(self.data.splits[split]) == 0:
+            return {}
+        sums = np.zeros(3)
+        for x, y, w in self._distributed(lambda: self.feeder.eval_dataset(split)):
+            sums += self.compiled.eval_step(x, y, w).numpy()
+        return {"loss": sums[0] / max(sums[2], 1), "accuracy": sums[1] / max(sums[2], 1)}
+
+    def learning_rate(self) -> float:
+        return float(self.keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    # -- restore ------------------------------------------------------------------------
+    def restore(self, from_checkpoint: str | None = None) -> str:
+        """Resume order: own checkpoint, --from, model.init_from, scratch.  Returns which.
+        Under Horovod, rank 0's state is then broadcast to every rank."""
+        origin = self._restore(from_checkpoint)
+        hvd = self.rt.hvd
+        if hvd is not None:
+            keras_vars = list(self.model.variables) + list(self.optimizer.variables)
+            hvd.broadcast_variables([v.value for v in keras_vars] + list(self.state.values()), root_rank=0)
+        return origin
+
+    def _restore(self, from_checkpoint) -> str:
+        say = self.say
+        path = self.checkpoints.restore_latest(log=say)
+        if path:
+            say(f"resuming from {path} (step {int(self.step_var.numpy())})")
+            return "checkpoint"
+        if from_checkpoint:
+            prefix = find_checkpoint(from_checkpoint)
+            self.checkpoints.restore(prefix)
+            say(f"starting from checkpoint {prefix} (step {int(self.step_var.numpy())})")
+            return "from"
+        if self.init is not None:
+            self.init.apply(self.model)
+            say(f"initialised {len(self.init.layers)} layers from {self.init.path}"
+                + (" (frozen)" if self.init.frozen else ""))
+            return "init_from"
+        return "scratch"
+
+    def say(self, text: str):
+        if self.verbose:
+            print(text, flush=True)
+
+    def run(self, from_checkpoint=None) -> int:
+        from .session import run_session
+
+        return run_session(self, from_checkpoint)
