@@ -24,22 +24,10 @@ def _run_dir(args, cfg) -> str:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
-    run_dir = _run_dir(args, cfg)
-    from .cluster import detect
-
-    if args.restart and os.path.exists(run_dir) and detect().is_chief:  # the chief moves, workers follow
-        from .rundir import RunDir
-
-        probe = RunDir(run_dir)
-        probe.lock()  # refuse to move a run that a process is using
-        probe.unlock()
-        aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(run_dir, aside)
-        print(f"moved the previous run aside to {aside}")
     from .train import train
 
-    return train(cfg, run_dir, from_checkpoint=args.from_checkpoint, init_weights=args.init_weights,
-                 time_budget=args.time_budget)
+    return train(cfg, _run_dir(args, cfg), from_checkpoint=args.from_checkpoint, init_weights=args.init_weights,
+                 time_budget=args.time_budget, restart=args.restart)
 
 
 def cmd_prepare(args) -> int:
@@ -105,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     t.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from another run's checkpoint (if this run has none)")
-    t.add_argument("--init-weights", metavar="FILE", help="initialise matching layers from a model file")
+    t.add_argument("--init-weights", metavar="RUN_OR_MODEL",
+                   help="the same as --set model.init_from=...: copy matching layers from another run's model")
     t.add_argument("--time-budget", metavar="DURATION", help="stop with a checkpoint before this (90s, 15m, 1h)")
     t.add_argument("--restart", action="store_true", help="move the old run aside and start over")
     t.set_defaults(func=cmd_train)

@@ -146,3 +146,39 @@ def test_keras_application_by_name_with_weights_file(tmp_path):
 def test_unknown_arch_is_user_error(tmp_path, capsys):
     assert train(tmp_path / "r", "model.arch=simple_cnm") == 2
     assert "did you mean 'simple_cnn'" in capsys.readouterr().err
+
+
+def _digest(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_finished_run_refuses_another_model_and_touches_nothing(quick_run, capsys):
+    before = _digest(quick_run)
+    assert train(quick_run, "training.epochs=2", "model.arch=small_resnet") == 2
+    err = capsys.readouterr().err
+    assert "model.arch ('simple_cnn' -> 'small_resnet')" in err and "--restart" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    after = _digest(quick_run)
+    after.pop(".lock", None), before.pop(".lock", None)
+    assert after == before  # config.yaml, run.json, metrics.csv unchanged
+
+
+def test_restart_with_a_bad_config_leaves_the_old_run_in_place(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(run, "training.epochs=1") == 0
+    before = _digest(run)
+    rc = cli.main(["train", QUICKSTART, "--run-dir", str(run), "--restart", "--set", "model.arch=ResNet5O"])
+    assert rc == 2 and "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # nothing moved aside, nothing left behind
+    after = _digest(run)
+    after.pop(".lock", None), before.pop(".lock", None)
+    assert after == before
+
+
+def test_bad_time_budget_is_one_line(tmp_path, capsys):
+    rc = cli.main(["train", QUICKSTART, "--run-dir", str(tmp_path / "r"), "--time-budget", "abc"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--time-budget" in err and "not a duration" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
