@@ -1,0 +1,246 @@
+"""``hpcjobs submit CONFIG``: the Slurm flags, and the command that renders, writes and queues.
+
+The command writes the rendered script and the resolved config into ``RUN/`` and
+``RUN/slurm/``, calls sbatch and records each job in ``RUN/slurm/jobs.json``.
+
+Each flag overrides one field of :class:`hpcjobs.config.SlurmConfig`.  The flags are made
+from the fields themselves: a field ``ntasks_per_node`` is ``--ntasks-per-node``, an int
+field takes ``type=int`` and a tuple field is repeatable; ``_FLAG_DOC`` only adds what a
+field cannot say (another flag name, a metavar, the help line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import shlex
+import time
+import typing
+from typing import Optional
+
+from ..config import Config, SlurmConfig, dump, to_dict
+from ..rundir import atomic_write
+from ..units import slurm_seconds
+from .jobs import _record
+from .render import _error, _package, render, template_params, trials
+
+# --------------------------------------------------------------------------- flags
+_FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metavar; help)
+    "partition": (None, "NAME", None),
+    "account": (None, "NAME", None),
+    "qos": (None, "NAME", None),
+    "mem": (None, "SIZE", "memory per node, e.g. 64G"),
+    "time": (None, "TIME", "time limit, e.g. 04:00:00 or 2-00:00:00"),
+    "job_name": (None, "NAME", None),
+    "modules": ("--module", "MODULE", "module to load"),
+    "activate": (None, "PATH", "environment to activate: venv activate script or conda env"),
+    "extra_sbatch": ("--sbatch", "OPTION", "extra #SBATCH option, e.g. --constraint=v100"),
+    "signal_margin": (None, "SECONDS", "USR1 this long before the time limit"),
+    "python": (None, "PATH", "interpreter for the job (default: this one)"),
+    "srun_args": ("--srun-arg", "OPTION", "extra srun option"),
+    "array": (None, "N", "job array of N tasks (training: N seeds)"),
+    "array_parallel": ("--parallel", "N", "at most N array tasks at once"),
+    "search": (None, "KEY=V1,V2", "grid search over a config key, as a job array"),
+    "slot": (None, "TIME", "submit a chain of jobs, each with this --time"),
+    "slot_every": ("--every", "PERIOD", "slot period: day, week or a duration (default day)"),
+    "slot_at": ("--at", "HH:MM", "time of day of the first slot"),
+    "slot_count": ("--count", "N", "number of slots (default 7)"),
+}
+_CONFIG_ONLY = ("infer_partition", "infer_time")  # set in the config's slurm section only
+
+
+def _flag_table() -> list[tuple[str, str, dict]]:
+    """(flag, SlurmConfig field, argparse keywords) for every field not in _CONFIG_ONLY."""
+    hints = typing.get_type_hints(SlurmConfig)
+    rows = []
+    for f in dataclasses.fields(SlurmConfig):
+        if f.name in _CONFIG_ONLY:
+            continue
+        flag, metavar, help_ = _FLAG_DOC.get(f.name, (None, None, None))
+        kind = hints[f.name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kw: dict = {"metavar": metavar or ("N" if kind is int else "VALUE")}
+        if typing.get_origin(kind) is tuple:
+            kw["action"] = "append"
+            help_ = f"{help_} (repeatable)" if help_ else "repeatable"
+        elif kind is int:
+            kw["type"] = int
+        if help_:
+            kw["help"] = help_
+        rows.append((flag or "--" + f.name.replace("_", "-"), f.name, kw))
+    return rows
+
+
+_FLAGS = _flag_table()
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("Slurm (each overrides the config's slurm section)")
+    for flag, field_name, kw in _FLAGS:
+        g.add_argument(flag, dest=f"slurm_{field_name}", default=None, **kw)
+    parser.add_argument("--infer", action="store_true", help="submit batch inference (slurm/infer.sbatch)")
+    parser.add_argument("--dry-run", action="store_true", help="print the script(s); write and submit nothing")
+
+
+def _overrides(args) -> dict:
+    return {field_name: getattr(args, f"slurm_{field_name}", None) for _, field_name, _ in _FLAGS}
+
+
+def slurm_section(cfg: Config, overrides: dict) -> SlurmConfig:
+    """The config's slurm section with command-line values (not None) on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for k in ("modules", "extra_sbatch", "srun_args", "search"):
+        if k in given:
+            given[k] = tuple(given[k])
+    if given.get("slot") is not None:
+        given["time"] = given["slot"]
+    try:
+        s = dataclasses.replace(cfg.slurm, **given)
+    except ValueError as e:
+        name, _, msg = str(e).partition(": ")
+        flag = next((f for f, field_name, _ in _FLAGS if field_name == name), None) if name in given else None
+        flag = flag or f"slurm.{name}"
+        raise _error(flag, msg or str(e)) from None
+    if s.slot is not None and s.time != s.slot:
+        s = dataclasses.replace(s, time=s.slot)
+    return s
+
+
+def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.datetime]:
+    """Start times of a chain of slots: the next ``slot_at``, then every ``slot_every``."""
+    if not s.slot_at:
+        raise _error("--at", "a chain of slots needs the first slot's time of day, e.g. --at 22:00")
+    now = now or _dt.datetime.now().replace(microsecond=0)
+    parts = [int(p) for p in s.slot_at.strip().split(":")]
+    first = now.replace(hour=parts[0], minute=parts[1], second=parts[2] if len(parts) > 2 else 0)
+    if first <= now:
+        first += _dt.timedelta(days=1)
+    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or slurm_seconds(s.slot_every)
+    return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count)]
+
+
+# --------------------------------------------------------------------------- the command
+@dataclasses.dataclass
+class _Plan:
+    """Everything one ``hpcjobs submit`` writes and queues, worked out before anything is."""
+    cfg: Config
+    s: SlurmConfig
+    kind: str  # train | search | infer
+    run_dir: str
+    config_path: str
+    params: dict
+    script: str
+    script_path: str
+    trial_sets: list = dataclasses.field(default_factory=list)
+    trial_cfgs: list = dataclasses.field(default_factory=list)
+    merge_script: Optional[str] = None
+    begins: list = dataclasses.field(default_factory=list)
+
+
+def _plan(args) -> _Plan:
+    from .. import config as config_mod
+
+    cfg = config_mod.load(args.config, args.set)
+    s = slurm_section(cfg, _overrides(args))
+    cfg = dataclasses.replace(cfg, slurm=s)
+    run_dir = os.path.abspath(args.run_dir or os.path.join("runs", cfg.name))
+    kind = "infer" if args.infer else ("search" if (s.array or s.search) else "train")
+    if s.slot and kind != "train":
+        raise _error("--slot", "a chain of time slots runs one training, not --infer, --array or --search")
+    trial_sets, trial_cfgs = [], []
+    if kind == "search":
+        trial_sets = trials(cfg, s)
+        trial_cfgs = [config_mod.from_dict(config_mod.apply_overrides(to_dict(cfg), sets), f"{args.config} (trial {i})")
+                      for i, sets in enumerate(trial_sets)]
+    config_path = os.path.join(run_dir, "infer-config.yaml" if kind == "infer" else "config.yaml")
+    params = template_params(cfg, s, kind, run_dir, None if kind == "search" else config_path)
+    plan = _Plan(cfg=cfg, s=s, kind=kind, run_dir=run_dir, config_path=config_path, params=params,
+                 script=render(kind, **params), script_path=os.path.join(run_dir, "slurm", f"{kind}.sbatch"),
+                 trial_sets=trial_sets, trial_cfgs=trial_cfgs, begins=slot_begins(s) if s.slot else [])
+    if kind == "infer" and s.array:
+        merge_params = {k: v for k, v in params.items() if k not in ("array", "array_parallel")}
+        merge_params.update(nodes=1, ntasks_per_node=1, gpus_per_node=0, merge=True,
+                            job_name=f"{params['job_name']}-merge")
+        plan.merge_script = render("infer", **merge_params)
+    return plan
+
+
+def _print_dry_run(plan: _Plan):
+    print(plan.script, end="")
+    for i, sets in enumerate(plan.trial_sets):
+        print(f"# trial-{i:03d}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
+    for i, begin in enumerate(plan.begins):
+        dep = "" if i == 0 else f" --dependency=afterany:<job {i}>"
+        print(f"# slot {i + 1}/{len(plan.begins)}: sbatch --begin={begin.isoformat()}{dep} "
+              f"{shlex.quote(plan.script_path)}")
+    if plan.merge_script:
+        print("# then, after the array (sbatch --dependency=afterok:<array job>):")
+        print(plan.merge_script, end="")
+
+
+def _write(plan: _Plan):
+    run_dir = plan.run_dir
+    os.makedirs(os.path.join(run_dir, "slurm"), exist_ok=True)
+    atomic_write(plan.config_path, dump(plan.cfg), fsync=False)
+    for i, tcfg in enumerate(plan.trial_cfgs):
+        atomic_write(os.path.join(run_dir, f"trial-{i:03d}", "config.yaml"), dump(tcfg), fsync=False)
+    if plan.kind == "search":
+        atomic_write(os.path.join(run_dir, "trials.json"),
+                     json.dumps([{"trial": f"trial-{i:03d}", "set": sets} for i, sets in enumerate(plan.trial_sets)],
+                                indent=2) + "\n", fsync=False)
+    _write_script(plan.script_path, plan.script)
+
+
+def _write_script(path: str, text: str):
+    atomic_write(path, text, fsync=False)
+    os.chmod(path, 0o755)
+
+
+def _queue(run_dir: str, kind: str, path: str, name: str, extra: list[str], array: bool) -> str:
+    """sbatch one script, record the job in jobs.json at once, say where its log goes."""
+    job_id = _package()._sbatch(path, extra)
+    log = os.path.join(run_dir, "slurm", f"{name}-{job_id}_<task>.out" if array else f"{name}-{job_id}.out")
+    _record(run_dir, dict(job_id=job_id, kind=kind, script=path, log=log, sbatch_args=extra, submitted=time.time()))
+    when = "".join(f" ({a.replace('--begin=', 'from ').replace('--dependency=', 'after ')})" for a in extra)
+    print(f"submitted {kind} job {job_id}{when}\n  log: {log}")
+    return job_id
+
+
+def _queue_all(plan: _Plan):
+    run_dir, kind, job_name = plan.run_dir, plan.kind, plan.params["job_name"]
+    if plan.begins:
+        previous = None
+        for begin in plan.begins:
+            extra = [f"--begin={begin.isoformat()}"] + ([f"--dependency=afterany:{previous}"] if previous else [])
+            previous = _queue(run_dir, kind, plan.script_path, job_name, extra, False)
+        return
+    is_array = kind != "train" and bool(plan.params.get("array"))
+    first = _queue(run_dir, kind, plan.script_path, job_name, [], is_array)
+    if plan.merge_script:
+        merge_path = os.path.join(run_dir, "slurm", "infer-merge.sbatch")
+        _write_script(merge_path, plan.merge_script)
+        _queue(run_dir, "infer-merge", merge_path, f"{job_name}-merge", [f"--dependency=afterok:{first}"], False)
+
+
+def cmd_submit(args) -> int:
+    plan = _plan(args)
+    if args.dry_run:
+        _print_dry_run(plan)
+        return 0
+    _write(plan)
+    _queue_all(plan)
+    print(f"  script: {plan.script_path}\n  status: hpcjobs status {plan.run_dir}")
+    if plan.kind == "train" and _finished(plan.run_dir):
+        print(f"note: {plan.run_dir} is finished already, so the job will exit at once; "
+              "give another --run-dir to train again")
+    return 0
+
+
+def _finished(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+            return json.load(f).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,0 +1,250 @@
+"""Render the job templates: ``slurm/<template>.sbatch`` filled by one function, :func:`render`.
+
+A template is plain bash with ``{{placeholder}}`` marks.  Every value is validated (by
+:class:`hpcjobs.config.SlurmConfig`, which refuses line breaks and other control
+characters) and shell-quoted with ``shlex.quote``; sbatch reads ``#SBATCH`` lines with
+the same quoting rules.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import sys
+from typing import Any, Optional
+
+from ..config import Config, ConfigError, SlurmConfig
+from ..units import format_slurm_mem, format_slurm_time
+
+# A source checkout (or editable install) reads the repository's slurm/ folder; a wheel
+# installs the same templates as data files under <prefix>/share/hpcjobs/slurm.
+_CHECKOUT_TEMPLATES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "slurm")
+TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
+    else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
+TEMPLATES = ("train", "infer", "search")
+SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
+
+# Parameters of render(): the SlurmConfig fields that shape a script, plus those of _REQUIRED/_ALLOWED.
+_SLURM_PARAMS = ("partition", "account", "qos", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task",
+                 "mem", "time", "job_name", "modules", "activate", "extra_sbatch", "max_requeues",
+                 "signal_margin", "srun_args", "array_parallel")
+_REQUIRED = {"train": ("python", "run_dir", "config"), "infer": ("python", "run_dir", "config"),
+             "search": ("python", "run_dir", "array")}
+_ALLOWED = {
+    "train": set(_SLURM_PARAMS) - {"array_parallel"} | {"python", "run_dir", "config", "on_stop"},
+    "infer": set(_SLURM_PARAMS) - {"signal_margin"} | {"python", "run_dir", "config", "array", "merge"},
+    "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array"},
+}
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def _error(key: str, message: str) -> ConfigError:
+    return ConfigError("hpcjobs submit", key, message)
+
+
+def _package():
+    """``hpcjobs.slurm`` itself.  ``read_template`` and ``_sbatch`` are looked up there when
+    called, so replacing ``hpcjobs.slurm.read_template`` (or ``_sbatch``) still takes effect
+    now that they live in submodules (the tests do, to feed in a broken template or fake sbatch)."""
+    return sys.modules[__package__]
+
+
+# --------------------------------------------------------------------------- #SBATCH lines
+def _sbatch_line(key: str, opt: str, value: Any = None) -> str:
+    if value is None:
+        return f"#SBATCH {opt}"
+    sep = "=" if opt.startswith("--") else " "
+    return f"#SBATCH {opt}{sep}{shlex.quote(str(value))}"
+
+
+# --------------------------------------------------------------------------- values
+def _path(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise _error(name, f"{value!r}: not a usable path (empty, or a line break or control character)")
+    if not os.path.isabs(value):
+        raise _error(name, f"{value!r}: must be an absolute path")
+    return value
+
+
+def _option(text: str) -> tuple[str, Optional[str]]:
+    """``--opt=value``, ``--opt value``, ``-C value`` or ``#SBATCH --opt=value`` -> (option, value)."""
+    text = re.sub(r"^#SBATCH\s+", "", text.strip())
+    m = re.fullmatch(r"(--?[A-Za-z][A-Za-z0-9-]*)(?:[=\s]\s*(.*))?", text, re.S)
+    if not m:
+        raise _error("option", f"{text!r}: expected an option like --constraint=v100")
+    return m.group(1), m.group(2)
+
+
+def _option_words(text: str) -> list[str]:
+    opt, value = _option(text)
+    if value is None:
+        return [opt]
+    return [f"{opt}={value}"] if opt.startswith("--") else [opt, value]
+
+
+def _log_path(run_dir: str, pattern: str) -> str:
+    """A log path for #SBATCH --output: the run directory's own '%' escaped as '%%'."""
+    if "\\" in run_dir:
+        raise _error("run_dir", f"{run_dir!r}: a backslash would switch off Slurm's %j in log names")
+    return os.path.join(run_dir.replace("%", "%%"), "slurm", pattern)
+
+
+def _setup_lines(s: SlurmConfig) -> str:
+    lines = [f"module load {shlex.quote(m)}" for m in s.modules]
+    if s.activate:
+        a = s.activate
+        if "/" in a or a.endswith("activate"):
+            lines.append(f"source {shlex.quote(a)}")
+        else:  # a conda environment's name
+            lines.append('eval "$(conda shell.bash hook)"')
+            lines.append(f"conda activate {shlex.quote(a)}")
+    return "\n".join(lines) if lines else "# (no modules or environment to load)"
+
+
+def _slurm_config(template: str, params: dict) -> SlurmConfig:
+    """Check the parameter names and build the SlurmConfig their values describe."""
+    if template not in TEMPLATES:
+        raise _error("template", f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    allowed = _ALLOWED[template]
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise _error(unknown[0], f"unknown parameter for the {template} template; valid: {', '.join(sorted(allowed))}")
+    missing = [p for p in _REQUIRED[template] if params.get(p) is None]
+    if missing:
+        raise _error(missing[0], f"required by the {template} template")
+    slurm_values = {k: v for k, v in params.items() if k in _SLURM_PARAMS and v is not None}
+    for k in ("modules", "extra_sbatch", "srun_args"):
+        if k in slurm_values:
+            slurm_values[k] = tuple(slurm_values[k])
+    if template == "infer":
+        slurm_values["signal_margin"] = 1  # inference asks for no warning signal
+    try:
+        return SlurmConfig(**slurm_values)
+    except (ValueError, TypeError) as e:
+        raise _error("slurm", str(e)) from None
+
+
+def _sbatch_block(template: str, s: SlurmConfig, run_dir: str, array: Optional[int], on_stop: str) -> str:
+    sb = [_sbatch_line("slurm.job_name", "--job-name", s.job_name or "hpcjobs")]
+    for name in ("partition", "account", "qos"):
+        if getattr(s, name):
+            sb.append(_sbatch_line(f"slurm.{name}", f"--{name}", getattr(s, name)))
+    sb.append(_sbatch_line("slurm.nodes", "--nodes", s.nodes))
+    sb.append(_sbatch_line("slurm.ntasks_per_node", "--ntasks-per-node", s.ntasks_per_node or 1))
+    if s.gpus_per_node:
+        sb.append(_sbatch_line("slurm.gpus_per_node", "--gpus-per-node", s.gpus_per_node))
+    if s.cpus_per_task:
+        sb.append(_sbatch_line("slurm.cpus_per_task", "--cpus-per-task", s.cpus_per_task))
+    if s.mem:
+        sb.append(_sbatch_line("slurm.mem", "--mem", format_slurm_mem(s.mem)))
+    sb.append(_sbatch_line("slurm.time", "--time", format_slurm_time(s.time)))
+    if array is not None:
+        spec = f"0-{array - 1}" + (f"%{s.array_parallel}" if s.array_parallel else "")
+        sb.append(_sbatch_line("slurm.array", "--array", spec))
+        sb.append(_sbatch_line("run_dir", "--output", _log_path(run_dir, "%x-%A_%a.out")))
+    else:
+        sb.append(_sbatch_line("run_dir", "--output", _log_path(run_dir, "%x-%j.out")))
+    sb.append(_sbatch_line("open_mode", "--open-mode", "append"))  # a requeued job adds to its log
+    if template != "infer":
+        sb.append(_sbatch_line("slurm.signal_margin", "--signal", f"B:USR1@{s.signal_margin}"))
+        sb.append(_sbatch_line("on_stop", "--requeue" if on_stop == "requeue" else "--no-requeue"))
+    for extra in s.extra_sbatch:
+        opt, value = _option(extra)
+        sb.append(_sbatch_line("slurm.extra_sbatch", opt, value))
+    return "\n".join(sb)
+
+
+def render(template: str, **params) -> str:
+    """Fill ``slurm/<template>.sbatch`` (train, infer or search).
+
+    Parameters: the SlurmConfig fields that shape a script (partition ... srun_args), and
+    ``python`` (absolute path of the job's interpreter), ``run_dir`` (absolute), ``config``
+    (train, infer: the resolved config the job reads), ``array`` (search, infer: number of
+    tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots),
+    ``merge`` (infer: join the shards' part files).  An unknown parameter is an error that
+    lists the valid ones; every value is validated and shell-quoted.
+    """
+    s = _slurm_config(template, params)
+    python = _path("python", params["python"])
+    run_dir = _path("run_dir", params["run_dir"]).rstrip("/") or "/"
+    array = params.get("array")
+    if array is not None and (isinstance(array, bool) or not isinstance(array, int) or array < 1):
+        raise _error("array", f"{array!r}: must be a positive number of tasks")
+    if params.get("merge") not in (None, False, True) or (params.get("merge") and array is not None):
+        raise _error("merge", "true or false, and not for an array")
+    on_stop = params.get("on_stop") or "requeue"
+    if on_stop not in ("requeue", "next-slot"):
+        raise _error("on_stop", f"{on_stop!r}: must be requeue or next-slot")
+    srun = [f"--wait={SRUN_WAIT}"] + [w for a in s.srun_args for w in _option_words(a)]
+    values = {
+        "sbatch": _sbatch_block(template, s, run_dir, array, on_stop),
+        "python": shlex.quote(python),
+        "run_dir": shlex.quote(run_dir),
+        "srun_args": " ".join(shlex.quote(w) for w in srun),
+        "setup": _setup_lines(s),
+        "max_requeues": str(int(s.max_requeues)),
+        "on_stop": shlex.quote(on_stop),
+        "infer_args": "--merge" if params.get("merge") else "",
+    }
+    if "config" in params and params["config"] is not None:
+        values["config"] = shlex.quote(_path("config", params["config"]))
+    return _fill(template, values)
+
+
+def _fill(template: str, values: dict) -> str:
+    """The template with every placeholder replaced."""
+    def fill(m):
+        name = m.group(1)
+        if name not in values:
+            raise _error("template", f"slurm/{template}.sbatch uses unknown placeholder {{{{{name}}}}}; "
+                                     f"valid: {', '.join(sorted(values))}")
+        return values[name]
+
+    return _PLACEHOLDER.sub(fill, _package().read_template(template))
+
+
+def read_template(name: str) -> str:
+    path = os.path.join(TEMPLATE_DIR, f"{name}.sbatch")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        raise _error("template", f"{path}: missing (reinstall hpcjobs: its wheel installs the templates there)") \
+            from None
+
+
+# --------------------------------------------------------------------------- from a config
+def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config_path: str | None) -> dict:
+    """render() parameters for one job of ``kind`` from a config and its (overridden) slurm section."""
+    horovod = cfg.distribute.strategy == "horovod"
+    ntasks = s.ntasks_per_node or (max(1, s.gpus_per_node) if horovod else 1)
+    params = dict(partition=s.partition, account=s.account, qos=s.qos, nodes=s.nodes, ntasks_per_node=ntasks,
+                  gpus_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task, mem=s.mem, time=s.time,
+                  job_name=s.job_name or cfg.name, modules=s.modules, activate=s.activate,
+                  extra_sbatch=s.extra_sbatch, srun_args=s.srun_args, python=s.python or sys.executable,
+                  run_dir=run_dir)
+    if kind == "infer":
+        params.update(partition=s.infer_partition or s.partition, time=s.infer_time or s.time,
+                      job_name=f"{s.job_name or cfg.name}-infer", config=config_path, max_requeues=s.max_requeues)
+        if s.array:
+            params.update(array=s.array, array_parallel=s.array_parallel)
+    elif kind == "search":
+        params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, array=len(trials(cfg, s)),
+                      array_parallel=s.array_parallel)
+    else:
+        params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, config=config_path,
+                      on_stop="next-slot" if s.slot else "requeue")
+    return params
+
+
+def trials(cfg: Config, s: SlurmConfig) -> list[list[str]]:
+    """The ``--set`` overrides of each array task: repeats with seeds, or the search grid."""
+    if s.search:
+        axes = []
+        for entry in s.search:
+            key, _, values = entry.partition("=")
+            axes.append([f"{key}={v.strip()}" for v in values.split(",") if v.strip()])
+        return [list(combo) for combo in itertools.product(*axes)]
+    return [[f"training.seed={cfg.training.seed + i}"] for i in range(max(s.array, 1))]
