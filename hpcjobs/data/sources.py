@@ -8,6 +8,7 @@ Paths: a folder with one sub-folder per class, a ``.csv``/``.json`` listing of
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
@@ -87,6 +88,50 @@ BUILTIN: dict[str, Callable[[], Samples]] = {
 }
 
 
+# --------------------------------------------------------------------------- file readers shared with infer
+def image_files(folder: str, *, skip_hidden: bool = False) -> list[str]:
+    """The image files (by extension) below ``folder``: folder by folder in sorted order,
+    sorted within each.  ``skip_hidden`` leaves out dot-files and dot-folders."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if skip_hidden:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.append((root, sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+                                   and not (skip_hidden and f.startswith(".")))))
+    return [os.path.join(root, f) for root, names in sorted(found) for f in names]
+
+
+def listing_items(path: str, expected: str) -> list:
+    """The raw entries of a listing: a ``.json`` file's list, or a ``.csv`` file's rows with
+    their cells stripped (a blank line is an empty row).  ``expected`` names what the JSON
+    list should hold, for the message when it is not a list."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if not path.lower().endswith(".json"):
+                return [[c.strip() for c in row] for row in csv.reader(f)]
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise SourceError(f"{path}: cannot read listing ({e})") from None
+    if not isinstance(data, list):
+        raise SourceError(f"{path}: expected a JSON list of {expected}")
+    return data
+
+
+def listing_path(listing: str, entry: str) -> str:
+    """A listing's entry as a path: a relative one is relative to the listing's folder."""
+    return entry if os.path.isabs(entry) else os.path.join(os.path.dirname(os.path.abspath(listing)), entry)
+
+
+@contextlib.contextmanager
+def open_npz(path: str):
+    """The opened ``.npz`` (no pickles); a file numpy cannot read is a SourceError."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            yield z
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: cannot read npz ({e})") from None
+
+
 # --------------------------------------------------------------------------- files
 def read_idx(path: str) -> np.ndarray:
     """An MNIST-style IDX file (optionally .gz) as an array."""
@@ -140,11 +185,9 @@ def read_folder(folder: str) -> Samples:
         raise SourceError(f"{folder}: no class sub-folders (expected {folder}/<class>/<image>)")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        for root, _, files in sorted(os.walk(os.path.join(folder, name))):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(root, f))
-                    labels.append(c)
+        found = image_files(os.path.join(folder, name))
+        paths += found
+        labels += [c] * len(found)
     if not paths:
         raise SourceError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
     return Samples(np.array(labels, dtype=np.int64), classes, folder, paths=paths)
@@ -152,34 +195,27 @@ def read_folder(folder: str) -> Samples:
 
 def read_listing(path: str) -> Samples:
     """A CSV (columns path,label; header optional) or JSON list of {"path", "label"}."""
-    base = os.path.dirname(os.path.abspath(path))
     rows: list[tuple[str, str]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.lower().endswith(".json"):
-                data = json.load(f)
-                if not isinstance(data, list):
-                    raise SourceError(f"{path}: expected a JSON list of {{\"path\": ..., \"label\": ...}}")
-                for i, item in enumerate(data):
-                    if not isinstance(item, dict) or "path" not in item or "label" not in item:
-                        raise SourceError(f"{path}: entry {i} needs 'path' and 'label'")
-                    rows.append((str(item["path"]), str(item["label"])))
-            else:
-                for i, row in enumerate(csv.reader(f)):
-                    if not row or (i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
-                        continue
-                    if len(row) < 2:
-                        raise SourceError(f"{path}: line {i + 1}: expected path,label")
-                    rows.append((row[0].strip(), row[1].strip()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: cannot read listing ({e})") from None
+    items = listing_items(path, '{"path": ..., "label": ...}')
+    if path.lower().endswith(".json"):
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "path" not in item or "label" not in item:
+                raise SourceError(f"{path}: entry {i} needs 'path' and 'label'")
+            rows.append((str(item["path"]), str(item["label"])))
+    else:
+        for i, row in enumerate(items):
+            if not row or (i == 0 and [c.lower() for c in row[:2]] == ["path", "label"]):
+                continue
+            if len(row) < 2:
+                raise SourceError(f"{path}: line {i + 1}: expected path,label")
+            rows.append((row[0], row[1]))
     if not rows:
         raise SourceError(f"{path}: the listing is empty")
     paths = []
     for i, (p, label) in enumerate(rows):
         if not label:
             raise SourceError(f"{path}: entry {i + 1} ({p}) has an empty label")
-        full = p if os.path.isabs(p) else os.path.join(base, p)
+        full = listing_path(path, p)
         if not os.path.exists(full):
             raise SourceError(f"{path}: entry {i + 1} names a missing file: {full}")
         paths.append(full)
@@ -191,17 +227,14 @@ def read_listing(path: str) -> Samples:
 
 def read_npz(path: str) -> Samples:
     """``images`` (or ``x``) and ``labels`` (or ``y``); optional ``class_names``."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            xk = next((k for k in ("images", "x", "x_train") if k in keys), None)
-            yk = next((k for k in ("labels", "y", "y_train") if k in keys), None)
-            if xk is None or yk is None:
-                raise SourceError(f"{path}: needs arrays 'images' and 'labels' (found: {', '.join(sorted(keys))})")
-            x, y = z[xk], z[yk]
-            names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: cannot read npz ({e})") from None
+    with open_npz(path) as z:
+        keys = set(z.files)
+        xk = next((k for k in ("images", "x", "x_train") if k in keys), None)
+        yk = next((k for k in ("labels", "y", "y_train") if k in keys), None)
+        if xk is None or yk is None:
+            raise SourceError(f"{path}: needs arrays 'images' and 'labels' (found: {', '.join(sorted(keys))})")
+        x, y = z[xk], z[yk]
+        names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
     if len(x) != len(y):
         raise SourceError(f"{path}: {len(y)} labels for {len(x)} images")
     if names is None:
