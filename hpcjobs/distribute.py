@@ -40,13 +40,19 @@ class Runtime:
         return lr * {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n)}[how]
 
 
-def _configure_devices(tf, cfg: DistributeConfig, info: ClusterInfo):
+def _gpus_with_memory_growth(tf) -> list:
+    """The physical GPUs, each set to allocate its memory as needed (before first use)."""
     gpus = tf.config.list_physical_devices("GPU")
     for g in gpus:
         try:
             tf.config.experimental.set_memory_growth(g, True)
         except (RuntimeError, ValueError):
             pass
+    return gpus
+
+
+def _configure_devices(tf, cfg: DistributeConfig, info: ClusterInfo):
+    gpus = _gpus_with_memory_growth(tf)
     if cfg.logical_cpu_devices > 0:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -115,3 +121,20 @@ def setup(cfg: DistributeConfig, info: ClusterInfo) -> Runtime:
             tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
         return Runtime("horovod", tf.distribute.get_strategy(), worker=hvd.rank(), workers=hvd.size(), hvd=hvd)
     raise ClusterError(f"distribute.strategy: unknown strategy {kind}")
+
+
+def inference_strategy(info: Optional[ClusterInfo] = None, devices: Optional[list[str]] = None):
+    """The strategy one inference process predicts with: every local GPU (MirroredStrategy);
+    one GPU per process when a launcher started one process per GPU (``info.local_size``
+    > 1); otherwise the default device.  ``devices`` names the replicas (for tests)."""
+    import tensorflow as tf
+
+    if devices:
+        return tf.distribute.MirroredStrategy(devices=devices)
+    gpus = _gpus_with_memory_growth(tf)
+    if gpus and info is not None and info.local_size > 1:
+        tf.config.set_visible_devices(gpus[info.local_rank % len(gpus)], "GPU")
+        return tf.distribute.get_strategy()
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in tf.config.list_logical_devices("GPU")])
+    return tf.distribute.get_strategy()

@@ -44,11 +44,17 @@ def save(model, info: dict, folder: str):
 
 
 def find(path: str) -> str:
-    """The export folder of a run directory, an export folder, or a model.keras file."""
+    """The export folder of a run directory, an export folder, or a model.keras file: the
+    one place a run dir or an export dir is resolved (infer, export.load, model.init_from)."""
     for folder in (os.path.join(path, "export"), path, os.path.dirname(path)):
         if os.path.isfile(os.path.join(folder, "model.keras")):
             return folder
     raise ExportError(f"{path}: no export/model.keras there (train a run first)")
+
+
+def model_file(path: str) -> str:
+    """The ``.keras`` file of a run directory or an export folder; a file is itself."""
+    return path if os.path.isfile(path) else os.path.join(find(path), "model.keras")
 
 
 def load(path: str):

@@ -142,9 +142,9 @@ def plan_init(model, path: str, freeze: bool = False) -> InitPlan:
     export folder or a run directory) by name and weight shapes; the head and the
     normalisation layer never match.  With ``freeze`` the matched layers are made
     non-trainable now, before an optimizer is built for the model."""
-    from .export import find
+    from .export import model_file as resolve
 
-    model_file = path if os.path.isfile(path) else os.path.join(find(path), "model.keras")
+    model_file = resolve(path)
     source = load_exported(model_file)
     src = {layer.name: layer for layer in source.layers}
     names = []
