@@ -124,12 +124,12 @@ def main(argv=None) -> int:
             model.predict(images, batch_size=args.batch, verbose=0)
             return time.perf_counter() - t
 
-        step = predictor._step(5)  # infer's own compiled call (the model and top-k)
+        step = predictor.step(5)  # infer's own compiled call (the model and top-k)
 
         def run_step(images) -> float:
             t = time.perf_counter()
             for i in range(0, len(images), args.batch):
-                [predictor._local(v) for v in step(images[i:i + args.batch])]
+                [predictor.to_numpy(v) for v in step(images[i:i + args.batch])]
             return time.perf_counter() - t
 
         # warm-up: trace every compiled path, for full and partial batches

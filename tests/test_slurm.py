@@ -432,40 +432,6 @@ def test_script_passes_usr1_on_to_the_training(stubbed):
     assert "scontrol requeue 77" in calls() and p.returncode == 0
 
 
-def test_every_template_runs_the_one_shared_job_body():
-    with open(os.path.join(REPO, "slurm", "_job_body.sh"), encoding="utf-8") as f:
-        body = f.read()
-    scripts = {"train": slurm.render("train", **_params()), "infer": slurm.render("infer", **_params(array=2)),
-               "search": slurm.render("search", **_search_params(array=2))}
-    for name, text in scripts.items():
-        assert text.count(body) == 1, name
-        assert text.count("trap 'forward USR1' USR1") == 1 and text.count('scontrol requeue "$job"') == 1, name
-
-
-def test_a_partial_the_renderer_does_not_know_is_an_error(monkeypatch):
-    real = slurm.read_template
-    monkeypatch.setattr(slurm, "read_template", lambda name: real(name) + "{{> job_bdy}}\n")
-    with pytest.raises(ConfigError, match="job_bdy.*valid: job_body"):
-        slurm.render("train", **_params())
-
-
-def test_inference_script_requeues_on_75_and_passes_usr1_on(stubbed):
-    run_script, calls, run = stubbed
-    p = run_script("infer", extra_env={"FAKE": "exit75", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "1"},
-                   array=2)
-    out = p.communicate(timeout=30)[0]
-    assert p.returncode == 0, out
-    assert f"-m hpcjobs infer {run}/config.yaml --run-dir {run}" in calls() and "scontrol requeue 70_1" in calls()
-    p = run_script("infer", extra_env={"FAKE": "signal"})
-    deadline = time.monotonic() + 20
-    while "ready" not in calls().split("scontrol requeue 70_1")[-1] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGUSR1)
-    out = p.communicate(timeout=30)[0]
-    assert "task got USR1" in calls(), out
-    assert "scontrol requeue 77" in calls() and p.returncode == 0
-
-
 # --------------------------------------------------------------------------- the local cluster
 def _root_can_install() -> bool:
     return os.geteuid() == 0 and shutil.which("apt-get") is not None

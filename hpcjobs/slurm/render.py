@@ -1,11 +1,9 @@
 """Render the job templates: ``slurm/<template>.sbatch`` filled by one function, :func:`render`.
 
-A template is plain bash with ``{{placeholder}}`` marks and ``{{> partial}}`` marks; a
-partial is ``slurm/_<partial>.sh`` (the job body every template shares: signal
-forwarding and requeue), pasted in before the placeholders are filled.  Every value is
-validated (by :class:`hpcjobs.config.SlurmConfig`, which refuses line breaks and other
-control characters) and shell-quoted with ``shlex.quote``; sbatch reads ``#SBATCH``
-lines with the same quoting rules.
+A template is plain bash with ``{{placeholder}}`` marks.  Every value is validated (by
+:class:`hpcjobs.config.SlurmConfig`, which refuses line breaks and other control
+characters) and shell-quoted with ``shlex.quote``; sbatch reads ``#SBATCH`` lines with
+the same quoting rules.
 """
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ _CHECKOUT_TEMPLATES = os.path.join(
 TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
     else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
 TEMPLATES = ("train", "infer", "search")
-PARTIALS = ("job_body",)  # slurm/_<name>.sh, included by {{> name}}
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
 
 # Parameters of render(): the SlurmConfig fields that shape a script, plus those of _REQUIRED/_ALLOWED.
@@ -41,7 +38,6 @@ _ALLOWED = {
     "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array"},
 }
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_PARTIAL = re.compile(r"\{\{>\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def _error(key: str, message: str) -> ConfigError:
@@ -198,17 +194,7 @@ def render(template: str, **params) -> str:
 
 
 def _fill(template: str, values: dict) -> str:
-    """The template with its partials pasted in and every placeholder replaced."""
-    def include(m):
-        name = m.group(1)
-        if name not in PARTIALS:
-            raise _error("template", f"slurm/{template}.sbatch includes unknown partial {{{{> {name}}}}}; "
-                                     f"valid: {', '.join(PARTIALS)}")
-        text = read_partial(name)
-        if _PARTIAL.search(text):
-            raise _error("template", f"slurm/_{name}.sh: a partial cannot include another")
-        return text[:-1] if text.endswith("\n") else text  # the mark's own line ends it
-
+    """The template with every placeholder replaced."""
     def fill(m):
         name = m.group(1)
         if name not in values:
@@ -216,25 +202,17 @@ def _fill(template: str, values: dict) -> str:
                                      f"valid: {', '.join(sorted(values))}")
         return values[name]
 
-    text = _PARTIAL.sub(include, _package().read_template(template))
-    return _PLACEHOLDER.sub(fill, text)
+    return _PLACEHOLDER.sub(fill, _package().read_template(template))
 
 
-def _read(path: str) -> str:
+def read_template(name: str) -> str:
+    path = os.path.join(TEMPLATE_DIR, f"{name}.sbatch")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError:
         raise _error("template", f"{path}: missing (reinstall hpcjobs: its wheel installs the templates there)") \
             from None
-
-
-def read_template(name: str) -> str:
-    return _read(os.path.join(TEMPLATE_DIR, f"{name}.sbatch"))
-
-
-def read_partial(name: str) -> str:
-    return _read(os.path.join(TEMPLATE_DIR, f"_{name}.sh"))
 
 
 # --------------------------------------------------------------------------- from a config
