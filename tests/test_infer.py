@@ -406,3 +406,109 @@ def test_config_infer_section_and_run_dir_as_the_model(run_dir, photos, unsharde
     assert res["top_i"].shape == (len(GOOD), 3)
     np.testing.assert_allclose(res["probabilities"], ref["probabilities"], rtol=1e-4, atol=1e-6)
     assert cli.main(["infer", str(cfg), "--set", "infer.shard=5/2"]) == 2  # checked like any config value
+
+
+# --------------------------------------------------------------------------- hostile --output (issue 17)
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _cli(*argv):
+    """``python -m hpcjobs infer ...``: (exit code, stderr)."""
+    r = subprocess.run([sys.executable, "-m", "hpcjobs", "infer", *map(str, argv)], env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stderr
+
+
+def _refused(argv, keep, folder, word):
+    """The command is exit 2 with one line naming ``word``; ``keep`` and the folder are as they were."""
+    before, listed = _sha256(keep), sorted(os.listdir(folder))
+    rc, err = _cli(*argv)
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("hpcjobs: error:"), err
+    assert word in err, err
+    assert _sha256(keep) == before
+    assert sorted(os.listdir(folder)) == listed  # no chunks, parts or results left behind
+
+
+@pytest.fixture
+def hostile_inputs(photos, tmp_path):
+    from hpcjobs.data.sources import Samples
+
+    s = Samples(np.repeat(np.arange(2), 10), ["a", "b"], "mem", arrays=np.zeros((20, 8, 8), np.uint8))
+    store.prepare(s, None, 1, 0.2, 0.2, 0, out_path=str(tmp_path / "s.h5")).close()
+    (tmp_path / "l.csv").write_text("".join(f"{os.path.join(photos, g)}\n" for g in GOOD[:3]))
+    return tmp_path
+
+
+@pytest.mark.parametrize("inp, out, extra", [
+    ("s.h5", "s.h5", []),  # a store onto itself
+    ("l.csv", "l.csv", []),  # a listing onto itself
+    ("l.csv", "l.h5", ["--set", "infer.format=both"]),  # the CSV results would be the listing
+    ("p.errors.csv", "p.h5", []),  # the errors CSV would be the listing
+    ("p.part-00001-of-00003.h5", "p.h5", ["--shard", "1/3"]),  # the shard's part file would be the store
+    ("s.h5", "link.h5", []),  # a symbolic link to the input
+])
+def test_results_never_replace_their_input(run_dir, hostile_inputs, inp, out, extra):
+    d = hostile_inputs
+    if inp == "p.errors.csv":
+        shutil.copy(d / "l.csv", d / inp)
+    elif inp.startswith("p.part"):
+        shutil.copy(d / "s.h5", d / inp)
+    if out == "link.h5":
+        os.symlink(d / inp, d / out)
+    _refused(["--model", run_dir, "--input", d / inp, "--output", d / out, *extra], d / inp, d, "is the input")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("notes.csv", "my notes, not results\n"),
+    ("config.h5", None),  # an HDF5 file that is not a result (a store)
+    ("p.errors.csv", "a,b\n1,2\n"),  # the errors CSV beside the results
+])
+def test_an_existing_file_infer_did_not_write_is_not_replaced(run_dir, photos, hostile_inputs, name, content):
+    d = hostile_inputs
+    if content is None:
+        shutil.copy(d / "s.h5", d / name)
+    else:
+        (d / name).write_text(content)
+    out = d / ("p.h5" if name == "p.errors.csv" else name)
+    _refused(["--model", run_dir, "--input", photos, "--output", out], d / name, d, "not an hpcjobs infer result")
+
+
+def test_an_existing_result_is_replaced(run_dir, photos, tmp_path):
+    listing = tmp_path / "l.csv"
+    listing.write_text(f"{os.path.join(photos, GOOD[0])}\n")
+    for _ in range(2):
+        assert run("--model", run_dir, "--input", listing, "--output", tmp_path / "p.csv",
+                   "--set", "infer.format=both") == 0
+    assert len(read_h5(tmp_path / "p.h5")["path"]) == 1
+
+
+def _read_only_folder(tmp_path):
+    """A folder nobody may write in: a chmod 555 one, or (as root, who writes anywhere) /sys."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        (ro / "probe").touch()
+    except OSError:
+        return ro
+    (ro / "probe").unlink()
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+    except OSError:
+        return "/sys"
+    pytest.skip("no read-only folder here")
+
+
+def test_an_unwritable_output_is_one_line(run_dir, photos, tmp_path):
+    (tmp_path / "a_file").write_text("x\n")
+    listing = tmp_path / "l.csv"
+    listing.write_text(f"{os.path.join(photos, GOOD[0])}\n")
+    for out, word in ((os.path.join(_read_only_folder(tmp_path), "preds", "p.h5"), "cannot write in"),
+                      (tmp_path / "a_file" / "p.h5", "is a file, not a folder")):
+        _refused(["--model", run_dir, "--input", listing, "--output", out], listing, tmp_path, word)

@@ -19,7 +19,8 @@ The path of the data, one module a step:
    job after the current chunk with exit code 75.
 5. ``results``: the outputs (``STEM.h5``, ``STEM.csv``, ``STEM.errors.csv``), the
    shards' part files and their merge.  Which of the first two: by the output's
-   extension (``.h5``/``.hdf5``, ``.csv``), or ``infer.format: h5 | csv | both``.
+   extension (``.h5``/``.hdf5``, ``.csv``), or ``infer.format: h5 | csv | both``.  Results
+   never replace their input, nor an existing file that infer did not write.
 
 ``run`` runs one process's shard; ``cli`` holds the command's arguments.
 """
@@ -32,10 +33,10 @@ from .cli import add_arguments, cmd_infer
 from .errors import InferError
 from .inputs import Inputs, open_inputs
 from .predictor import Predictor
-from .results import FORMAT, Outputs, Piece, merge, outputs_for, read_part, write_results
+from .results import FORMAT, Outputs, Piece, check_outputs, merge, outputs_for, read_part, write_results
 from .run import infer
 from .shards import Shard, choose_shard, parse_shard
 
 __all__ = ["EX_TEMPFAIL", "FORMAT", "ChunkDir", "InferError", "Inputs", "Outputs", "Piece", "Predictor", "Shard",
-           "add_arguments", "choose_shard", "cmd_infer", "infer", "merge", "open_inputs",
+           "add_arguments", "check_outputs", "choose_shard", "cmd_infer", "infer", "merge", "open_inputs",
            "outputs_for", "parse_shard", "read_part", "to_model_image", "write_results"]

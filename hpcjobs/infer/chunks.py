@@ -41,14 +41,27 @@ class ChunkDir:
         except (OSError, ValueError):
             return None
 
+    def _check_existing(self):
+        """Refuse a folder of other results, or one that is not ours at all (its files would be removed)."""
+        if not os.path.isdir(self.path):
+            if os.path.lexists(self.path):
+                raise InferError(f"{self.path}: exists and is not a folder of chunks; delete it or choose "
+                                 "another --output")
+            return
+        old = self._old_manifest()
+        if old is None:
+            foreign = [n for n in os.listdir(self.path) if not n.startswith(".tmp-")]
+            if foreign:
+                raise InferError(f"{self.path}: not a folder of infer chunks (no readable {MANIFEST}, but "
+                                 f"{foreign[0]}); delete it or choose another --output")
+        elif old != self.identity:
+            diff = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+            raise InferError(f"{self.path}: unfinished results of a different run (differs in "
+                             f"{', '.join(diff)}); delete it or choose another --output")
+
     def resume(self) -> int:
         """Check the manifest, drop partial files; the first row not yet committed."""
-        if os.path.isdir(self.path):
-            old = self._old_manifest()
-            if old is not None and old != self.identity:
-                diff = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
-                raise InferError(f"{self.path}: unfinished results of a different run (differs in "
-                                 f"{', '.join(diff)}); delete it or choose another --output")
+        self._check_existing()
         os.makedirs(self.path, exist_ok=True)
         if not os.path.exists(self.manifest):
             atomic_write(self.manifest, json.dumps(self.identity, indent=1) + "\n")

@@ -17,6 +17,7 @@ import dataclasses
 import glob
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -71,6 +72,58 @@ def outputs_for(output: str, fmt: str = "auto") -> Outputs:
     h5 = (output if kind == "h5" else stem + ".h5") if fmt in ("h5", "both") else None
     csv_path = (output if kind == "csv" else stem + ".csv") if fmt in ("csv", "both") else None
     return Outputs(stem, h5, csv_path)
+
+
+# --------------------------------------------------------------------------- refusing a bad --output
+def _is_result(path: str) -> bool:
+    """Whether an existing file is one infer wrote (results, errors CSV), so it may be replaced."""
+    if not os.path.isfile(path):
+        return False
+    if path.lower().endswith(".csv"):
+        try:
+            with open(path, encoding="utf-8", errors="replace", newline="") as f:
+                header = next(csv.reader(f), None)
+        except (OSError, csv.Error):
+            return False
+        return header in (CSV_HEADER, ERRORS_HEADER)
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except OSError:
+        return False
+
+
+def _check_writable(folder: str, output: str):
+    """Refuse an output folder that cannot be made or written in (nothing is created here)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InferError(f"--output {output}: {existing} is a file, not a folder; choose another --output")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InferError(f"--output {output}: cannot write in {existing} ({e.strerror or e}); "
+                         "choose a writable place") from None
+
+
+def check_outputs(outs: Outputs, input_path: Optional[str] = None, shard: Optional[Shard] = None):
+    """Before any work: refuse to write over the input, over an existing file that is not an
+    infer result, or into a folder that cannot be written."""
+    targets = [*outs.files, outs.errors] + ([outs.part(shard), outs.chunks(shard)] if shard else [])
+    if input_path and os.path.exists(input_path):
+        for t in targets:
+            if os.path.exists(t) and os.path.samefile(t, input_path):
+                raise InferError(f"--output {t}: that is the input ({input_path}); results never replace "
+                                 "their input, choose another --output")
+    for t in (*outs.files, outs.errors):
+        if os.path.lexists(t) and not _is_result(t):
+            raise InferError(f"{t}: exists and is not an hpcjobs infer result; delete it or choose another "
+                             "--output")
+    _check_writable(os.path.dirname(os.path.abspath(outs.stem)), outs.h5 or outs.csv or outs.stem)
 
 
 # --------------------------------------------------------------------------- pieces and result files
@@ -261,6 +314,7 @@ def merge(outs: Outputs, log=print) -> int:
     attrs = [part_attrs(p) for p in ordered]
     _check_parts(ordered, attrs)
     first = attrs[0]
+    check_outputs(outs, first.get("input_path"))
     with h5py.File(ordered[0], "r") as f:
         class_names = [str(c) for c in f.attrs["class_names"]]
 

@@ -23,7 +23,7 @@ from .chunks import ChunkDir
 from .errors import InferError
 from .inputs import Inputs, open_inputs, printable
 from .predictor import Predictor
-from .results import FORMAT, Outputs, Piece, finish, merge, outputs_for, part_attrs, str_array, \
+from .results import FORMAT, Outputs, Piece, check_outputs, finish, merge, outputs_for, part_attrs, str_array, \
     write_results
 from .shards import Shard, choose_shard
 
@@ -223,6 +223,7 @@ def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None,
 
         info = detect()
     shard, why = choose_shard(cfg.shard, info)
+    check_outputs(outs, cfg.input, shard)
     comm = _mpi_comm(info)
     job = _Job(cfg, outs, shard, _deadline(cfg, info, t0), cfg.workers or os.cpu_count() or 1, log)
 
