@@ -7,6 +7,9 @@ against the installed packages, so an upgrade that breaks one fails loudly there
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
+import os
 import signal
 
 
@@ -46,6 +49,31 @@ def fix_keras_async_checkpoint():
 
     Variable._copy_trackable_to_cpu = _copy_trackable_to_cpu
     _keras_async_fixed = True
+
+
+def keras_application_names() -> frozenset[str] | None:
+    """The model names of ``keras.applications`` (ResNet50, MobileNetV2, ...), read
+    without importing Keras (which imports TensorFlow: seconds), so a config can be
+    checked on a login node; None when Keras is not installed.
+
+    Checked against Keras 3.15: ``keras/applications/__init__.py`` is generated and
+    imports every model as ``from keras.src.applications.<module> import <Name> as <Name>``."""
+    spec = importlib.util.find_spec("keras")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "applications", "__init__.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError) as e:
+        raise CompatError(f"cannot read keras.applications' names from {path} (checked with Keras 3.15): {e}")
+    names = frozenset(a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                      and (node.module or "").startswith("keras.src.applications.")
+                      for a in node.names if (a.asname or a.name)[:1].isupper())
+    if not names:
+        raise CompatError(f"{path} names no models as `from keras.src.applications... import` "
+                          "(checked with Keras 3.15)")
+    return names
 
 
 # --------------------------------------------------------------------------- TensorFlow

@@ -3,31 +3,24 @@
 Every default lives in a dataclass below; a YAML file only overrides.  Loading is
 strict: an unknown key, a wrong type or an impossible value raises ConfigError,
 which names the file and the key path (and, for a misspelt key, the closest
-valid one).  Only ``yaml.safe_load`` is used.
+valid one).  Reading YAML (``yaml.safe_load`` semantics plus limits: duplicate keys,
+depth, alias expansion), the conversion and ``--set`` live in
+:mod:`hpcjobs.config_load`; checks across fields in :mod:`hpcjobs.config_checks`.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
-
-from .errors import UserError
+from .config_checks import check_across, check_model
+from .config_load import ConfigError, apply_overrides, build, read_with_base
+from .config_load import dump, read_yaml, to_dict  # noqa: F401  (still hpcjobs.config's names)
 from .units import SLURM_MEM, parse_bytes, parse_duration, parse_shard, slurm_seconds
 
-
-class ConfigError(UserError, ValueError):
-    """A user error in a config file or override: one line, exit code 2."""
-
-    def __init__(self, where: str, key: str, message: str):
-        self.where, self.key, self.message = where, key, message
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+SEED_MAX = 2**32 - 1  # numpy's and Keras' global seeds are 32-bit
 
 
 def _frozen(cls):
@@ -48,9 +41,9 @@ class AugmentConfig:
     contrast: float = 0.0  # fraction, +-
 
     def __post_init__(self):
-        for name in ("rotation", "shift", "zoom", "brightness", "contrast"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0")
+        for name, top in (("rotation", 180), ("shift", 1), ("zoom", 0.99), ("brightness", 1), ("contrast", 1)):
+            if not 0 <= getattr(self, name) <= top:
+                raise ValueError(f"{name}: must be in [0, {top}]")
 
     @property
     def enabled(self) -> bool:
@@ -82,8 +75,10 @@ class DataConfig:
             raise ValueError("test_split: must be in [0, 1)")
         if self.validation_split + (self.test_split or 0) >= 1:
             raise ValueError("validation_split: validation_split + test_split must be below 1")
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            raise ValueError("image_size: must be [height, width] with positive values")
+        if self.image_size is not None and not 1 <= min(self.image_size) <= max(self.image_size) <= 8192:
+            raise ValueError("image_size: must be [height, width], each from 1 to 8192")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
         if self.channels not in (None, 1, 3):
             raise ValueError("channels: must be 1, 3 or null")
         if self.epochs_per_segment < 1:
@@ -110,6 +105,7 @@ class ModelConfig:
             raise ValueError("dropout: must be in [0, 1)")
         if self.width < 1:
             raise ValueError("width: must be >= 1")
+        check_model(self)
 
 
 @_frozen
@@ -125,6 +121,8 @@ class ScheduleConfig:
             raise ValueError("decay_steps: must be >= 1")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps: must be >= 0")
+        if self.decay_rate <= 0 or not 0 <= self.alpha <= 1:
+            raise ValueError("decay_rate: must be > 0" if self.decay_rate <= 0 else "alpha: must be in [0, 1]")
 
 
 @_frozen
@@ -139,8 +137,12 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.learning_rate <= 0:
             raise ValueError("learning_rate: must be > 0")
-        if self.momentum < 0:
-            raise ValueError("momentum: must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum: must be in [0, 1)")
+        if self.momentum and self.name not in ("sgd", "rmsprop"):
+            raise ValueError(f"momentum: {self.name} has no momentum (only sgd and rmsprop)")
+        if self.nesterov and self.name != "sgd":
+            raise ValueError(f"nesterov: {self.name} has no Nesterov momentum (only sgd)")
 
 
 @_frozen
@@ -154,6 +156,8 @@ class EarlyStoppingConfig:
     def __post_init__(self):
         if self.patience is not None and self.patience < 0:
             raise ValueError("patience: must be >= 0")
+        if self.min_delta < 0:
+            raise ValueError("min_delta: must be >= 0")
         if self.monitor not in ("loss", "accuracy", "val_loss", "val_accuracy"):
             raise ValueError("monitor: must be one of loss, accuracy, val_loss, val_accuracy")
 
@@ -182,6 +186,8 @@ class TrainingConfig:
                 raise ValueError(f"{name}: must be >= 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError("steps_per_epoch: must be >= 1 or null")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
         if self.time_budget is not None:
             try:
                 parse_duration(self.time_budget)
@@ -209,6 +215,10 @@ class CheckpointConfig:
 class DistributeConfig:
     strategy: Literal["auto", "none", "mirrored", "multiworker", "horovod"] = "auto"
     logical_cpu_devices: int = 0  # >0: split the CPU into N logical devices (testing mirrored)
+
+    def __post_init__(self):
+        if not 0 <= self.logical_cpu_devices <= 64:
+            raise ValueError("logical_cpu_devices: must be from 0 to 64")
 
 
 @_frozen
@@ -360,136 +370,14 @@ class Config:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ValueError("name: use letters, digits, '.', '_' and '-' only")
+        check_across(self)
 
 
 # --------------------------------------------------------------------------- loading
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return "a list"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _convert(value: Any, tp, where: str, key: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(where, key, f"expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, where, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(where, key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], 1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(where, key, f"must be one of {_type_name(tp)}, got {value!r}{hint}")
-        return value
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(where, key, f"expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(where, key, f"expected a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, where, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(where, key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads 1e-3 as a string
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(where, key, f"expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
-
-
-def _build(cls, values: dict, where: str, prefix: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, 1, 0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(where, key, f"unknown key{hint}")
-        kwargs[k] = _convert(v, hints[k], where, key)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        field_name, _, msg = str(e).partition(": ")
-        if field_name in names and msg:
-            raise ConfigError(where, f"{prefix}.{field_name}" if prefix else field_name, msg) from None
-        raise ConfigError(where, prefix, str(e)) from None
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError("--set", text, "expected key.path=value")
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise ConfigError("--set", key, "not a key path like training.epochs")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply ``key.path=value`` strings (values parsed as YAML scalars) to a raw dict."""
-    for text in overrides or []:
-        path, value = _parse_override(text)
-        node = values
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError("--set", ".".join(path), f"'{part}' is not a section")
-            node = nxt
-        node[path[-1]] = value
-    return values
-
-
 def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None = None) -> Config:
     values = apply_overrides(dict(values or {}), list(overrides or []))
     try:
-        return _build(Config, values, where, "")
+        return build(Config, values, where, "")
     except ConfigError as e:
         if overrides and e.where == where:
             # the bad value may come from --set; say both
@@ -497,70 +385,9 @@ def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None
         raise e
 
 
-def read_yaml(path: str) -> dict:
-    """Read a YAML mapping with safe_load; errors become ConfigError naming the file."""
-    if not os.path.exists(path):
-        raise ConfigError(path, "", "no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(path, "", f"malformed YAML: {line}{problem}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(path, "", f"cannot read: {e}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(path, "", "the top level must be a mapping of sections")
-    return values
-
-
 def load(path: str, overrides: list[str] | None = None) -> Config:
     """Load a config file.  ``base: other.yaml`` (relative to the file) is read first."""
-    values = _with_base(path, set())
+    values = read_with_base(path)
     if "name" not in values:
         values["name"] = os.path.splitext(os.path.basename(path))[0]
     return from_dict(values, path, overrides)
-
-
-def _with_base(path: str, seen: set) -> dict:
-    values = read_yaml(path)
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    if not isinstance(base, str):
-        raise ConfigError(path, "base", "expected a file name")
-    base_path = os.path.join(os.path.dirname(path), base)
-    if os.path.abspath(base_path) in seen:
-        raise ConfigError(path, "base", "circular base")
-    seen.add(os.path.abspath(base_path))
-    merged = _with_base(base_path, seen)
-    merged.pop("name", None)  # the name belongs to the file that was asked for
-    return _merge(merged, values)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def to_dict(cfg) -> dict:
-    """Plain dict (tuples as lists) for writing YAML/JSON."""
-
-    def plain(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(cfg)
-
-
-def dump(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
+from .config_checks import BUILTIN_ARCHS as BUILTIN
 from .errors import UserError
-
-BUILTIN = ("simple_cnn", "small_resnet")
 
 
 class ModelError(UserError, ValueError):
@@ -71,9 +70,9 @@ def _small_resnet(keras, x, cfg: ModelConfig):
 
 def _application(keras, x, cfg: ModelConfig, input_shape):
     apps = keras.applications
-    ctor = getattr(apps, cfg.arch, None)
-    if ctor is None or not callable(ctor) or cfg.arch[0].islower():
-        names = sorted(n for n in dir(apps) if n[0].isupper())
+    names = sorted(n for n in dir(apps) if n[:1].isupper() and callable(getattr(apps, n)))
+    ctor = getattr(apps, cfg.arch) if cfg.arch in names else None  # never __class__ or a submodule
+    if ctor is None:
         import difflib
 
         close = difflib.get_close_matches(cfg.arch, list(BUILTIN) + names, 1)

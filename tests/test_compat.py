@@ -48,3 +48,12 @@ def test_submitit_signal(monkeypatch):
     sig, handler = compat.submitit_signal()
     assert sig == signal.SIGUSR2 and handler is signal.getsignal(signal.SIGUSR2)
     assert callable(compat.submitit_requeue_handler())
+
+
+def test_keras_application_names_match_keras_applications():
+    """Read without importing Keras, the names equal the models keras.applications exports."""
+    names = compat.keras_application_names()
+    import keras
+
+    real = {n for n in dir(keras.applications) if n[:1].isupper() and callable(getattr(keras.applications, n))}
+    assert names == real and "ResNet50" in names and "__class__" not in names

@@ -1,0 +1,67 @@
+"""Checks of a config beyond one value: the model's name, and settings of one section
+that only make sense with those of another.
+
+Each raises ``ValueError("key: what is wrong and what to change")``; the loader turns
+it into a ConfigError naming the file and the key (exit 2, one line).  Nothing here
+imports TensorFlow: the keras.applications names are read from Keras' files
+(:func:`hpcjobs.compat.keras_application_names`), so ``hpcjobs submit`` on a login
+node refuses a misspelt model before a job is queued.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+
+BUILTIN_ARCHS = ("simple_cnn", "small_resnet")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def application_names() -> frozenset[str] | None:
+    """keras.applications' model names, or None if they cannot be read here (then the
+    model build, which has Keras imported, is where an unknown name is refused)."""
+    from .compat import CompatError, keras_application_names
+
+    try:
+        return keras_application_names()
+    except CompatError:
+        return None
+
+
+def check_arch(arch: str):
+    """A built-in net or a keras.applications model name, else a ValueError with a hint."""
+    if arch in BUILTIN_ARCHS:
+        return
+    names = application_names() if _NAME.fullmatch(arch) and arch[0].isupper() else frozenset()
+    if names is None or arch in names:
+        return
+    close = difflib.get_close_matches(arch, list(BUILTIN_ARCHS) + sorted(names or ()), 1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"arch: unknown architecture {arch!r}{hint} (built-in: {', '.join(BUILTIN_ARCHS)}, "
+                     "or a keras.applications name such as ResNet50 or MobileNetV2)")
+
+
+def check_model(m):
+    """A ModelConfig's fields against each other."""
+    check_arch(m.arch)
+    builtin = m.arch in BUILTIN_ARCHS
+    if builtin and m.weights is not None:
+        raise ValueError(f"weights: a keras.applications weights file, but {m.arch} is built in "
+                         "(to start from another hpcjobs model, use model.init_from)")
+    if m.freeze_backbone and m.init_from is None and (builtin or m.weights is None):
+        what = f"{m.arch} has no pretrained backbone" if builtin else f"{m.arch}'s backbone would stay random"
+        raise ValueError(f"freeze_backbone: {what}: set model.init_from"
+                         f"{'' if builtin else ' or model.weights'}, or freeze_backbone: false")
+
+
+def check_across(cfg):
+    """Settings of one section that another section makes impossible or meaningless."""
+    d, es = cfg.data, cfg.training.early_stopping
+    if es.patience is not None and es.monitor.startswith("val_") and d.validation_split == 0:
+        raise ValueError(f"training.early_stopping.monitor: {es.monitor} needs a validation split, but "
+                         "data.validation_split is 0: monitor loss or accuracy, or set a validation_split")
+    if cfg.model.arch not in BUILTIN_ARCHS and d.channels == 1:
+        raise ValueError(f"data.channels: {cfg.model.arch} needs 3 channels; set data.channels: 3")
+    if d.store is not None and os.path.normpath(d.store) == os.path.normpath(d.source):
+        raise ValueError("data.store: the same path as data.source: prepare would overwrite the source; "
+                         "name another file")
