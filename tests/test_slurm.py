@@ -218,6 +218,59 @@ def test_line_breaks_never_reach_a_script(field, value):
         slurm.render("train", **_params(**{field: value}))
 
 
+# --------------------------------------------------------------------------- Slurm's own #SBATCH parser
+# sbatch reads #SBATCH lines with its own rules, not bash's: a backslash escapes even inside
+# single quotes, so shlex quoting alone let this name add --hold and --mail-user (issue 17).
+INJECTING = "x\\'\" --hold --mail-user=evil@example.com --comment=\\"
+REFUSED = [INJECTING, "a\\b", "x\\", "it\\'s", "\\'", "my hetjob", "PackJob"]
+# values that reach an #SBATCH line intact: quotes of either kind (odd counts too), '#', spaces,
+# option-like text, '%', non-ASCII
+ACCEPTED = NASTY + ["a'b", 'a"b', "'", '"', "x' --hold '", "a # b", "--hold --mail-user=evil@example.com",
+                    "%x-%j", "é ü", "a:b", "-x"]
+
+
+@pytest.mark.parametrize("route", ["--set", "--job-name", "--sbatch"])
+@pytest.mark.parametrize("value", REFUSED)
+def test_values_slurm_would_misread_are_refused_in_one_line(value, route, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = {"--set": ["--set", f"slurm.job_name={value}"], "--job-name": ["--job-name", value],
+            "--sbatch": [f"--sbatch=--comment={value}"]}[route]
+    assert submit([QUICKSTART, "--run-dir", str(run), "--dry-run", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ("slurm.extra_sbatch" if route == "--sbatch" else "slurm.job_name") in err
+    assert submit([QUICKSTART, "--run-dir", str(run), *argv]) == 2  # and without --dry-run: nothing written
+    assert not run.exists()
+
+
+def test_the_python_api_refuses_them_too(tmp_path):
+    cfg = config.load(QUICKSTART)
+    with pytest.raises(ConfigError, match="slurm.job_name.*backslash"):
+        slurm.submit(cfg, str(tmp_path / "run"), job_name=INJECTING)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_parser_model_reads_what_sbatch_reads():
+    # what sbatch 22.05 --test-only reported for these lines (see test_sbatch_reads_what_the_model_reads)
+    assert slurm.slurm_arguments("--job-name=" + shlex.quote(INJECTING)) == [
+        "--job-name=x'\"'", "--hold", "--mail-user=evil@example.com", "--comment='"]
+    assert slurm.slurm_arguments("--job-name='a\\\\b' # note") == ["--job-name=a\\b"]
+    assert slurm.slurm_arguments("-C het'job'") == ["-C", "hetjob"]
+    for bad in ["-C :x", "-C hetjob", "--comment='a", "--comment=\"a\\\""]:
+        with pytest.raises(ValueError):
+            slurm.slurm_arguments(bad)
+
+
+@pytest.mark.parametrize("value", ACCEPTED)
+def test_accepted_values_are_one_option_per_sbatch_line(value):
+    text = slurm.render("train", **_params(job_name=value, extra_sbatch=(f"--comment={value}", f"-C {value}")))
+    lines = [line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")]
+    words = [slurm.slurm_arguments(line) for line in lines]
+    assert all(len(w) == 1 for w in words[:-1]) and words[-1] == ["-C", value], words
+    assert f"--job-name={value}" in [w[0] for w in words] and f"--comment={value}" in [w[0] for w in words]
+
+
+
 # --------------------------------------------------------------------------- flags and config
 def test_flags_override_the_config(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
@@ -432,6 +485,40 @@ def test_script_passes_usr1_on_to_the_training(stubbed):
     assert "scontrol requeue 77" in calls() and p.returncode == 0
 
 
+def test_every_template_runs_the_one_shared_job_body():
+    with open(os.path.join(REPO, "slurm", "_job_body.sh"), encoding="utf-8") as f:
+        body = f.read()
+    scripts = {"train": slurm.render("train", **_params()), "infer": slurm.render("infer", **_params(array=2)),
+               "search": slurm.render("search", **_search_params(array=2))}
+    for name, text in scripts.items():
+        assert text.count(body) == 1, name
+        assert text.count("trap 'forward USR1' USR1") == 1 and text.count('scontrol requeue "$job"') == 1, name
+
+
+def test_a_partial_the_renderer_does_not_know_is_an_error(monkeypatch):
+    real = slurm.read_template
+    monkeypatch.setattr(slurm, "read_template", lambda name: real(name) + "{{> job_bdy}}\n")
+    with pytest.raises(ConfigError, match="job_bdy.*valid: job_body"):
+        slurm.render("train", **_params())
+
+
+def test_inference_script_requeues_on_75_and_passes_usr1_on(stubbed):
+    run_script, calls, run = stubbed
+    p = run_script("infer", extra_env={"FAKE": "exit75", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "1"},
+                   array=2)
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == 0, out
+    assert f"-m hpcjobs infer {run}/config.yaml --run-dir {run}" in calls() and "scontrol requeue 70_1" in calls()
+    p = run_script("infer", extra_env={"FAKE": "signal"})
+    deadline = time.monotonic() + 20
+    while "ready" not in calls().split("scontrol requeue 70_1")[-1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out = p.communicate(timeout=30)[0]
+    assert "task got USR1" in calls(), out
+    assert "scontrol requeue 77" in calls() and p.returncode == 0
+
+
 # --------------------------------------------------------------------------- the local cluster
 def _root_can_install() -> bool:
     return os.geteuid() == 0 and shutil.which("apt-get") is not None
@@ -521,6 +608,54 @@ def job_done(job_id: str, n: int = 1):
 
 def last_job(run) -> str:
     return slurm.read_jobs(str(run))[-1]["job_id"]
+
+
+def sbatch_sees(script: str, tmp_path) -> dict | None:
+    """The options ``sbatch -vv --test-only`` reads from a script (its "defined options", without
+    test-only and verbose); None when sbatch refuses the script outright."""
+    path = tmp_path / "probe.sbatch"
+    path.write_text(script)
+    p = subprocess.run(["sbatch", "-vv", "--test-only", str(path)], capture_output=True, text=True, timeout=60)
+    block = re.search(r"defined options\n[^\n]*\n(.*?)sbatch: -+ -+\nsbatch: end of defined options", p.stderr, re.S)
+    if block is None:
+        assert "fatal" in p.stderr, p.stderr[-2000:]
+        return None
+    opts = dict(re.findall(r"^sbatch: (\S+)\s+: (.*)$", block.group(1), re.M))
+    return {k: v for k, v in opts.items() if k not in ("test-only", "verbose")}
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("value", ACCEPTED)
+def test_sbatch_sees_one_option_per_line_for_every_accepted_value(value, cluster, tmp_path):
+    run_dir = str(tmp_path / "run")
+    text = slurm.render("train", **_params(run_dir=run_dir, config=run_dir + "/config.yaml", job_name=value,
+                                           extra_sbatch=(f"--comment={value}",)))
+    options = [line.split()[1].split("=")[0][2:] for line in text.splitlines() if line.startswith("#SBATCH ")]
+    seen = sbatch_sees(text, tmp_path)
+    assert seen is not None and sorted(seen) == sorted(options), seen
+    assert seen["job-name"] == value and seen["comment"] == value
+    assert seen["output"] == os.path.join(run_dir, "slurm", "%x-%j.out")
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("value", REFUSED + ["a'b", 'a"b', "a # b", "x' --hold '", "a'b\\"])
+def test_sbatch_reads_what_the_parser_model_reads(value, cluster, tmp_path):
+    """slurm_arguments against the real sbatch, on lines quoted by shlex alone (no check):
+    the refused values do inject options, or make sbatch refuse the script."""
+    line = "--job-name=" + shlex.quote(value)
+    try:
+        model = slurm.slurm_arguments(line)
+    except ValueError:
+        model = None
+    seen = sbatch_sees(f"#!/bin/bash\n#SBATCH {line}\n#SBATCH --time=1\ntrue\n", tmp_path)
+    if model is None:
+        assert seen is None
+        return
+    expected = {"time": "00:01:00"}
+    for arg in model:
+        name, eq, v = arg[2:].partition("=")
+        expected[name] = v if eq else "set"
+    assert seen == expected
 
 
 @pytest.mark.slurm

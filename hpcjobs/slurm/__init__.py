@@ -13,11 +13,12 @@
 ``read_template`` and ``_sbatch`` are called through this package, so replacing them here
 (``monkeypatch.setattr(hpcjobs.slurm, "_sbatch", ...)``) reaches every caller.
 """
-from .render import SRUN_WAIT, TEMPLATE_DIR, TEMPLATES, read_template, render, template_params, trials
+from .render import (SRUN_WAIT, TEMPLATE_DIR, TEMPLATES, read_template, render, slurm_arguments, template_params,
+                     trials)
 from .jobs import _sbatch, _sbatch_binary, job_states, read_jobs
 from .command import add_arguments, cmd_submit, slot_begins, slurm_section
 from .python_api import TrainCall, submit
 
 __all__ = ["SRUN_WAIT", "TEMPLATE_DIR", "TEMPLATES", "TrainCall", "add_arguments", "cmd_submit", "job_states",
-           "read_jobs", "read_template", "render", "slot_begins", "slurm_section", "submit", "template_params",
-           "trials"]
+           "read_jobs", "read_template", "render", "slot_begins", "slurm_arguments", "slurm_section", "submit",
+           "template_params", "trials"]

@@ -1,9 +1,14 @@
 """Render the job templates: ``slurm/<template>.sbatch`` filled by one function, :func:`render`.
 
-A template is plain bash with ``{{placeholder}}`` marks.  Every value is validated (by
-:class:`hpcjobs.config.SlurmConfig`, which refuses line breaks and other control
-characters) and shell-quoted with ``shlex.quote``; sbatch reads ``#SBATCH`` lines with
-the same quoting rules.
+A template is plain bash with ``{{placeholder}}`` marks and ``{{> partial}}`` marks; a
+partial is ``slurm/_<partial>.sh`` (the job body every template shares: signal
+forwarding and requeue), pasted in before the placeholders are filled.  Every value is
+validated (by :class:`hpcjobs.config.SlurmConfig`, which refuses line breaks and other
+control characters) and shell-quoted with ``shlex.quote``.  sbatch does not read
+``#SBATCH`` lines as bash does (a backslash escapes even inside single quotes), so each
+one is read back the way Slurm's own parser reads it (:func:`slurm_arguments`) and must
+come out as exactly the one option that was meant; anything else is a ConfigError
+naming the key.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ _CHECKOUT_TEMPLATES = os.path.join(
 TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
     else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
 TEMPLATES = ("train", "infer", "search")
+PARTIALS = ("job_body",)  # slurm/_<name>.sh, included by {{> name}}
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
 
 # Parameters of render(): the SlurmConfig fields that shape a script, plus those of _REQUIRED/_ALLOWED.
@@ -38,6 +44,7 @@ _ALLOWED = {
     "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array"},
 }
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_PARTIAL = re.compile(r"\{\{>\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def _error(key: str, message: str) -> ConfigError:
@@ -51,12 +58,85 @@ def _package():
     return sys.modules[__package__]
 
 
-# --------------------------------------------------------------------------- #SBATCH lines
+# --------------------------------------------------------------------------- Slurm's #SBATCH parser
+_C_SPACE = " \t\n\v\f\r"  # C isspace() in the C locale
+_SEPARATORS = ("hetjob", "packjob")  # words that split a script into heterogeneous job components
+
+
+def slurm_arguments(text: str) -> list[str]:
+    """The arguments sbatch reads from the text after ``#SBATCH``, by the rules of its own
+    parser (``_get_argument`` in src/sbatch/opt.c; checked against sbatch 22.05), which are
+    not bash's: ``'`` and ``"`` group, a backslash escapes the next character even inside
+    quotes, an unquoted ``#`` ends the line, whitespace separates outside quotes.
+
+    Raises ValueError where sbatch would refuse the script (an unmatched quote, an argument
+    that starts with ``:``) or where a bare ``hetjob``/``packjob`` would split the job.
+    """
+    args: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in _C_SPACE:
+            i += 1
+        if i == n:
+            return args
+        if text[i] == ":":
+            raise ValueError("an argument starting with ':' (sbatch: Unexpected `:`)")
+        word = re.match(rf"[^{re.escape(_C_SPACE)}]*", text[i:]).group(0)
+        if word.lower() in _SEPARATORS:
+            raise ValueError(f"a bare {word!r}, which starts a heterogeneous job component")
+        arg, quote, escaped = [], None, False
+        while i < n and (quote or text[i] not in _C_SPACE):
+            c = text[i]
+            i += 1
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+                continue
+            elif quote:
+                if c == quote:
+                    quote = None
+                    continue
+            elif c in "'\"":
+                quote = c
+                continue
+            elif c == "#":  # the rest of the line is a comment
+                return args + (["".join(arg)] if arg else [])
+            arg.append(c)
+        if quote:
+            raise ValueError(f"an unmatched {quote} (sbatch refuses the script)")
+        if arg:
+            args.append("".join(arg))
+
+
 def _sbatch_line(key: str, opt: str, value: Any = None) -> str:
+    """``#SBATCH opt=value`` (``#SBATCH -o value`` for a short option), shell-quoted, that
+    Slurm's parser reads back as exactly that one option; else a ConfigError naming ``key``."""
     if value is None:
-        return f"#SBATCH {opt}"
-    sep = "=" if opt.startswith("--") else " "
-    return f"#SBATCH {opt}{sep}{shlex.quote(str(value))}"
+        line, meant = opt, [opt]
+    elif opt.startswith("--"):
+        line, meant = f"{opt}={shlex.quote(str(value))}", [f"{opt}={value}"]
+    else:
+        line, meant = f"{opt} {shlex.quote(str(value))}", [opt, str(value)]
+    problem = _slurm_problem(line, meant)
+    if problem:
+        raise _error(key, f"{str(value if value is not None else opt)!r}: {problem}")
+    return f"#SBATCH {line}"
+
+
+def _slurm_problem(line: str, meant: list[str]) -> Optional[str]:
+    """Why sbatch would not read ``#SBATCH <line>`` as the arguments ``meant``, or None."""
+    if "\\" in line:
+        return ("a backslash, which Slurm's #SBATCH parser reads as an escape even inside quotes "
+                "(so the rest could become options of its own): leave it out")
+    if any(word in line.lower() for word in _SEPARATORS):
+        return (f"{' or '.join(_SEPARATORS)} in an #SBATCH line splits the job into heterogeneous components "
+                "with some Slurm versions: choose another word")
+    try:
+        got = slurm_arguments(line)
+    except ValueError as e:
+        return f"Slurm's #SBATCH parser would find {e}"
+    return None if got == meant else f"Slurm's #SBATCH parser would read {got!r}, not this one option"
 
 
 # --------------------------------------------------------------------------- values
@@ -194,7 +274,17 @@ def render(template: str, **params) -> str:
 
 
 def _fill(template: str, values: dict) -> str:
-    """The template with every placeholder replaced."""
+    """The template with its partials pasted in and every placeholder replaced."""
+    def include(m):
+        name = m.group(1)
+        if name not in PARTIALS:
+            raise _error("template", f"slurm/{template}.sbatch includes unknown partial {{{{> {name}}}}}; "
+                                     f"valid: {', '.join(PARTIALS)}")
+        text = read_partial(name)
+        if _PARTIAL.search(text):
+            raise _error("template", f"slurm/_{name}.sh: a partial cannot include another")
+        return text[:-1] if text.endswith("\n") else text  # the mark's own line ends it
+
     def fill(m):
         name = m.group(1)
         if name not in values:
@@ -202,17 +292,25 @@ def _fill(template: str, values: dict) -> str:
                                      f"valid: {', '.join(sorted(values))}")
         return values[name]
 
-    return _PLACEHOLDER.sub(fill, _package().read_template(template))
+    text = _PARTIAL.sub(include, _package().read_template(template))
+    return _PLACEHOLDER.sub(fill, text)
 
 
-def read_template(name: str) -> str:
-    path = os.path.join(TEMPLATE_DIR, f"{name}.sbatch")
+def _read(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError:
         raise _error("template", f"{path}: missing (reinstall hpcjobs: its wheel installs the templates there)") \
             from None
+
+
+def read_template(name: str) -> str:
+    return _read(os.path.join(TEMPLATE_DIR, f"{name}.sbatch"))
+
+
+def read_partial(name: str) -> str:
+    return _read(os.path.join(TEMPLATE_DIR, f"_{name}.sh"))
 
 
 # --------------------------------------------------------------------------- from a config
