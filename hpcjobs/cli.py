@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .errors import EX_FAILURE, EX_INTERRUPTED, EX_USAGE, RunFailure, UserError
+from .errors import EX_FAILURE, EX_INTERRUPTED, EX_USAGE, RunFailure, UserError, first_line
 
 def _config(args):
     from . import config
@@ -26,8 +26,13 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     from .train import train
 
-    return train(cfg, _run_dir(args, cfg), from_checkpoint=args.from_checkpoint, init_weights=args.init_weights,
-                 time_budget=args.time_budget, restart=args.restart)
+    kwargs = dict(from_checkpoint=args.from_checkpoint, init_weights=args.init_weights, time_budget=args.time_budget,
+                  restart=args.restart)
+    if cfg.data.folds and cfg.data.fold is None:  # every fold in turn
+        from .train.folds import train_folds
+
+        return train_folds(cfg, _run_dir(args, cfg), train, **kwargs)
+    return train(cfg, _run_dir(args, cfg), **kwargs)
 
 
 def cmd_prepare(args) -> int:
@@ -35,7 +40,7 @@ def cmd_prepare(args) -> int:
     out = args.output or cfg.data.store or os.path.join("stores", f"{cfg.name}.h5")
     from .data import prepare_store
 
-    data = prepare_store(cfg, out, strict=args.strict, progress=True)
+    data = prepare_store(cfg, out, strict=args.strict, progress=True, force=args.force)
     print(data.class_table())
     if data.skipped:
         print(f"skipped {len(data.skipped)} unreadable image(s):")
@@ -51,31 +56,43 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .rundir import RunDir
+    from .rundir import RunDir, RunDirError
 
     rd = RunDir(args.run)
-    st = rd.read_status()
+    st = rd.read_status(strict=True)
     if not st:
-        from .rundir import RunDirError
-
         raise RunDirError(f"{args.run}: no run.json (not a run directory, or not started)")
-    print(f"run {st.get('name')}: {st.get('status')}, step {st.get('step', 0)}/{st.get('total_steps')}, "
-          f"{len(st.get('sessions', []))} session(s)")
-    for s in st.get("sessions", []):
-        print(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
-              f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
-              + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    try:
+        head, tail = _status_lines(st)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+        raise RunDirError(f"{rd.run_json}: unreadable run.json (unexpected content: {first_line(e)})") from None
     from .slurm import job_states
 
-    for line in job_states(args.run):
-        print(f"  {line}")
-    if "last" in st:
-        last = st["last"]
-        print("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                         for k, v in last.items()))
-    if "test_accuracy" in st:
-        print(f"  test accuracy {st['test_accuracy']:.4f}")
+    for line in head + [f"  {job}" for job in job_states(args.run)] + tail:
+        print(line)
     return 0
+
+
+def _status_lines(st: dict) -> tuple[list[str], list[str]]:
+    """run.json in words: the header and one line per session; then the last epoch and
+    the test accuracy, which come after the run's Slurm jobs."""
+    lines = [f"run {st.get('name')}: {st.get('status')}, step {st.get('step', 0)}/{st.get('total_steps')}, "
+             f"{len(st.get('sessions', []))} session(s)"]
+    for s in st.get("sessions", []):
+        lines.append(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
+                     f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
+                     + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    tail = []
+    if "last" in st:
+        tail.append("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in st["last"].items()))
+    if "test_accuracy" in st:
+        tail.append(f"  test accuracy {st['test_accuracy']:.4f}")
+    if "folds" in st:
+        from .train.folds import fold_table
+
+        tail += fold_table(st)
+    return lines, tail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(pr)
     pr.add_argument("--output", help="store path (default data.store, else stores/<name>.h5)")
     pr.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping")
+    pr.add_argument("--force", action="store_true",
+                    help="write the store even over its source or over a file that is not an hpcjobs store")
     pr.set_defaults(func=cmd_prepare)
 
     inf = sub.add_parser("infer", help="batch inference with an exported model")

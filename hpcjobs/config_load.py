@@ -265,6 +265,11 @@ def _convert(value: Any, tp, where: str, key: str):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(where, key, f"must be one of {_type_name(tp)}, got {value!r}{hint}")
         return value
+    if origin is dict:  # a mapping of names to values, e.g. training.class_weight
+        if not isinstance(value, dict):
+            raise ConfigError(where, key, f"expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(v, vt, where, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(where, key, f"expected a list, got {value!r}")

@@ -29,16 +29,23 @@ def _normalizer(keras, normalize: str, mean, std):
     return keras.layers.Normalization(mean=mean, variance=np.asarray(std, np.float32) ** 2, name="normalize")
 
 
+def _kernel(keras, cfg: ModelConfig) -> dict:
+    """The built-in nets' kernel settings: He initialisation and ``model.l2``."""
+    return dict(kernel_initializer="he_normal",
+                kernel_regularizer=keras.regularizers.L2(cfg.l2) if cfg.l2 else None)
+
+
 def _simple_cnn(keras, x, cfg: ModelConfig):
     """The seed's convnet: Conv32-Conv64-Pool-Dense128 (with dropout)."""
     L = keras.layers
     w = cfg.width
-    x = L.Conv2D(w, 3, activation="relu", kernel_initializer="he_normal", name="conv1")(x)
-    x = L.Conv2D(2 * w, 3, activation="relu", kernel_initializer="he_normal", name="conv2")(x)
+    kernel = _kernel(keras, cfg)
+    x = L.Conv2D(w, 3, activation="relu", name="conv1", **kernel)(x)
+    x = L.Conv2D(2 * w, 3, activation="relu", name="conv2", **kernel)(x)
     x = L.MaxPooling2D(2, name="pool")(x)
     x = L.Dropout(cfg.dropout / 2, name="dropout1")(x)
     x = L.Flatten(name="flatten")(x)
-    x = L.Dense(128, activation="relu", kernel_initializer="he_normal", name="dense1")(x)
+    x = L.Dense(128, activation="relu", name="dense1", **kernel)(x)
     return L.Dropout(cfg.dropout, name="dropout2")(x)
 
 
@@ -46,22 +53,20 @@ def _small_resnet(keras, x, cfg: ModelConfig):
     """Three stages of one residual block each (width, 2x, 4x), global average pooling."""
     L = keras.layers
     w = cfg.width
-    x = L.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name="stem_conv")(x)
+    kernel = _kernel(keras, cfg)
+    x = L.Conv2D(w, 3, padding="same", use_bias=False, name="stem_conv", **kernel)(x)
     x = L.BatchNormalization(name="stem_bn")(x)
     x = L.Activation("relu", name="stem_relu")(x)
     for stage, filters in enumerate((w, 2 * w, 4 * w)):
         stride = 1 if stage == 0 else 2
         p = f"stage{stage + 1}"
-        y = L.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                     kernel_initializer="he_normal", name=f"{p}_conv1")(x)
+        y = L.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{p}_conv1", **kernel)(x)
         y = L.BatchNormalization(name=f"{p}_bn1")(y)
         y = L.Activation("relu", name=f"{p}_relu1")(y)
-        y = L.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
-                     name=f"{p}_conv2")(y)
+        y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{p}_conv2", **kernel)(y)
         y = L.BatchNormalization(name=f"{p}_bn2")(y)
         if stride != 1 or x.shape[-1] != filters:
-            x = L.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer="he_normal",
-                         name=f"{p}_proj")(x)
+            x = L.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{p}_proj", **kernel)(x)
             x = L.BatchNormalization(name=f"{p}_proj_bn")(x)
         x = L.Activation("relu", name=f"{p}_out")(L.Add(name=f"{p}_add")([x, y]))
     x = L.GlobalAveragePooling2D(name="pool")(x)

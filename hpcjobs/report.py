@@ -78,7 +78,7 @@ class TensorBoard:
 
 
 def plot_training(rows: list[dict], path: str):
-    """Loss and accuracy per epoch, train vs validation, to a PNG (written atomically)."""
+    """Loss and accuracy per epoch (train vs validation) and the learning rate, to a PNG (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +87,13 @@ def plot_training(rows: list[dict], path: str):
     from .rundir import atomic_path
 
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    lr = axes[2]
+    lr.plot(epochs, [r.get("lr") for r in rows], "o-", color="tab:green")
+    lr.set_xlabel("epoch")
+    lr.set_ylabel("learning rate")
+    lr.set_yscale("log")
+    lr.grid(alpha=0.3)
     for ax, key in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [r.get(key) for r in rows], "o-", label="train")
         if any("val_" + key in r for r in rows):

@@ -10,22 +10,31 @@ from .store import Prepared, open_store, prepare
 
 def load_data(cfg: Config, base_dir: str = ".", progress: bool = False) -> Prepared:
     """The prepared data a run trains on: the store if the config names one, otherwise
-    the source prepared in memory (same preprocessing and split as ``hpcjobs prepare``)."""
+    the source prepared in memory (same preprocessing and split as ``hpcjobs prepare``);
+    with ``data.folds``, train and validation are fold ``data.fold`` of those."""
     d = cfg.data
     if d.store:
         path = d.store if os.path.isabs(d.store) else os.path.join(base_dir, d.store)
-        return open_store(path)
-    samples = open_source(d.source, base_dir)
-    return prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
-                   progress=progress)
+        data = open_store(path)
+    else:
+        samples = open_source(d.source, base_dir)
+        data = prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
+                       progress=progress)
+    if d.folds:
+        from .folds import apply_fold
+
+        data = apply_fold(data, d.folds, d.fold or 0, d.seed)
+    return data
 
 
 def prepare_store(cfg: Config, out_path: str, base_dir: str = ".", strict: bool = False,
-                  progress: bool = True) -> Prepared:
+                  progress: bool = True, force: bool = False) -> Prepared:
+    """``hpcjobs prepare``: the source into the store ``out_path`` (``force``: even over
+    the source itself or a file that is not a store)."""
     d = cfg.data
     samples = open_source(d.source, base_dir)
     return prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
-                   out_path=out_path, strict=strict, progress=progress)
+                   out_path=out_path, strict=strict, progress=progress, force=force)
 
 
 __all__ = ["SourceError", "Prepared", "load_data", "prepare_store", "open_store"]

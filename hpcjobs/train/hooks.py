@@ -27,6 +27,7 @@ A new feature is a new hook, passed as ``Trainer(..., hooks=[...])`` or
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -34,7 +35,9 @@ import time
 from .. import report
 from ..rundir import atomic_path
 
-FINISHED = ("finished", "early_stopping")  # reasons that end the run for good
+def is_final(reason: str) -> bool:
+    """Whether the loop's ``reason`` ends the run for good (else it stopped with more to do)."""
+    return reason in ("finished", "early_stopping", "stop_at") or reason.startswith("diagnosis_")
 
 
 class Hook:
@@ -152,7 +155,7 @@ class BestMetric(Hook):
         return None
 
     def end(self, loop, reason):
-        if reason in FINISHED and self.es.patience is not None and self.es.restore_best \
+        if is_final(reason) and self.es.patience is not None and self.es.restore_best \
                 and os.path.exists(self.path):
             loop.trainer.model.load_weights(self.path)
             loop.trainer.say(f"restored the best weights (epoch {int(self.best_epoch.numpy())})")
@@ -192,6 +195,114 @@ class StopSignals(Hook):
         return None
 
 
-def default_hooks(deadline: float | None) -> list[Hook]:
-    """The built-in hooks, in the order they act at each moment."""
-    return [MetricsCSV(), TensorBoard(), Progress(), BestMetric(), CheckpointCadence(), StopSignals(deadline)]
+class ReduceOnPlateau(Hook):
+    """``optimizer.reduce_on_plateau``: multiply the learning rate by ``factor`` when the
+    monitored metric has not improved for ``patience`` epochs (not below ``min_lr``).
+    The factor, the best value and the epochs waited are checkpointed."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self, trainer):
+        tf = trainer.tf
+        self.factor = trainer.lr_factor  # the schedule is multiplied by it (optim.make_optimizer)
+        self.best = tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="plateau_best")
+        self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="plateau_wait")
+        return dict(plateau_best=self.best, plateau_wait=self.wait)
+
+    def epoch_end(self, loop, row):
+        c = self.cfg
+        value = row.get(c.monitor)
+        if value is None:
+            return None
+        if _better(value, float(self.best.numpy()), c.direction, c.min_delta):
+            self.best.assign(value)
+            self.wait.assign(0)
+            return None
+        self.wait.assign_add(1)
+        if int(self.wait.numpy()) >= c.patience:
+            lr = row["lr"]
+            new = max(lr * c.factor, c.min_lr)
+            if new < lr:
+                self.factor.assign(float(self.factor.numpy()) * new / lr)
+                loop.trainer.say(f"reduce on plateau: {c.monitor} flat for {c.patience} epochs; "
+                                 f"learning rate {lr:.3g} -> {new:.3g}")
+            self.wait.assign(0)
+        return None
+
+
+class StopAt(Hook):
+    """``training.stop_at``: finish as soon as a metric reaches its target (accuracies
+    from above, losses from below)."""
+
+    def __init__(self, targets: dict):
+        self.targets = targets
+
+    def epoch_end(self, loop, row):
+        for key, target in self.targets.items():
+            value = row.get(key)
+            if value is not None and (value >= target if key.endswith("accuracy") else value <= target):
+                loop.trainer.say(f"stop_at: {key} {value:.4f} reached the target {target}")
+                return "stop_at"
+        return None
+
+
+def diagnose(history: list[dict], cfg) -> list[str]:
+    """The handbook's bad signs in the last ``cfg.window`` epochs of ``history``:
+    ``diverging`` (validation loss up every epoch while the training loss falls),
+    ``plateau`` (the validation loss, else the training loss, moved by less than
+    ``plateau_delta`` relative), ``bouncing`` (the validation loss changed direction at
+    least ``bounces`` times)."""
+    w = cfg.window
+    rows = history[-(w + 1):]
+    if len(rows) < w + 1:
+        return []
+    key = "val_loss" if all("val_loss" in r for r in rows) else "loss"
+    val = [r[key] for r in rows]
+    steps = [b - a for a, b in zip(val, val[1:])]
+    signs = []
+    if key == "val_loss" and all(d > 0 for d in steps) and rows[-1]["loss"] < rows[0]["loss"]:
+        signs.append("diverging")
+    if max(val) - min(val) <= cfg.plateau_delta * max(abs(v) for v in val):
+        signs.append("plateau")
+    turns = sum(1 for a, b in zip(steps, steps[1:]) if a * b < 0)
+    if key == "val_loss" and turns >= cfg.bounces:
+        signs.append("bouncing")
+    return signs
+
+
+class Diagnosis(Hook):
+    """Logs the bad signs of each epoch (``diagnose``), keeps them for run.json, and
+    stops the run on those named in ``training.stop_on``."""
+
+    def __init__(self, cfg, stop_on):
+        self.cfg, self.stop_on = cfg, tuple(stop_on)
+
+    def epoch_end(self, loop, row):
+        signs = diagnose(loop.history, self.cfg)
+        for sign in signs:
+            loop.trainer.say(f"diagnosis: {sign} at epoch {row['epoch']}")
+        stop = [s for s in signs if s in self.stop_on]
+        return f"diagnosis_{stop[0]}" if stop else None
+
+    def summary(self, loop):
+        history = loop.history
+        # first epoch of each sign over the whole history (earlier sessions too)
+        first = {}
+        for i in range(len(history)):
+            for sign in diagnose(history[:i + 1], self.cfg):
+                first.setdefault(sign, history[i]["epoch"])
+        return {"diagnosis": first}
+
+
+def default_hooks(cfg, deadline: float | None) -> list[Hook]:
+    """The built-in hooks of config ``cfg``, in the order they act at each moment."""
+    t = cfg.training
+    hooks = [MetricsCSV(), TensorBoard(), Progress(), BestMetric()]
+    if cfg.optimizer.reduce_on_plateau.patience is not None:
+        hooks.append(ReduceOnPlateau(cfg.optimizer.reduce_on_plateau))
+    targets = {k: v for k, v in dataclasses.asdict(t.stop_at).items() if v is not None}
+    if targets:
+        hooks.append(StopAt(targets))
+    hooks += [Diagnosis(t.diagnose, t.stop_on), CheckpointCadence(), StopSignals(deadline)]
+    return hooks

@@ -21,7 +21,7 @@ from ..errors import EX_OK, EX_TEMPFAIL, UserError
 from ..rundir import RunDir, atomic_write
 from ..signals import StopFlag
 from ..units import parse_duration
-from .hooks import FINISHED
+from .hooks import is_final
 from .loop import Loop
 
 
@@ -105,7 +105,7 @@ def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
     # the final state (no-op if just saved); an asynchronous write overlaps the test
     # evaluation and the export, and is waited for before run.json says it is done
     trainer.checkpoints.save(step)
-    finished = reason in FINISHED
+    finished = is_final(reason)
     loop.each("end", reason)
     fields = {}
     if finished:

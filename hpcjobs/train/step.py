@@ -19,9 +19,13 @@ class Steps:
     eval_step: Callable  # (x, y, weight) -> sums[3]
 
 
-def build_steps(model, optimizer, runtime, global_batch: int) -> Steps:
+def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None) -> Steps:
+    """``class_weights`` (one per class, or None) weight each example's training loss,
+    as Keras' ``class_weight`` does; the reported training loss is the weighted one."""
     import keras
     import tensorflow as tf
+
+    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
     strategy, hvd = runtime.strategy, runtime.hvd
     global_batch = float(global_batch)
@@ -34,6 +38,8 @@ def build_steps(model, optimizer, runtime, global_batch: int) -> Steps:
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+            if weights is not None:
+                per_example *= tf.gather(weights, y)
             loss = tf.reduce_sum(per_example) / global_batch
             if model.losses:
                 loss += tf.add_n(model.losses) / replicas

@@ -13,7 +13,7 @@ import numpy as np
 from .. import cluster as cluster_mod
 from .. import distribute, models
 from ..checkpoint import Checkpoints, find_checkpoint, seed_variables
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.feed import Feeder
 from ..rundir import RunDir
@@ -21,6 +21,26 @@ from ..units import parse_duration
 from . import hooks as hooks_mod
 from .optim import make_optimizer
 from .step import build_steps
+
+
+def class_weights(setting, labels, num_classes: int, class_names) -> list[float] | None:
+    """``training.class_weight``: null, ``balanced`` (n / (classes x count), as
+    scikit-learn's), or a mapping of class name (or index) to weight (others 1)."""
+    if setting is None:
+        return None
+    if setting == "balanced":
+        counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+        return [len(labels) / (num_classes * c) if c else 0.0 for c in counts]
+    weights = [1.0] * num_classes
+    names = [str(c) for c in class_names]
+    for key, w in setting.items():
+        if str(key) in names:
+            weights[names.index(str(key))] = float(w)
+        elif str(key).isdigit() and int(key) < num_classes:
+            weights[int(key)] = float(w)
+        else:
+            raise ConfigError("training.class_weight", str(key), f"not a class (classes: {', '.join(names)})")
+    return weights
 
 
 class Trainer:
@@ -54,9 +74,11 @@ class Trainer:
                              workers=self.rt.workers, local_replicas=self.rt.local_replicas)
         self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
         self.total_steps = t.epochs * self.steps_per_epoch
-        self.hooks = hooks_mod.default_hooks(self._deadline(time_budget or t.time_budget)) + list(hooks)
+        self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
         self._build_state()
-        self.compiled = build_steps(self.model, self.optimizer, self.rt, t.batch_size)
+        self.compiled = build_steps(self.model, self.optimizer, self.rt, t.batch_size,
+                                    class_weights(t.class_weight, self.data.splits["train"].labels,
+                                                  self.data.num_classes, self.data.class_names))
 
     def _deadline(self, budget: str | None) -> float | None:
         deadline = self.t0 + parse_duration(budget) if budget else None
@@ -74,13 +96,17 @@ class Trainer:
             # is built, so the checkpoint's graph is the same whichever way a session starts
             self.init = models.plan_init(self.model, cfg.model.init_from, cfg.model.freeze_backbone) \
                 if cfg.model.init_from else None
-            lr = self.rt.scale_lr(cfg.optimizer.learning_rate, cfg.optimizer.scale_lr_with_workers)
-            self.optimizer = make_optimizer(cfg.optimizer, lr)
-            self.optimizer.build(self.model.trainable_variables)
             self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.epoch_sums = tf.Variable(np.zeros(3), dtype=tf.float64, trainable=False, name="epoch_sums")
             self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_seconds")
             state = dict(step=self.step_var, epoch_sums=self.epoch_sums, epoch_seconds=self.epoch_seconds)
+            self.lr_factor = None  # lowered by reduce-on-plateau, which is then on
+            if cfg.optimizer.reduce_on_plateau.patience is not None:
+                self.lr_factor = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_factor")
+                state["lr_factor"] = self.lr_factor
+            lr = self.rt.scale_lr(cfg.optimizer.learning_rate, cfg.optimizer.scale_lr_with_workers)
+            self.optimizer = make_optimizer(cfg.optimizer, lr, self.total_steps, self.lr_factor)
+            self.optimizer.build(self.model.trainable_variables)
             for hook in self.hooks:
                 state.update(hook.setup(self))
         self.state = state  # every loop and hook variable, checkpointed beside the model

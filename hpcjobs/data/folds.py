@@ -1,0 +1,56 @@
+"""Stratified K-fold cross-validation over the train and validation splits.
+
+For small data sets the handbook re-draws the validation split.  ``data.folds: K``
+pools the prepared train and validation splits (the test split stays held out),
+deals every class's samples round-robin into K folds after a seeded shuffle, and
+fold I validates on fold I and trains on the rest.  The folds are disjoint, cover
+the pool exactly once, and keep each class's share within one sample.  The
+normalisation statistics are those of the fold's own training part.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .store import Prepared, Split, stratified_order
+
+
+def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """K disjoint index arrays into ``labels``, each class dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    folds: list[list[np.ndarray]] = [[] for _ in range(k)]
+    offset = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        for f in range(k):
+            folds[(f + offset) % k].append(idx[f::k])
+        offset += len(idx) % k  # the next class's remainder goes to the folds that got fewer
+    return [np.sort(np.concatenate(f)).astype(np.int64) for f in folds]
+
+
+def _stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    mean = pixels.mean(0)
+    std = pixels.std(0)
+    return mean.astype(np.float32), np.where(std < 1e-3, 1.0, std).astype(np.float32)
+
+
+def apply_fold(data: Prepared, k: int, fold: int, seed: int) -> Prepared:
+    """``data`` with train and val replaced by fold ``fold`` of ``k`` (test unchanged).
+    A store's images are read into memory (cross-validation is for small data)."""
+    tr, va = data.splits["train"], data.splits["val"]
+    images = np.concatenate([np.asarray(tr.images[:]), np.asarray(va.images[:])])
+    labels = np.concatenate([tr.labels, va.labels]).astype(np.int32)
+    origin = np.concatenate([tr.source_index, va.source_index])
+    folds = fold_indices(labels, k, seed)
+    rng = np.random.default_rng(seed + 1 + fold)
+    val = stratified_order(folds[fold], labels, rng)
+    train = stratified_order(np.concatenate([f for i, f in enumerate(folds) if i != fold]), labels, rng)
+
+    def split(idx):
+        return Split(images[idx], labels[idx], origin[idx])
+
+    mean, std = _stats(images[train])
+    splits = dict(data.splits, train=split(train), val=split(val))
+    return dataclasses.replace(data, splits=splits, mean=mean, std=std)

@@ -1,0 +1,69 @@
+"""K-fold cross-validation runs: every fold an ordinary run under ``RUN/folds/fold-I``,
+and a summary (mean and std of each test and best metric over the folds) in the
+parent's run.json.
+
+``data.folds: K`` with ``data.fold: I`` trains fold I alone (what a Slurm array task
+does); with ``data.fold`` null, ``hpcjobs train`` trains the folds in turn, skipping
+those already finished, so a stopped cross-validation continues where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from ..config import Config
+from ..errors import EX_OK, EX_TEMPFAIL
+from ..rundir import RunDir
+
+SUMMARISED = ("test_accuracy", "test_loss", "best")
+
+
+def fold_dir(run_dir: str, fold: int) -> str:
+    return os.path.join(run_dir, "folds", f"fold-{fold}")
+
+
+def summarize(run_dir: str, k: int) -> dict:
+    """run.json fields of a K-fold run from its folds' run.json files."""
+    folds = [RunDir(fold_dir(run_dir, i)).read_status() for i in range(k)]
+    done = [f for f in folds if f.get("status") == "finished"]
+    summary = {}
+    for key in SUMMARISED:
+        values = [f[key] for f in done if isinstance(f.get(key), (int, float))]
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+    return {"folds": k, "fold_status": [f.get("status", "not started") for f in folds],
+            "fold_summary": summary, "status": "finished" if len(done) == k else "stopped"}
+
+
+def train_folds(cfg: Config, run_dir: str, train, **kwargs) -> int:
+    """Train the folds of ``cfg`` in turn with ``train`` (``session.train``)."""
+    k = cfg.data.folds
+    rd = RunDir(run_dir)
+    os.makedirs(rd.path, exist_ok=True)
+    for i in range(k):
+        sub = fold_dir(run_dir, i)
+        if RunDir(sub).read_status().get("status") == "finished":
+            continue
+        fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=i))
+        print(f"fold {i + 1}/{k}: {sub}", flush=True)
+        rc = train(fold_cfg, sub, **kwargs)
+        if rc != EX_OK:
+            rd.write_status(dict(summarize(run_dir, k), name=cfg.name))
+            return rc
+    status = dict(summarize(run_dir, k), name=cfg.name)
+    rd.write_status(status)
+    for key, s in status["fold_summary"].items():
+        print(f"{k}-fold {key}: mean {s['mean']:.4f} std {s['std']:.4f}", flush=True)
+    return EX_OK if status["status"] == "finished" else EX_TEMPFAIL
+
+
+def fold_table(status: dict) -> list[str]:
+    """Lines for ``hpcjobs status`` of a K-fold run."""
+    lines = [f"  {status['folds']} folds: " + ", ".join(f"{i}:{s}" for i, s in enumerate(status["fold_status"]))]
+    for key, s in status.get("fold_summary", {}).items():
+        lines.append(f"  {key}: mean {s['mean']:.4f} std {s['std']:.4f} over {s['n']} fold(s)")
+    return lines
+
+
