@@ -32,6 +32,17 @@ class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used (exit code 2): in use, or not a run."""
 
 
+def os_reason(e: OSError, path: str) -> str:
+    """The reason of an OSError in words, with the case of a file in the way spelt out."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        parent = path
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return f"{parent} is a file"
+    return os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def fsync_file(path: str):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -91,10 +102,21 @@ class RunDir:
     slurm = property(lambda self: self.sub("slurm"))
 
     # -- lock -------------------------------------------------------------------------
+    def makedirs(self):
+        """Create the run directory; a path that is a file, lies under a file, or is on a
+        read-only file system is a RunDirError naming it (exit 2, one line)."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot be a run directory ({os_reason(e, self.path)})") from None
+
     def lock(self):
         """Refuse a second training process on the same run directory."""
-        os.makedirs(self.path, exist_ok=True)
-        fd = os.open(self.sub(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        self.makedirs()
+        try:
+            fd = os.open(self.sub(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot be a run directory ({os_reason(e, self.path)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -116,11 +138,21 @@ class RunDir:
             self._lock_fd = None
 
     # -- run.json ---------------------------------------------------------------------
-    def read_status(self) -> dict:
+    def read_status(self, strict: bool = False) -> dict:
+        """run.json as a dict; {} when there is none.  One that cannot be read or parsed is
+        {} too, or with ``strict`` a RunDirError saying where and why."""
         try:
             with open(self.run_json, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
+                status = json.load(f)
+            if not isinstance(status, dict):
+                raise ValueError(f"a JSON {type(status).__name__}, not an object")
+            return status
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if strict:
+                reason = os_reason(e, self.run_json) if isinstance(e, OSError) else str(e).splitlines()[0][:200]
+                raise RunDirError(f"{self.run_json}: unreadable run.json ({reason})") from None
             return {}
 
     def write_status(self, status: dict):

@@ -5,6 +5,12 @@ os.environ.setdefault("HPCJOBS_NO_SQUEUE", "1") if "SLURM_JOB_ID" not in os.envi
 
 import pytest  # noqa: E402
 
+# submitit's import runs logging.config.dictConfig, which closes every logging handler that
+# exists by then, absl's too (made when TensorFlow is imported) and with it the stream absl
+# held: a pytest capture file of an earlier test, and the run dies ("lost sys.stderr").
+# Imported first, before any test imports TensorFlow, it closes nothing of anyone's.
+import submitit  # noqa: E402,F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -261,3 +261,145 @@ def test_load_data_from_config():
     data = load_data(cfg)
     assert data.image_shape == (8, 8, 1) and data.num_classes == 10
     assert sum(len(data.splits[s]) for s in SPLITS) == 1797
+
+
+# --------------------------------------------------------------------------- hostile inputs to prepare (issue 17)
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _prepare(capsys, *argv):
+    code = cli.main(["prepare", *map(str, argv)])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    if code != 0:  # the progress lines, then one line saying what is wrong
+        lines = [line for line in out.err.strip().splitlines() if not line.startswith("prepare: ")]
+        assert len(lines) == 1 and lines[0].startswith("hpcjobs: "), out.err
+    return code, out
+
+
+def _npz_config(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "src.npz", images=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), labels=np.arange(40) % 2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {tmp_path / 'src.npz'}\n")
+    return cfg
+
+
+def test_prepare_never_replaces_its_source_or_a_file_that_is_not_a_store(tmp_path, capsys):
+    cfg = _npz_config(tmp_path)
+    src, before = tmp_path / "src.npz", _sha(tmp_path / "src.npz")
+    code, out = _prepare(capsys, cfg, "--output", src)
+    assert code == 2 and "is the source being prepared" in out.err and "--force" in out.err
+    assert _sha(src) == before
+    link = tmp_path / "link.h5"
+    link.symlink_to(src)  # the same file under another name
+    assert _prepare(capsys, cfg, "--output", link)[0] == 2 and _sha(src) == before
+    other, kept = tmp_path / "notes.yaml", _sha(cfg)
+    code, out = _prepare(capsys, cfg, "--output", cfg)
+    assert code == 2 and "exists and is not an hpcjobs store" in out.err and _sha(cfg) == kept
+    assert _prepare(capsys, cfg, "--output", tmp_path)[0] == 2  # a folder
+    # an existing store is ours to replace; --force replaces anything but a folder
+    store = tmp_path / "s.h5"
+    assert _prepare(capsys, cfg, "--output", store)[0] == 0
+    assert _prepare(capsys, cfg, "--output", store)[0] == 0
+    other.write_text("keep: me\n")
+    assert _prepare(capsys, cfg, "--output", other, "--force")[0] == 0
+    open_store(str(other)).close()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_a_listed_image_is_never_the_output(tmp_path, capsys):
+    root = _write_folder(tmp_path, 3)
+    image = root / "cat" / "0.png"
+    before = _sha(image)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {root}\n  image_size: [16, 16]\n  validation_split: 0\n  test_split: 0.3\n")
+    code, out = _prepare(capsys, cfg, "--output", image)
+    assert code == 2 and "is the source being prepared" in out.err and _sha(image) == before
+
+
+def test_the_store_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    from hpcjobs.data import store as store_mod
+
+    synced = []
+    real = store_mod.fsync_file
+    monkeypatch.setattr(store_mod, "fsync_file", lambda p: (synced.append((p, os.path.exists(p))), real(p)))
+    out = tmp_path / "d.h5"
+    prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0, out_path=str(out)).close()
+    assert synced == [(f"{out}.tmp-{os.getpid()}", True)]
+
+
+def test_a_failed_write_is_one_line_exit_1_and_keeps_the_old_store(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from hpcjobs.data import store as store_mod
+
+    cfg = _npz_config(tmp_path)
+    out = tmp_path / "s.h5"
+    assert _prepare(capsys, cfg, "--output", out)[0] == 0
+    before = _sha(out)
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "fsync_file", full)
+    code, res = _prepare(capsys, cfg, "--output", out)
+    assert code == 1 and "writing the store failed (No space left on device)" in res.err
+    assert _sha(out) == before and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_output_under_a_file_is_one_line(tmp_path, capsys):
+    cfg = _npz_config(tmp_path)
+    code, out = _prepare(capsys, cfg, "--output", cfg / "sub" / "s.h5")
+    assert code == 2 and f"cannot write the store there ({cfg} is a file)" in out.err
+
+
+def _bomb_png(path, side=100_000):
+    """A PNG whose header claims side x side pixels (10^10): PIL's DecompressionBombError."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _class_folders(root, layout):
+    from PIL import Image
+
+    for name, n in layout.items():
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(np.full((8, 8), 40 * k, np.uint8)).save(root / name / f"{k}.png")
+    return root
+
+
+def test_a_decompression_bomb_is_skipped_and_strict_fails(tmp_path, capsys):
+    root = _class_folders(tmp_path / "imgs", {"cat": 4, "coffee": 4})
+    _bomb_png(root / "coffee" / "bomb.png")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {root}\n  image_size: [16, 16]\n  validation_split: 0\n  test_split: 0.3\n")
+    code, out = _prepare(capsys, cfg, "--output", tmp_path / "s.h5")
+    assert code == 0
+    assert any("bomb.png" in line and "decompression bomb" in line for line in out.out.splitlines()), out.out
+    code, out = _prepare(capsys, cfg, "--output", tmp_path / "strict.h5", "--strict")
+    assert code == 2 and "bomb.png: refused as a decompression bomb" in out.err
+    assert not (tmp_path / "strict.h5").exists()
+
+
+@pytest.mark.parametrize("layout, words", [
+    ({"cat": 4}, "only one class folder (cat); a classifier needs two or more"),
+    ({"cat": 4, "coffee": 4, "dog": 0}, "dog: an empty class folder (no images)"),
+])
+def test_one_class_or_an_empty_class_folder_is_exit_2_naming_the_folder(tmp_path, capsys, layout, words):
+    root = _class_folders(tmp_path / "classes", layout)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {root}\n")
+    code, out = _prepare(capsys, cfg, "--output", tmp_path / "s.h5")
+    assert code == 2 and words in out.err and str(root) in out.err

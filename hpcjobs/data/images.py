@@ -50,8 +50,12 @@ def decode(path: str) -> np.ndarray:
             return np.asarray(im)
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:  # an Exception, not an OSError: a header claiming too many pixels
+        raise ImageError(path, f"refused as a decompression bomb ({str(e).split(', could')[0]})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # noqa: BLE001  hostile bytes make PIL raise all sorts; an image error all the same
+        raise ImageError(path, f"cannot decode ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

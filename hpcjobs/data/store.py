@@ -10,6 +10,7 @@ read segments with one sequential read each.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RunFailure, UserError
+from ..rundir import fsync_dir, fsync_file, os_reason
 from .images import ImageError, native_channels, to_model_image
 from .sources import Samples, SourceError
 
@@ -151,15 +154,17 @@ class _Progress:
 
 def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None,
             val_share: float, test_share: float | None, seed: int, out_path: str | None = None,
-            strict: bool = False, progress: bool = False) -> Prepared:
+            strict: bool = False, progress: bool = False, force: bool = False) -> Prepared:
     """Preprocess, split and store a source.  ``out_path`` None keeps it in memory.
 
     Images that cannot be read are skipped and listed (``strict`` makes them an error).
-    The store is written to a temporary file and renamed only when complete.
+    The store is written to a temporary file, fsync'ed, and renamed only when complete;
+    it never replaces its own source or a file that is not a store, unless ``force``.
     """
     n = len(samples)
     if n == 0:
         raise SourceError(f"{samples.origin}: no samples")
+    check_classes(samples)
     test_share = default_test_share(n) if test_share is None else test_share
     parts = stratified_split(samples.labels, val_share, test_share, seed, samples.class_names)
     first = _first_readable(samples)
@@ -168,82 +173,175 @@ def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None
     if channels is None:
         channels = native_channels(first)
     shape = (size[0], size[1], channels)
-
-    h5 = tmp = None
-    if out_path:
-        import h5py
-
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        tmp = f"{out_path}.tmp-{os.getpid()}"
-        h5 = h5py.File(tmp, "w")
-    try:
-        splits, skipped = {}, []
-        total = sum(len(p) for p in parts.values())
-        bar = _Progress(total, "prepare") if progress else None
-        done = 0
-        sums = np.zeros(channels)
-        sq = np.zeros(channels)
-        for name in SPLITS:
-            idx = parts[name]
-            if h5 is not None:
-                g = h5.create_group(name)
-                images = g.create_dataset("images", shape=(len(idx), *shape), maxshape=(None, *shape),
-                                          dtype=np.uint8, chunks=(min(max(len(idx), 1), 256), *shape))
-            else:
-                images = np.empty((len(idx), *shape), np.uint8)
-            kept = []
-            out = 0
-            for start in range(0, len(idx), CHUNK):
-                block = []
-                for i in idx[start:start + CHUNK]:
-                    try:
-                        block.append(to_model_image(samples.load(int(i)), size, channels))
-                        kept.append(i)
-                    except ImageError as e:
-                        if strict:
-                            raise
-                        skipped.append((e.path, e.reason))
-                if block:
-                    arr = np.stack(block)
-                    images[out:out + len(arr)] = arr
-                    out += len(arr)
-                    if name == "train":
-                        f = arr.reshape(-1, channels).astype(np.float64)
-                        sums += f.sum(0)
-                        sq += (f * f).sum(0)
-                done += len(idx[start:start + CHUNK])
-                if bar:
-                    bar.update(done)
-            kept = np.array(kept, dtype=np.int64)
-            labels = samples.labels[kept].astype(np.int32)
-            if h5 is not None:
-                images.resize((out, *shape))
-                g.create_dataset("labels", data=labels)
-                g.create_dataset("source_index", data=kept)
-            else:
-                images = images[:out]
-            splits[name] = Split(images, labels, kept)
-        count = max(len(splits["train"]) * size[0] * size[1], 1)
-        mean = sums / count
-        std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
-        std = np.where(std < 1e-3, 1.0, std)
-        if len(splits["train"]) == 0:
-            raise SourceError(f"{samples.origin}: no readable training images")
-        meta = dict(class_names=samples.class_names, mean=mean.tolist(), std=std.tolist(),
-                    source=samples.origin, skipped=[list(s) for s in skipped], seed=seed,
-                    val_share=val_share, test_share=test_share)
-        if h5 is not None:
-            h5.attrs["hpcjobs"] = json.dumps(meta)
-            h5.close()
-            h5 = None
-            os.replace(tmp, out_path)
-            return open_store(out_path)
+    meta = dict(class_names=samples.class_names, source=samples.origin, seed=seed,
+                val_share=val_share, test_share=test_share)
+    if not out_path:
+        splits, skipped, stats = _fill(samples, parts, shape, strict, progress, None)
+        mean, std = stats.mean_std()
         return Prepared(splits, list(samples.class_names), mean.astype(np.float32), std.astype(np.float32),
                         samples.origin, skipped=skipped)
-    finally:
+    check_output(out_path, samples, force)
+    with _new_store(out_path) as h5:
+        _, skipped, stats = _fill(samples, parts, shape, strict, progress, h5)
+        mean, std = stats.mean_std()
+        h5.attrs["hpcjobs"] = json.dumps(dict(meta, mean=mean.tolist(), std=std.tolist(),
+                                              skipped=[list(s) for s in skipped]))
+    return open_store(out_path)
+
+
+def check_classes(samples: Samples):
+    """At least two classes, none of them empty (a folder source names the folder)."""
+    counts = np.bincount(samples.labels, minlength=len(samples.class_names))
+    folder = samples.paths is not None and os.path.isdir(samples.origin)
+    for name, count in zip(samples.class_names, counts):
+        if count == 0:
+            if folder:
+                raise SourceError(f"{os.path.join(samples.origin, name)}: an empty class folder (no images); "
+                                  "remove it or add images")
+            raise SourceError(f"{samples.origin}: class '{name}' has no samples")
+    if len(counts) < 2:
+        what = f"one class folder ({samples.class_names[0]})" if folder else f"one class ({samples.class_names[0]})"
+        raise SourceError(f"{samples.origin}: only {what}; a classifier needs two or more")
+
+
+class _Stats:
+    """Per-channel running sums of the training split's pixels."""
+
+    def __init__(self, channels: int):
+        self.count, self.sums, self.sq = 0, np.zeros(channels), np.zeros(channels)
+
+    def add(self, arr: np.ndarray):
+        f = arr.reshape(-1, arr.shape[-1]).astype(np.float64)
+        self.count += len(f)
+        self.sums += f.sum(0)
+        self.sq += (f * f).sum(0)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        count = max(self.count, 1)
+        mean = self.sums / count
+        std = np.sqrt(np.maximum(self.sq / count - mean**2, 0.0))
+        return mean, np.where(std < 1e-3, 1.0, std)
+
+
+def _fill(samples: Samples, parts: dict, shape: tuple, strict: bool, progress: bool, h5):
+    """Every split preprocessed into memory (``h5`` None) or into the store's datasets."""
+    splits, skipped, stats = {}, [], _Stats(shape[2])
+    bar = _Progress(sum(len(p) for p in parts.values()), "prepare") if progress else None
+    done = [0]
+
+    def tick(k: int):
+        done[0] += k
+        if bar:
+            bar.update(done[0])
+
+    for name in SPLITS:
+        idx = parts[name]
         if h5 is not None:
-            h5.close()
-        if tmp and os.path.exists(tmp):
+            g = h5.create_group(name)
+            images = g.create_dataset("images", shape=(len(idx), *shape), maxshape=(None, *shape),
+                                      dtype=np.uint8, chunks=(min(max(len(idx), 1), 256), *shape))
+        else:
+            images = np.empty((len(idx), *shape), np.uint8)
+        kept = _fill_split(samples, idx, shape, images, strict, skipped, stats if name == "train" else None, tick)
+        labels = samples.labels[kept].astype(np.int32)
+        if h5 is not None:
+            images.resize((len(kept), *shape))
+            g.create_dataset("labels", data=labels)
+            g.create_dataset("source_index", data=kept)
+        else:
+            images = images[:len(kept)]
+        splits[name] = Split(images, labels, kept)
+    if len(splits["train"]) == 0:
+        raise SourceError(f"{samples.origin}: no readable training images")
+    return splits, skipped, stats
+
+
+def _fill_split(samples: Samples, idx: np.ndarray, shape: tuple, images, strict: bool, skipped: list,
+                stats: _Stats | None, tick) -> np.ndarray:
+    """Samples ``idx`` preprocessed into ``images`` in order, unreadable ones skipped (or raised
+    with ``strict``); returns the source indices kept."""
+    kept, out = [], 0
+    for start in range(0, len(idx), CHUNK):
+        block = []
+        for i in idx[start:start + CHUNK]:
+            try:
+                block.append(to_model_image(samples.load(int(i)), shape[:2], shape[2]))
+                kept.append(i)
+            except ImageError as e:
+                if strict:
+                    raise
+                skipped.append((e.path, e.reason))
+        if block:
+            arr = np.stack(block)
+            images[out:out + len(arr)] = arr
+            out += len(arr)
+            if stats is not None:
+                stats.add(arr)
+        tick(len(idx[start:start + CHUNK]))
+    return np.array(kept, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- the store file
+class StoreError(UserError, ValueError):
+    """The store cannot be written where it was asked for (exit code 2): names the path."""
+
+
+def is_store(path: str) -> bool:
+    """Whether ``path`` is an HDF5 file written by ``hpcjobs prepare``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "hpcjobs" in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
+def _is_source(path: str, samples: Samples) -> bool:
+    files = [samples.origin] + list(samples.paths or ())
+    real = os.path.realpath(path)
+    return any(os.path.realpath(f) == real for f in files if os.path.isfile(f))
+
+
+def check_output(out_path: str, samples: Samples, force: bool = False):
+    """Refuse to write a store over its own source, or over a file that is not a store
+    (``force`` allows both); a folder is never replaced."""
+    if os.path.isdir(out_path):
+        raise StoreError(f"{out_path}: is a folder; name the store file (e.g. {out_path.rstrip('/')}/store.h5)")
+    if force or not os.path.lexists(out_path):
+        return
+    if _is_source(out_path, samples):
+        raise StoreError(f"{out_path}: is the source being prepared; name another --output "
+                         "(or give --force to replace the source)")
+    if not is_store(out_path):
+        raise StoreError(f"{out_path}: exists and is not an hpcjobs store; not replacing it "
+                         "(name another --output, or give --force)")
+
+
+@contextlib.contextmanager
+def _new_store(out_path: str):
+    """An HDF5 file at a temporary name beside ``out_path``, fsync'ed and renamed over it
+    when the block succeeds, removed otherwise."""
+    import h5py
+
+    folder = os.path.dirname(os.path.abspath(out_path))
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        h5 = h5py.File(tmp, "w")
+    except OSError as e:
+        raise StoreError(f"{out_path}: cannot write the store there ({os_reason(e, folder)})") from None
+    try:
+        yield h5
+        h5.close()
+        fsync_file(tmp)
+        os.replace(tmp, out_path)
+        fsync_dir(folder)
+    except OSError as e:  # a full disk, a quota, an I/O error: the machine's, not the input's
+        raise RunFailure(f"{out_path}: writing the store failed ({os_reason(e, folder)})") from None
+    finally:
+        h5.close()
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
