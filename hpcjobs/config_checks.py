@@ -32,10 +32,11 @@ def check_arch(arch: str):
     """A built-in net or a keras.applications model name, else a ValueError with a hint."""
     if arch in BUILTIN_ARCHS:
         return
-    names = application_names() if _NAME.fullmatch(arch) and arch[0].isupper() else frozenset()
+    names = application_names() if _NAME.fullmatch(arch) else frozenset()
     if names is None or arch in names:
         return
-    close = difflib.get_close_matches(arch, list(BUILTIN_ARCHS) + sorted(names or ()), 1)
+    known = list(BUILTIN_ARCHS) + sorted(names or ())
+    close = [n for n in known if n.lower() == arch.lower()] or difflib.get_close_matches(arch, known, 1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ValueError(f"arch: unknown architecture {arch!r}{hint} (built-in: {', '.join(BUILTIN_ARCHS)}, "
                      "or a keras.applications name such as ResNet50 or MobileNetV2)")

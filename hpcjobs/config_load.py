@@ -171,6 +171,8 @@ def read_with_base(path: str, seen: set | None = None) -> dict:
     if not isinstance(base, str):
         raise ConfigError(path, "base", "expected a file name")
     base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.exists(base_path):
+        raise ConfigError(path, "base", f"{base_path}: no such file")
     if os.path.abspath(base_path) in seen:
         raise ConfigError(path, "base", "circular base")
     seen.add(os.path.abspath(base_path))
@@ -200,6 +202,11 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 class _BadNumber(ConfigError):
     """A number of the right type but unusable (not finite, out of range): said as it is."""
 
@@ -216,7 +223,7 @@ def _scalar(value: Any, tp, where: str, key: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(where, key, f"expected an integer, got {value!r}")
         if not -_INT64 <= value < _INT64:
-            raise _BadNumber(where, key, f"{value} is out of range (a 64-bit integer)")
+            raise _BadNumber(where, key, f"{_short(value)} is out of range (a 64-bit integer)")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads 1e-3 as a string
@@ -228,7 +235,7 @@ def _scalar(value: Any, tp, where: str, key: str):
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise _BadNumber(where, key, f"must be a finite number, got {value!r}")
+            raise _BadNumber(where, key, f"must be a finite number, got {_short(value)}")
         return number
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):

@@ -1,0 +1,185 @@
+"""The hostile-input corpus (tests/data/hostile/, written by its make_corpus.py) through
+the public CLI: every config is exit 2 with one line naming the file and the key, no
+traceback; every hostile image is skipped and listed by prepare, and fails it with
+--strict; and a read-only file system is one line for prepare and for a run dir (issue 17)."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hpcjobs import cli
+
+from conftest import QUICKSTART, REPO
+
+HOSTILE = os.path.join(REPO, "tests", "data", "hostile")
+_spec = importlib.util.spec_from_file_location("make_corpus", os.path.join(HOSTILE, "make_corpus.py"))
+corpus = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(corpus)
+
+# file -> (the key the message names, words it holds); "" for a message about the whole file
+EXPECT = {
+    "dup_section.yaml": ("training", "duplicate key (line 1 and again line 5)"),
+    "dup_key.yaml": ("training.epochs", "duplicate key (line 2 and again line 4)"),
+    "dup_flow.yaml": ("data.seed", "duplicate key"),
+    "deep_list.yaml": ("", "nested deeper than 64 levels"),
+    "deep_map.yaml": ("", "nested deeper than 64 levels"),
+    "alias_bomb.yaml": ("", "more than 100,000 values once aliases are expanded"),
+    "alias_bomb_via_base.yaml": ("", "more than 100,000 values once aliases are expanded"),
+    "alias_bomb_in_base.yaml": ("", "more than 100,000 values once aliases are expanded"),
+    "alias_cycle.yaml": ("slurm.modules", "an alias refers to its own anchor"),
+    "nan_learning_rate.yaml": ("optimizer.learning_rate", "must be a finite number"),
+    "inf_every_minutes.yaml": ("checkpoint.every_minutes", "must be a finite number"),
+    "minus_inf_dropout.yaml": ("model.dropout", "must be a finite number"),
+    "float_overflow.yaml": ("data.validation_split", "must be a finite number"),
+    "int_as_huge_float.yaml": ("optimizer.learning_rate", "must be a finite number"),
+    "int_overflow.yaml": ("training.epochs", "out of range"),
+    "seed_negative.yaml": ("data.seed", "must be from 0 to 4294967295"),
+    "seed_too_big.yaml": ("training.seed", "must be from 0 to 4294967295"),
+    "image_size_huge.yaml": ("data.image_size", "each from 1 to 8192"),
+    "zoom_one.yaml": ("data.augment.zoom", "must be in [0, 0.99]"),
+    "arch_dunder.yaml": ("model.arch", "unknown architecture '__class__'"),
+    "arch_dotted.yaml": ("model.arch", "unknown architecture 'os.system'"),
+    "arch_submodule.yaml": ("model.arch", "did you mean 'ResNet50'?"),
+    "arch_typo.yaml": ("model.arch", "did you mean 'ResNet50'?"),
+    "val_monitor_without_split.yaml": ("training.early_stopping.monitor", "needs a validation split"),
+    "weights_for_builtin.yaml": ("model.weights", "simple_cnn is built in"),
+    "freeze_random_backbone.yaml": ("model.freeze_backbone", "backbone would stay random"),
+    "momentum_for_adam.yaml": ("optimizer.momentum", "adam has no momentum"),
+    "store_is_source.yaml": ("data.store", "the same path as data.source"),
+    "application_on_one_channel.yaml": ("data.channels", "ResNet50 needs 3 channels"),
+    "python_tag.yaml": ("", "malformed YAML: line 1"),
+    "top_level_list.yaml": ("", "the top level must be a mapping"),
+    "tab_indent.yaml": ("", "malformed YAML: line 2"),
+    "unknown_section.yaml": ("trainig", "did you mean 'training'?"),
+    "section_as_list.yaml": ("training", "expected a mapping"),
+    "name_with_slash.yaml": ("name", "letters, digits"),
+    "base_missing.yaml": ("base", "nowhere.yaml: no such file"),
+    "base_circular.yaml": ("base", "circular base"),
+    "base_not_a_name.yaml": ("base", "expected a file name"),
+    "not_utf8.yaml": ("", "cannot read"),
+}
+# a file that is only read through another one's base: names itself
+NAMED_FILE = {"alias_bomb_in_base.yaml": "alias_bomb.yaml"}
+SLOW_IF_BROKEN = {"deep_list.yaml", "deep_map.yaml", "alias_bomb.yaml", "alias_bomb_via_base.yaml",
+                  "alias_bomb_in_base.yaml", "alias_cycle.yaml"}
+IMAGES = sorted(n for n in corpus.IMAGES)
+
+
+def test_the_committed_corpus_is_what_the_generator_writes(tmp_path):
+    corpus.write(str(tmp_path))
+    for name, data in corpus.corpus().items():
+        with open(os.path.join(HOSTILE, name), "rb") as f:
+            assert f.read() == data, f"{name} differs: run python tests/data/hostile/make_corpus.py"
+    configs = sorted(n for n in os.listdir(HOSTILE) if n.endswith(".yaml"))
+    assert configs == sorted(EXPECT), "every corpus config needs an expectation here, and only those"
+    images = sorted(f"images/{n}" for n in os.listdir(os.path.join(HOSTILE, "images")))
+    assert images == IMAGES, "images/ holds exactly the generator's images"
+
+
+def _check_one_line(code, out, err, name):
+    key, words = EXPECT[name]
+    assert code == 2, (name, code, err)
+    assert "Traceback" not in out + err, err
+    line = err.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("hpcjobs: error: "), err
+    where = os.path.join(HOSTILE, NAMED_FILE.get(name, name))
+    assert line.startswith(f"hpcjobs: error: {where}: " + (f"{key}: " if key else "")), line
+    assert words in line, line
+    assert len(line) < 400, line
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECT) - SLOW_IF_BROKEN))
+def test_a_hostile_config_is_exit_2_in_one_line(tmp_path, capsys, name):
+    code = cli.main(["prepare", os.path.join(HOSTILE, name), "--output", str(tmp_path / "s.h5")])
+    out = capsys.readouterr()
+    _check_one_line(code, out.out, out.err, name)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(SLOW_IF_BROKEN))
+def test_deep_and_alias_bomb_configs_are_refused_at_once(tmp_path, name):
+    """In a subprocess with a time limit: a regression would hang or eat the memory."""
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "hpcjobs", "prepare", os.path.join(HOSTILE, name),
+                        "--output", str(tmp_path / "s.h5")], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 20
+    _check_one_line(r.returncode, r.stdout, r.stderr, name)
+
+
+def _folder_with(tmp_path, hostile: list[str]):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(np.full((8, 8), 20 * k + 100 * c, np.uint8)).save(root / name / f"{k}.png")
+    for n in hostile:
+        shutil.copy(os.path.join(HOSTILE, n), root / "a" / os.path.basename(n))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {root}\n  validation_split: 0\n  test_split: 0.2\n")
+    return cfg
+
+
+def test_hostile_images_are_skipped_and_listed(tmp_path, capsys):
+    cfg = _folder_with(tmp_path, IMAGES)
+    assert cli.main(["prepare", str(cfg), "--output", str(tmp_path / "s.h5")]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert f"skipped {len(IMAGES)} unreadable image(s)" in out.out
+    for name in IMAGES:
+        assert any(os.path.basename(name) + ":" in line for line in out.out.splitlines()), (name, out.out)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_a_hostile_image_fails_strict_prepare_in_one_line(tmp_path, capsys, name):
+    cfg = _folder_with(tmp_path, [name])
+    assert cli.main(["prepare", str(cfg), "--output", str(tmp_path / "s.h5"), "--strict"]) == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    errors = [line for line in out.err.splitlines() if line.startswith("hpcjobs:")]
+    assert len(errors) == 1 and os.path.basename(name) in errors[0], out.err
+    assert not (tmp_path / "s.h5").exists()
+
+
+# --------------------------------------------------------------------------- read-only file systems
+def _readonly_mount_works() -> bool:
+    try:
+        r = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def _under_readonly(tmp_path, *argv):
+    """``python -m hpcjobs ARGV`` with tmp_path/ro a read-only tmpfs (a private mount namespace)."""
+    if not _readonly_mount_works():
+        pytest.skip("cannot mount a read-only tmpfs here (needs unshare -m as root)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = 'mount -t tmpfs -o ro,size=1m tmpfs "$0" && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, str(ro), sys.executable, "-m", "hpcjobs", *argv],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def _one_line(r, code, words):
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("hpcjobs:")]
+    assert len(errors) == 1 and words in errors[0], r.stderr
+
+
+def test_prepare_onto_a_readonly_file_system_is_one_line(tmp_path):
+    r = _under_readonly(tmp_path, "prepare", QUICKSTART, "--output", "ro/sub/s.h5")
+    _one_line(r, 2, "ro/sub/s.h5: cannot write the store there (Read-only file system)")
+
+
+def test_a_run_dir_on_a_readonly_file_system_is_one_line(tmp_path):
+    r = _under_readonly(tmp_path, "train", QUICKSTART, "--run-dir", "ro/run")
+    _one_line(r, 2, "cannot be a run directory (Read-only file system)")
