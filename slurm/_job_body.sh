@@ -1,0 +1,58 @@
+# ---- job step: signals and requeue (slurm/_job_body.sh, shared by every template) ----
+# Runs `$PYTHON -m hpcjobs "${STEP[@]}"` as one srun step.  USR1 (Slurm's warning before
+# the time limit) or TERM reaching this shell is passed on to the step, whose tasks stop
+# with a checkpoint and exit with 75; the job then requeues itself (up to MAX_REQUEUES),
+# or with ON_STOP=next-slot leaves the rest to the next job of its chain.
+step_pid=""
+pending=""
+resend_pid=""
+forward() {  # pass a signal on to the step (srun forwards it to every task)
+    echo "batch shell got SIG$1 at $(date +%T); passing it to the step ($WHAT)"
+    if [ -z "$step_pid" ]; then pending=$1; return; fi
+    kill -s "$1" "$step_pid" 2>/dev/null
+    # a task still starting up ignores USR1 (see below): say it once more a little later
+    if [ "$1" = USR1 ]; then
+        (sleep 20; kill -s USR1 "$step_pid") >/dev/null 2>&1 &
+        resend_pid=$!
+    fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# Each task ignores USR1 until hpcjobs installs its handler (an ignored signal stays
+# ignored across exec; Python's default for USR1 would be to die without a checkpoint).
+srun "${SRUN_ARGS[@]}" ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+    bash -c 'trap "" USR1; exec "$@"' hpcjobs-task \
+    "$PYTHON" -m hpcjobs "${STEP[@]}" &
+step_pid=$!
+[ -n "$pending" ] && forward "$pending"
+# `wait` returns early when a trapped signal arrives: keep waiting until the step has ended
+while :; do
+    wait "$step_pid"
+    rc=$?
+    kill -0 "$step_pid" 2>/dev/null || break
+done
+[ -n "$resend_pid" ] && kill "$resend_pid" 2>/dev/null
+echo "$WHAT exited with $rc at $(date +%T)"
+
+if [ "$rc" -eq 75 ]; then  # stopped cleanly with a checkpoint, more to do
+    if [ "${ON_STOP:-requeue}" = next-slot ]; then
+        echo "stopped with a checkpoint; the next job of the chain continues"
+        exit 0
+    fi
+    if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
+        if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+            job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+        else
+            job=$SLURM_JOB_ID
+        fi
+        echo "requeueing job $job (requeue $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of $MAX_REQUEUES)"
+        if scontrol requeue "$job"; then
+            exit 0  # the requeue is not a failure
+        fi
+        echo "scontrol requeue $job failed"
+    else
+        echo "not requeued: $MAX_REQUEUES requeues used; submit again to continue from the checkpoint"
+    fi
+fi
+exit "$rc"
