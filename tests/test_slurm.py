@@ -63,13 +63,40 @@ def test_dry_run_matches_reference(name, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def fresh_venv_seeing_this_environment(venv):
+    """A fresh venv whose packages come first, then those of the environment running the
+    tests (a virtualenv's, the system's, the user's), with their .pth files processed.
+
+    ``--system-site-packages`` would not do: from inside a virtualenv it reaches the *base*
+    interpreter's site-packages, which need not hold the project's dependencies (submitit)."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+    with open(os.path.join(own, "zz-outer-environment.pth"), "w", encoding="utf-8") as f:
+        f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in ours) + "\n")
+    return python
+
+
+def test_a_fresh_venv_sees_this_environment_after_its_own(tmp_path):
+    python = fresh_venv_seeing_this_environment(tmp_path / "venv")
+    code = "import sys, submitit, yaml; print(sys.prefix); print(submitit.__file__)"
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=""))
+    prefix, where = r.stdout.split()
+    import submitit
+
+    assert prefix == str(tmp_path / "venv") and where == submitit.__file__
+
+
 def test_a_wheel_install_renders_the_same_scripts(tmp_path):
     """A non-editable install (a wheel in a fresh venv, run outside the repository)
     finds the templates it carries and renders exactly the pinned script."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "wheel")], check=True, cwd=tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    fresh_venv_seeing_this_environment(venv)
     wheel, = (tmp_path / "wheel").glob("hpcjobs-*.whl")
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], check=True)
     name = "sbatch_bede_train.txt"
