@@ -18,6 +18,7 @@ from typing import Literal, Optional, Union
 from .config_checks import check_across, check_model
 from .config_load import ConfigError, apply_overrides, build, read_with_base
 from .config_load import dump, read_yaml, to_dict  # noqa: F401  (still hpcjobs.config's names)
+from .config_search import SearchConfig
 from .units import SLURM_MEM, parse_bytes, parse_duration, parse_shard, slurm_seconds
 
 SEED_MAX = 2**32 - 1  # numpy's and Keras' global seeds are 32-bit
@@ -117,7 +118,7 @@ class ModelConfig:
         check_model(self)
 
 
-MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy")
+MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_f1")  # val_f1: macro-F1 on validation
 
 
 def check_monitor(monitor: str):
@@ -126,8 +127,8 @@ def check_monitor(monitor: str):
 
 
 def direction(monitor: str, mode: str) -> str:
-    """``min`` or ``max``: ``mode`` unless auto, which maximises accuracies."""
-    return mode if mode != "auto" else "max" if monitor.endswith("accuracy") else "min"
+    """``min`` or ``max``: ``mode`` unless auto, which maximises accuracies and F1."""
+    return mode if mode != "auto" else "max" if monitor.endswith(("accuracy", "f1")) else "min"
 
 
 @_frozen
@@ -249,6 +250,7 @@ class StopAtConfig:
     accuracy: Optional[float] = None
     val_loss: Optional[float] = None
     val_accuracy: Optional[float] = None
+    val_f1: Optional[float] = None
 
 
 @_frozen
@@ -274,6 +276,10 @@ class TrainingConfig:
     log_every_steps: int = 100
     seed: int = 0
     deterministic: bool = False
+    # mixed_float16: V100 Tensor Cores, with a dynamic loss scale; mixed_bfloat16: A100/H100 and CPUs
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    jit_compile: Union[bool, Literal["auto"]] = False  # XLA for the train and eval steps; auto: on GPUs
+    loss_scale_growth_steps: int = 2000  # mixed_float16: finite steps before the loss scale doubles
     time_budget: Optional[str] = None  # e.g. 90s, 15m, 1h, 01:30:00
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     stop_at: StopAtConfig = field(default_factory=StopAtConfig)
@@ -283,7 +289,7 @@ class TrainingConfig:
     class_weight: Optional[Union[Literal["balanced"], dict[str, float]]] = None
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "steps_per_call", "log_every_steps"):
+        for name in ("epochs", "batch_size", "steps_per_call", "log_every_steps", "loss_scale_growth_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -301,6 +307,7 @@ class TrainingConfig:
 class CheckpointConfig:
     every_steps: Optional[int] = None
     every_minutes: Optional[float] = 10.0
+    every_epochs: Optional[int] = None  # also at the end of every N-th epoch
     max_to_keep: int = 3
     async_write: bool = True  # saves block only while copying to host memory
 
@@ -309,6 +316,8 @@ class CheckpointConfig:
             raise ValueError("every_steps: must be >= 1 or null")
         if self.every_minutes is not None and self.every_minutes <= 0:
             raise ValueError("every_minutes: must be > 0 or null")
+        if self.every_epochs is not None and self.every_epochs < 1:
+            raise ValueError("every_epochs: must be >= 1 or null")
         if self.max_to_keep < 1:
             raise ValueError("max_to_keep: must be >= 1")
 
@@ -317,10 +326,14 @@ class CheckpointConfig:
 class DistributeConfig:
     strategy: Literal["auto", "none", "mirrored", "multiworker", "horovod"] = "auto"
     logical_cpu_devices: int = 0  # >0: split the CPU into N logical devices (testing mirrored)
+    horovod_compression: Literal["none", "fp16"] = "none"  # gradients sent as float16 in the allreduce
+    horovod_fusion_threshold: Optional[int] = None  # bytes of tensors fused per allreduce; null: Horovod's 128 MiB
 
     def __post_init__(self):
         if not 0 <= self.logical_cpu_devices <= 64:
             raise ValueError("logical_cpu_devices: must be from 0 to 64")
+        if self.horovod_fusion_threshold is not None and self.horovod_fusion_threshold < 0:
+            raise ValueError("horovod_fusion_threshold: must be >= 0 (0 turns fusion off) or null")
 
 
 @_frozen
@@ -457,6 +470,26 @@ class InferConfig:
                 raise ValueError(f"time_budget: {e}")
 
 
+EXPORT_FORMATS = ("keras", "saved_model", "tflite", "tflite_int8", "onnx")
+
+
+@_frozen
+class ExportConfig:
+    """The export bundle written at the end of training (and by ``hpcjobs export``)."""
+
+    from_: Literal["best", "latest"] = "best"  # YAML key ``from``: best epoch by the monitor, or the last weights
+    # model.keras is always written; saved_model (serving, uint8 input), tflite (float32),
+    # tflite_int8 (dynamic-range int8), onnx (needs the onnx extra) are converted from it
+    formats: tuple[Literal["keras", "saved_model", "tflite", "tflite_int8", "onnx"], ...] = ("keras",)
+    min_agreement: float = 0.995  # every format's top-1 agreement with model.keras on the test split
+
+    def __post_init__(self):
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats: a format is listed twice")
+        if not 0 <= self.min_agreement <= 1:
+            raise ValueError("min_agreement: must be in [0, 1]")
+
+
 @_frozen
 class Config:
     name: str = "run"
@@ -468,6 +501,8 @@ class Config:
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # hpcjobs search and lr-find (config_search.py)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):

@@ -61,6 +61,13 @@ def check_across(cfg):
     if es.patience is not None and es.monitor.startswith("val_") and d.validation_split == 0:
         raise ValueError(f"training.early_stopping.monitor: {es.monitor} needs a validation split, but "
                          "data.validation_split is 0: monitor loss or accuracy, or set a validation_split")
+    t = cfg.training
+    if t.jit_compile is True and cfg.distribute.strategy == "horovod":
+        raise ValueError("training.jit_compile: Horovod's allreduce cannot run inside an XLA cluster; "
+                         "use jit_compile: false (or auto) with horovod, or a tf.distribute strategy")
+    if t.jit_compile is True and t.deterministic:
+        raise ValueError("training.jit_compile: TensorFlow's deterministic mode does not cover XLA-compiled "
+                         "steps; use jit_compile: false (or auto, which is off) with deterministic: true")
     if cfg.model.arch not in BUILTIN_ARCHS and d.channels == 1:
         raise ValueError(f"data.channels: {cfg.model.arch} needs 3 channels; set data.channels: 3")
     if d.store is not None and os.path.normpath(d.store) == os.path.normpath(d.source):

@@ -26,6 +26,8 @@ class Runtime:
     workers: int = 1  # input pipelines
     local_replicas: int = 1  # replicas this process drives
     hvd: Optional[Any] = None  # horovod.tensorflow, when kind == horovod
+    compression: Optional[Any] = None  # Horovod's gradient compression (hvd.Compression.fp16 or none)
+    gpus: int = 0  # GPUs this process sees
 
     @property
     def replicas(self) -> int:
@@ -90,12 +92,12 @@ def setup(cfg: DistributeConfig, info: ClusterInfo) -> Runtime:
         if info.world_size > 1:
             raise ClusterError(f"distribute.strategy none, but {info.world_size} processes were launched: "
                                "use multiworker or horovod, or launch one process")
-        return Runtime("none", tf.distribute.get_strategy())
+        return Runtime("none", tf.distribute.get_strategy(), gpus=len(gpus))
     if kind == "mirrored":
         devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
                   [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
-        return Runtime("mirrored", strategy, local_replicas=strategy.num_replicas_in_sync)
+        return Runtime("mirrored", strategy, local_replicas=strategy.num_replicas_in_sync, gpus=len(gpus))
     if kind == "multiworker":
         if info.tf_config is None:
             if info.launcher != "slurm":
@@ -109,17 +111,21 @@ def setup(cfg: DistributeConfig, info: ClusterInfo) -> Runtime:
         worker = int(resolver.task_id or 0)
         workers = len(resolver.cluster_spec().as_dict().get("worker", [1]))
         return Runtime("multiworker", strategy, worker=worker, workers=workers,
-                       local_replicas=strategy.num_replicas_in_sync // workers)
+                       local_replicas=strategy.num_replicas_in_sync // workers, gpus=len(gpus))
     if kind == "horovod":
         try:
             import horovod.tensorflow as hvd
         except ImportError:
             raise ClusterError("distribute.strategy horovod: Horovod is not installed; "
                                "build it with slurm/install-horovod.sh") from None
+        if cfg.horovod_fusion_threshold is not None:  # read by hvd.init()
+            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(cfg.horovod_fusion_threshold)
         hvd.init()
-        if gpus:
-            tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
-        return Runtime("horovod", tf.distribute.get_strategy(), worker=hvd.rank(), workers=hvd.size(), hvd=hvd)
+        if gpus:  # one GPU per rank, from the rank on its node
+            tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        compression = hvd.Compression.fp16 if cfg.horovod_compression == "fp16" else hvd.Compression.none
+        return Runtime("horovod", tf.distribute.get_strategy(), worker=hvd.rank(), workers=hvd.size(), hvd=hvd,
+                       compression=compression, gpus=min(1, len(gpus)))
     raise ClusterError(f"distribute.strategy: unknown strategy {kind}")
 
 

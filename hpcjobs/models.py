@@ -109,18 +109,51 @@ def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize:
         x = _small_resnet(keras, x, cfg)
     else:
         x = _application(keras, x, cfg, input_shape)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head")(x)
+    # float32 probabilities whatever the precision policy (mixed_float16/bfloat16 compute in half)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=cfg.arch)
 
 
-def load_exported(path: str):
-    """Load a ``.keras`` file with safe_mode=True (no code from the file runs)."""
+def code_objects(path: str) -> list[str]:
+    """What in a ``.keras`` file's config would run Python code from the file or from
+    outside Keras when loaded: Lambda layers (serialized lambdas) and foreign classes."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            stack = [json.loads(z.read("config.json"))]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []  # load_model says what is wrong with the file
+    found = []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            cls, module, conf = node.get("class_name"), node.get("module"), node.get("config")
+            if cls == "Lambda":
+                found.append(f"a Lambda layer ({conf.get('name') if isinstance(conf, dict) else 'unnamed'})")
+            elif cls == "__lambda__" or isinstance(module, str) and module.split(".")[0] not in ("keras", "builtins"):
+                found.append(f"Python code ({module or ''}.{cls})" if cls != "__lambda__" else "a Python lambda")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return sorted(set(found))
+
+
+def load_exported(path: str, unsafe: bool = False):
+    """Load a ``.keras`` file with safe_mode=True (no code from the file runs): a model
+    holding a Lambda layer or another class from outside Keras is refused in one line,
+    unless ``unsafe`` (``--unsafe``: the file's code runs)."""
     import keras
 
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file")
+    code = code_objects(path)
+    if code and not unsafe:
+        raise ModelError(f"{path}: holds {', '.join(code)}, code that would run on loading; refused "
+                         "(safe mode). Pass --unsafe only for a model from a source you trust")
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as e:  # keras raises many types for a bad file
         raise ModelError(f"{path}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 

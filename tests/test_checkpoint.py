@@ -52,12 +52,14 @@ def store(tmp_path_factory):
 SCHEDULE_STATE = {  # learning-rate state that must resume exactly too
     "plateau": ["optimizer.reduce_on_plateau.patience=1", "optimizer.reduce_on_plateau.min_delta=10",
                 "optimizer.reduce_on_plateau.factor=0.5"],
+    "fp16": ["training.precision=mixed_float16", "training.loss_scale_growth_steps=3"],  # the loss scale
     "cyclic": ["optimizer.schedule.kind=cyclic", "optimizer.schedule.max_learning_rate=0.01",
                "optimizer.schedule.step_size=7", "optimizer.schedule.mode=triangular2"],
 }
 
 
-@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid", "memory-async", "memory-plateau", "memory-cyclic"])
+@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid", "memory-async", "memory-plateau", "memory-cyclic",
+                                  "memory-fp16"])
 def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store, feed):
     if feed == "memory-async":  # asynchronous writes, several per session
         feed, feed_sets = "memory", ["checkpoint.async_write=true", "checkpoint.every_steps=5"]

@@ -5,7 +5,8 @@
 flags)`` runs ``n`` train steps inside one tf.function, each one ``strategy.run`` of
 the replica step (or a Horovod-wrapped step), then sums the workers' ``flags`` (stop,
 checkpoint due): the one collective that keeps every worker's decisions equal.
-Both return sums, never means: (loss sum, correct, count), in float64.
+Both return sums, never means, in float64: (loss sum, correct, count), and for evaluation
+the top-k hits and the confusion matrix after them.
 """
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ from typing import Callable
 @dataclass(frozen=True)
 class Steps:
     train_steps: Callable  # (iterator, n: int64 tensor, flags: float32[2]) -> (sums[3], agreed flags[2])
-    eval_step: Callable  # (x, y, weight) -> sums[3]
+    # (x, y, weight) -> [loss sum, correct, count, top-k hits..., confusion matrix row by row]
+    # (hpcjobs.metrics.from_sums reads it)
+    eval_step: Callable
 
 
-def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None) -> Steps:
+def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None, jit_compile: bool = False) -> Steps:
     """``class_weights`` (one per class, or None) weight each example's training loss,
-    as Keras' ``class_weight`` does; the reported training loss is the weighted one."""
+    as Keras' ``class_weight`` does; the reported training loss is the weighted one.
+    ``jit_compile`` compiles the replica steps with XLA.  A ``LossScaleOptimizer``
+    (mixed_float16) gets the scaled loss and unscales the gradients itself; under
+    Horovod the scaled gradients are averaged first, so every rank unscales alike."""
     import keras
     import tensorflow as tf
 
@@ -33,6 +39,7 @@ def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None
     # Horovod averages gradients over ranks, tf.distribute sums them over replicas:
     # either way the update is the gradient of the global-batch mean loss.
     scale = float(hvd.size()) if hvd is not None else 1.0
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -44,15 +51,21 @@ def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None
             if model.losses:
                 loss += tf.add_n(model.losses) / replicas
             loss *= scale
+            if loss_scaled:
+                loss = optimizer.scale_loss(loss)
         variables = model.trainable_variables
         if hvd is not None:
             # Keras 3 variables have no .ref(): Horovod gets the tf.Variables behind them
-            grads = hvd.DistributedGradientTape(tape).gradient(loss, [v.value for v in variables])
+            tape = hvd.DistributedGradientTape(tape, compression=runtime.compression or hvd.Compression.none)
+            grads = tape.gradient(loss, [v.value for v in variables])
         else:
             grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return tf.stack([tf.reduce_sum(per_example), correct, tf.cast(tf.size(y), tf.float32)])
+
+    if jit_compile:
+        replica_step = tf.function(replica_step, jit_compile=True)
 
     def reduce_sum(per_replica):
         total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
@@ -73,14 +86,32 @@ def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None
             agreed = reduce_sum(strategy.run(lambda: tf.identity(flags)))
         return sums, agreed
 
+    num_classes = int(model.output_shape[-1])
+
     def replica_eval(x, y, w):
         probs = model(x, training=False)
         per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
-        correct = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
-        return tf.stack([tf.reduce_sum(per_example * w), tf.reduce_sum(correct * w), tf.reduce_sum(w)])
+        predicted = tf.argmax(probs, -1, output_type=tf.int32)
+        correct = tf.cast(tf.equal(predicted, y), tf.float32)
+        sums = tf.stack([tf.reduce_sum(per_example * w), tf.reduce_sum(correct * w), tf.reduce_sum(w)])
+        return tf.concat([sums, class_counts(tf.cast(probs, tf.float32), predicted, y, w, num_classes)], 0)
+
+    if jit_compile:
+        replica_eval = tf.function(replica_eval, jit_compile=True)
 
     @tf.function
     def eval_step(x, y, w):
         return tf.cast(reduce_sum(strategy.run(replica_eval, args=(x, y, w))), tf.float64)
 
     return Steps(train_steps, eval_step)
+
+
+def class_counts(probs, predicted, y, w, num_classes: int):
+    """Weighted top-k hits (k of ``metrics.top_ks``) and the confusion matrix, flat (float32)."""
+    import tensorflow as tf
+
+    from ..metrics import top_ks
+
+    hits = [tf.reduce_sum(tf.cast(tf.math.in_top_k(y, probs, k), tf.float32) * w) for k in top_ks(num_classes)]
+    confusion = tf.math.confusion_matrix(y, predicted, num_classes=num_classes, weights=w, dtype=tf.float32)
+    return tf.concat([tf.stack(hits), tf.reshape(confusion, [-1])], 0)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .. import cluster as cluster_mod
-from .. import distribute, models
+from .. import distribute, metrics, models
 from ..checkpoint import Checkpoints, find_checkpoint, seed_variables
 from ..config import Config, ConfigError
 from ..data import load_data
@@ -41,6 +41,14 @@ def class_weights(setting, labels, num_classes: int, class_names) -> list[float]
         else:
             raise ConfigError("training.class_weight", str(key), f"not a class (classes: {', '.join(names)})")
     return weights
+
+
+def use_xla(t, rt) -> bool:
+    """``training.jit_compile``; ``auto`` is on where there are GPUs, unless deterministic
+    or under Horovod (whose allreduce cannot run inside an XLA cluster)."""
+    if t.jit_compile == "auto":
+        return rt.gpus > 0 and not t.deterministic and rt.hvd is None
+    return bool(t.jit_compile)
 
 
 class Trainer:
@@ -75,10 +83,12 @@ class Trainer:
         self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
         self.total_steps = t.epochs * self.steps_per_epoch
         self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
+        self.jit_compile = use_xla(t, self.rt)
         self._build_state()
         self.compiled = build_steps(self.model, self.optimizer, self.rt, t.batch_size,
                                     class_weights(t.class_weight, self.data.splits["train"].labels,
-                                                  self.data.num_classes, self.data.class_names))
+                                                  self.data.num_classes, self.data.class_names),
+                                    jit_compile=self.jit_compile)
 
     def _deadline(self, budget: str | None) -> float | None:
         deadline = self.t0 + parse_duration(budget) if budget else None
@@ -89,6 +99,8 @@ class Trainer:
 
     def _build_state(self):
         tf, cfg = self.tf, self.cfg
+        keras = self.keras
+        keras.mixed_precision.set_global_policy(cfg.training.precision)  # process-wide: set for every run
         with self.rt.strategy.scope():
             self.model = models.build(cfg.model, self.data.image_shape, self.data.num_classes, self.data.mean,
                                       self.data.std, cfg.data.normalize)
@@ -106,6 +118,9 @@ class Trainer:
                 state["lr_factor"] = self.lr_factor
             lr = self.rt.scale_lr(cfg.optimizer.learning_rate, cfg.optimizer.scale_lr_with_workers)
             self.optimizer = make_optimizer(cfg.optimizer, lr, self.total_steps, self.lr_factor)
+            if cfg.training.precision == "mixed_float16":  # its dynamic scale is checkpointed with it
+                self.optimizer = keras.optimizers.LossScaleOptimizer(
+                    self.optimizer, dynamic_growth_steps=cfg.training.loss_scale_growth_steps)
             self.optimizer.build(self.model.trainable_variables)
             for hook in self.hooks:
                 state.update(hook.setup(self))
@@ -137,12 +152,19 @@ class Trainer:
         return self.rt.strategy.distribute_datasets_from_function(lambda ctx: fn())
 
     def evaluate(self, split: str) -> dict:
+        """Loss, accuracy and macro-F1 of a split ({} when it is empty)."""
+        report = self.evaluate_report(split)
+        return {} if report is None else {"loss": report.loss, "accuracy": report.accuracy, "f1": report.macro_f1}
+
+    def evaluate_report(self, split: str):
+        """A split's ``metrics.Report`` (confusion matrix, top-k hits, loss) from the compiled
+        evaluation on every worker; None when the split is empty."""
         if len(self.data.splits[split]) == 0:
-            return {}
-        sums = np.zeros(3)
+            return None
+        sums = np.zeros(metrics.eval_width(self.data.num_classes))
         for x, y, w in self._distributed(lambda: self.feeder.eval_dataset(split)):
             sums += self.compiled.eval_step(x, y, w).numpy()
-        return {"loss": sums[0] / max(sums[2], 1), "accuracy": sums[1] / max(sums[2], 1)}
+        return metrics.from_sums(sums, self.data.class_names)
 
     def learning_rate(self) -> float:
         return float(self.keras.ops.convert_to_numpy(self.optimizer.learning_rate))
