@@ -34,6 +34,11 @@ MAX_BYTES = 1 << 20
 _INT64 = 2**63
 
 
+def section(cls):
+    """A config section: a frozen, keyword-only, slotted dataclass, which :func:`build` fills."""
+    return dataclasses.dataclass(frozen=True, kw_only=True, slots=True)(cls)
+
+
 class ConfigError(UserError, ValueError):
     """A user error in a config file or override: one line, exit code 2."""
 
