@@ -98,7 +98,10 @@ def test_a_wheel_install_renders_the_same_scripts(tmp_path):
     venv = tmp_path / "venv"
     fresh_venv_seeing_this_environment(venv)
     wheel, = (tmp_path / "wheel").glob("hpcjobs-*.whl")
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], check=True)
+    # --ignore-installed: the hpcjobs the running environment has (editable, or an egg-info on
+    # PYTHONPATH) is visible in the venv too, and must not stop the wheel's own install
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
+                   check=True)
     name = "sbatch_bede_train.txt"
     argv = [a if not a.startswith("configs/") else os.path.join(REPO, a) for a in REFERENCES[name]]
     r = subprocess.run([str(venv / "bin" / "hpcjobs"), "submit", *argv, "--python", PY, "--dry-run"],
@@ -106,7 +109,8 @@ def test_a_wheel_install_renders_the_same_scripts(tmp_path):
                        env=dict(os.environ, PYTHONPATH=""))
     assert r.returncode == 0, r.stderr
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import hpcjobs.slurm as s; print(s.TEMPLATE_DIR)"],
-                           capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env=dict(os.environ, PYTHONPATH="")).stdout.strip()
     assert where == str(venv / "share" / "hpcjobs" / "slurm")
     with open(os.path.join(DATA, name), encoding="utf-8") as f:
         assert r.stdout == f.read()
