@@ -58,6 +58,11 @@ def cmd_prepare(args) -> int:
 def cmd_status(args) -> int:
     from .rundir import RunDir, RunDirError
 
+    if os.path.isfile(os.path.join(args.run, "search", "results.csv")):  # a search: its table
+        from .search import status_lines
+
+        print("\n".join(status_lines(args.run)))
+        return 0
     rd = RunDir(args.run)
     st = rd.read_status(strict=True)
     if not st:
@@ -138,7 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(sb)
     sb.set_defaults(func=lambda a: slurm.cmd_submit(a))
 
-    st = sub.add_parser("status", help="progress of a run")
+    from . import search  # hpcjobs search and lr-find (imports neither Optuna nor TensorFlow)
+
+    se = sub.add_parser("search", help="hyperparameter search here, no Slurm (the config's search: section)")
+    common(se)
+    search.add_arguments(se)
+    se.set_defaults(func=lambda a: search.cmd_search(a))
+    lf = sub.add_parser("lr-find", help="learning-rate range test: lr_find.json, lr_find.csv, plots/lr_find.png")
+    common(lf)
+    lf.set_defaults(func=lambda a: search.cmd_lr_find(a))
+
+    st = sub.add_parser("status", help="progress of a run (or the table of a search)")
     st.add_argument("run", help="run directory")
     st.set_defaults(func=cmd_status)
     return p

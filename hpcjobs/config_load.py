@@ -360,6 +360,8 @@ def to_dict(cfg) -> dict:
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [plain(x) for x in v]
+        if isinstance(v, dict):  # e.g. search.space: key path -> ParamSpec
+            return {k: plain(x) for k, x in v.items()}
         return v
 
     return plain(cfg)

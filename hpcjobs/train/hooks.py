@@ -37,7 +37,8 @@ from ..rundir import atomic_path
 
 def is_final(reason: str) -> bool:
     """Whether the loop's ``reason`` ends the run for good (else it stopped with more to do)."""
-    return reason in ("finished", "early_stopping", "stop_at") or reason.startswith("diagnosis_")
+    # pruned: a search trial its pruner stopped (hpcjobs.search.prune)
+    return reason in ("finished", "early_stopping", "stop_at", "pruned") or reason.startswith("diagnosis_")
 
 
 class Hook:

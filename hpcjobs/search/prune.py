@@ -1,0 +1,51 @@
+"""The pruning hook: a trial reports its metric to the study's pruner at every epoch's end.
+
+The hook keeps no state of its own: what it reported, and what the pruner decided at
+each epoch (``prune_at_<epoch>``, a user attribute of the trial), live in the study's
+journal, and the pruner's rungs (ASHA's ``completed_rung_<k>``) too.  So a trial
+resumed from its checkpoint after a kill or a requeue, in this worker or another,
+does not report an epoch twice and is never judged twice at the same epoch: a trial
+promoted past a rung goes on from its checkpoint, it is neither retrained nor judged
+again.  It also asks for a checkpoint at every epoch's end, so that a killed trial
+loses at most the epoch it was in.
+"""
+from __future__ import annotations
+
+import math
+
+from ..train.hooks import Hook
+
+
+class PruneHook(Hook):
+    def __init__(self, study, trial_id: int, search):
+        self.study, self.trial_id, self.search = study, trial_id, search
+
+    def save_due(self, loop, step: int) -> bool:
+        return step % loop.trainer.steps_per_epoch == 0
+
+    def _frozen(self):
+        return next(t for t in self.study.get_trials(deepcopy=False) if t._trial_id == self.trial_id)
+
+    def epoch_end(self, loop, row):
+        import optuna
+
+        value = row.get(self.search.metric)
+        if value is None:
+            return None
+        epoch = int(row["epoch"])
+        trial = optuna.trial.Trial(self.study, self.trial_id)
+        frozen = self._frozen()
+        key = f"prune_at_{epoch}"
+        if key in frozen.user_attrs:  # decided in an earlier session: keep to it
+            return "pruned" if frozen.user_attrs[key] else None
+        if epoch not in frozen.intermediate_values:
+            trial.report(float(value) if math.isfinite(value) else float("nan"), epoch)
+        if self.search.pruning.kind == "none":
+            return None
+        prune = bool(trial.should_prune())
+        trial.set_user_attr(key, prune)
+        if prune:
+            loop.trainer.say(f"pruned at epoch {epoch}: {self.search.metric} {value:.4f} "
+                             f"({self.search.pruning.kind})")
+            return "pruned"
+        return None

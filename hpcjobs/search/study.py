@@ -1,0 +1,139 @@
+"""The study (Optuna's samplers and pruners over :mod:`.journal`) and how a worker claims a trial.
+
+Layout of a search run ``RUN``::
+
+    RUN/search/journal.log     the Optuna journal: every trial, its params, reports, state
+    RUN/search/config.yaml     the search's resolved config (a second invocation must match)
+    RUN/search/.ask.lock       held while a worker counts the trials and asks for one
+    RUN/trials/NNN/            trial NNN: an ordinary run directory (config.yaml, run.json ...)
+    RUN/trials/NNN/.claim      flock held by the worker working on the trial, for as long as it does
+
+There is no chief: any worker may create the study, ask for the next trial (while the
+trials are fewer than the budget) or adopt a trial whose worker died.  A trial that
+Optuna calls RUNNING but whose ``.claim`` nobody holds has lost its worker (killed,
+preempted, its node gone: the kernel, or the NFS server at the end of the client's
+lease, dropped the lock); the next worker that looks takes it over and resumes it from
+its own checkpoint, or ends it as its run.json says (finished, failed, or killed
+``search.max_attempts`` times).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from ..config import Config
+from ..rundir import RunDir
+from . import journal
+from .space import grid, suggest, total_trials
+
+
+@dataclasses.dataclass
+class Paths:
+    run: str
+
+    search = property(lambda self: os.path.join(self.run, "search"))
+    journal = property(lambda self: os.path.join(self.search, "journal.log"))
+    ask_lock = property(lambda self: os.path.join(self.search, ".ask.lock"))
+    config = property(lambda self: os.path.join(self.search, "config.yaml"))
+
+    def trial(self, number: int) -> str:
+        return os.path.join(self.run, "trials", f"{number:03d}")
+
+
+def make_sampler(s, seed: int):
+    """The sampler of the next ask, seeded by the number of trials so far: every worker
+    (each with its own sampler object) draws the same trial for the same position."""
+    import optuna
+
+    if s.method == "grid":
+        return optuna.samplers.GridSampler(grid(s), seed=seed)
+    if s.method == "tpe":
+        n = total_trials(s)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n // 3)), constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(p):
+    import optuna
+
+    if p.kind == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_resource)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(paths: Paths, cfg: Config):
+    """Create or load the study (under the ask lock, so two first workers make one study)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.makedirs(paths.search, exist_ok=True)
+    with journal.exclusive(paths.ask_lock):
+        return optuna.create_study(study_name="search", storage=journal.storage(paths.journal),
+                                   direction="maximize" if cfg.search.maximize else "minimize",
+                                   sampler=make_sampler(cfg.search, cfg.search.seed),
+                                   pruner=make_pruner(cfg.search.pruning), load_if_exists=True)
+
+
+@dataclasses.dataclass
+class Claim:
+    number: int
+    trial_id: int
+    params: dict
+    run_dir: str
+    fd: int  # the .claim flock
+    adopted: bool
+
+
+def _lost_sessions(status: dict) -> int:
+    """Sessions that never ended: their process died without a clean stop."""
+    return sum(1 for s in status.get("sessions", []) if s.get("end") is None)
+
+
+def _take(study, cfg: Config, paths: Paths, trial, adopted: bool) -> Optional[Claim]:
+    import optuna
+
+    run_dir = paths.trial(trial.number)
+    os.makedirs(run_dir, exist_ok=True)
+    fd = journal.try_flock(os.path.join(run_dir, ".claim"))
+    if fd is None:
+        return None
+    live = optuna.trial.Trial(study, trial._trial_id)
+    params = suggest(live, cfg.search)  # already-suggested values come back as they were
+    return Claim(trial.number, trial._trial_id, params, run_dir, fd, adopted)
+
+
+def claim(study, cfg: Config, paths: Paths, settle) -> tuple[Optional[Claim], int]:
+    """The next trial for this worker: an orphan first, else a new one while the budget
+    lasts.  Returns (claim or None, number of trials still running elsewhere).
+    ``settle(study, trial, status) -> bool`` ends an orphan that needs no training
+    (finished, failed, killed too often); it is called with the claim held."""
+    import optuna
+
+    running = optuna.trial.TrialState.RUNNING
+    with journal.exclusive(paths.ask_lock):
+        trials = study.get_trials(deepcopy=False)
+        busy = 0
+        for t in trials:
+            if t.state != running:
+                continue
+            c = _take(study, cfg, paths, t, adopted=True)
+            if c is None:
+                busy += 1
+                continue
+            if settle(study, c, RunDir(c.run_dir).read_status()):
+                journal.release(c.fd)
+                continue
+            return c, busy
+        if len(trials) < total_trials(cfg.search):
+            study.sampler = make_sampler(cfg.search, cfg.search.seed + len(trials))
+            c = _take(study, cfg, paths, study.ask(), adopted=False)
+            if c is not None:
+                return c, busy
+            busy += 1
+        return None, busy
+
+
+__all__ = ["Claim", "Paths", "claim", "make_pruner", "make_sampler", "open_study", "_lost_sessions"]

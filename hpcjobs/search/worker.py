@@ -1,0 +1,131 @@
+"""A search worker: pull trials (new, or orphaned by a dead worker) and train them until the
+budget is spent and no trial is left running anywhere.
+
+Exit codes as for training: 0 the search has nothing left to do (for this worker), 75
+stopped by a signal or the time limit with its trial checkpointed (the Slurm array task
+requeues itself; any worker resumes the trial), 2 a user error.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from ..config import Config, ConfigError, dump, to_dict
+from ..errors import EX_OK, EX_TEMPFAIL, first_line
+from ..rundir import RunDir, RunDirError, atomic_write
+from ..signals import StopFlag
+from . import journal, results
+from .space import check_space, trial_config
+from .study import Claim, Paths, _lost_sessions, claim, open_study
+
+POLL_SECONDS = 3.0
+
+
+def prepare(cfg: Config, run: str, where: str) -> Paths:
+    """Check the space and that ``run`` is this search (or new); write RUN/search/config.yaml."""
+    check_space(cfg, where)
+    if cfg.search.metric.startswith("val_") and cfg.data.validation_split == 0:
+        raise ConfigError(where, "search.metric", f"{cfg.search.metric} needs a validation split "
+                                                  "(data.validation_split > 0)")
+    paths = Paths(os.path.abspath(run))
+    os.makedirs(paths.search, exist_ok=True)
+    with journal.exclusive(paths.ask_lock):
+        if os.path.exists(paths.config):
+            from ..config_load import read_yaml
+
+            before, now = read_yaml(paths.config), to_dict(cfg)
+            for d in (before, now):
+                d.pop("slurm", None)
+                d.get("search", {}).pop("trials", None)  # a search may be given more trials
+            if before != now:
+                differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                raise ConfigError(where, "", f"{run} holds a search with another config ({', '.join(differ)} "
+                                             "differ): give another --run-dir")
+        atomic_write(paths.config, dump(cfg))
+    return paths
+
+
+def settle(study, search, c: Claim, status: dict) -> bool:
+    """End an orphaned trial that needs no more training; True if it was ended."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    if status.get("status") == "finished":
+        _tell_finished(study, search, c.trial_id, c.run_dir)
+        return True
+    if status.get("status") == "failed" or _lost_sessions(status) >= search.max_attempts:
+        why = status.get("error") or f"its process died {_lost_sessions(status)} times"
+        study.tell(c.trial_id, state=state.FAIL, skip_if_finished=True)
+        optuna.trial.Trial(study, c.trial_id).set_user_attr("error", why)
+        return True
+    return False
+
+
+def _tell_finished(study, search, trial_id: int, run_dir: str):
+    import optuna
+
+    status = RunDir(run_dir).read_status()
+    sessions = status.get("sessions") or [{}]
+    if sessions[-1].get("stopped_by") == "pruned":
+        study.tell(trial_id, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+        return
+    value = results.best_value(RunDir(run_dir).read_metrics(), search)
+    if value is None:
+        study.tell(trial_id, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        optuna.trial.Trial(study, trial_id).set_user_attr("error", f"no {search.metric} in metrics.csv")
+        return
+    study.tell(trial_id, value, skip_if_finished=True)
+
+
+def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
+    """Train (or resume) one claimed trial and tell the study how it ended; 0 or 75."""
+    import optuna
+
+    from ..train import train
+    from .prune import PruneHook
+
+    tcfg = trial_config(cfg, c.params, c.number)
+    what = "resuming" if c.adopted else "starting"
+    print(f"search: {what} trial {c.number} ({c.run_dir}): "
+          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items()), flush=True)
+    try:
+        rc = train(tcfg, c.run_dir, hooks=[PruneHook(study, c.trial_id, cfg.search)], verbose=verbose)
+    except RunDirError as e:  # someone trains this run directory by hand: leave it to them
+        print(f"search: skipping trial {c.number}: {e}", flush=True)
+        return EX_OK
+    except Exception as e:  # the trial failed (RunFailure, UserError or worse); the search goes on
+        study.tell(c.trial_id, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        optuna.trial.Trial(study, c.trial_id).set_user_attr("error", first_line(e))
+        print(f"search: trial {c.number} failed: {first_line(e)}", flush=True)
+        return EX_OK
+    if rc == EX_TEMPFAIL:
+        return rc
+    _tell_finished(study, cfg.search, c.trial_id, c.run_dir)
+    return EX_OK
+
+
+def work(cfg: Config, run: str, where: str = "search", verbose: bool = False) -> int:
+    """One worker's loop (see the module); called by ``hpcjobs search`` and by each array task."""
+    paths = prepare(cfg, run, where)
+    study = open_study(paths, cfg)
+    stop = StopFlag().install()  # between trials; train() installs its own meanwhile
+    try:
+        while True:
+            if stop.signal:
+                return EX_TEMPFAIL
+            c, busy = claim(study, cfg, paths, lambda st, cl, status: settle(st, cfg.search, cl, status))
+            if c is None:
+                if busy == 0:
+                    results.write_all(study, cfg, paths)
+                    return EX_OK
+                time.sleep(POLL_SECONDS)  # trials still running elsewhere: adopt one if its worker dies
+                continue
+            try:
+                rc = run_trial(study, cfg, c, verbose)
+            finally:
+                journal.release(c.fd)
+            results.write_all(study, cfg, paths)
+            if rc == EX_TEMPFAIL:
+                return rc
+    finally:
+        stop.uninstall()
