@@ -53,7 +53,7 @@ class Progress:
             self.last_logged = step
 
     def epoch(self, row: dict):
-        val = "".join(f" {k} {row[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in row)
+        val = "".join(f" {k} {row[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_f1") if k in row)
         self.say(f"epoch {row['epoch']}/{self.epochs} step {row['step']} loss {row['loss']:.4f} "
                  f"accuracy {row['accuracy']:.4f}{val} lr {row['lr']:.3g} ({row['seconds']:.1f}s)")
 
@@ -104,6 +104,41 @@ def plot_training(rows: list[dict], path: str):
         ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path, fsync=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion, class_names, path: str):
+    """A confusion matrix (rows true, columns predicted) with class names, to a PNG
+    (written atomically); counts in the cells up to 30 classes, names up to 60."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .rundir import atomic_path
+
+    cm = np.asarray(confusion)
+    n = len(cm)
+    size = min(4 + 0.45 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    if n <= 60:
+        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90 if n > 10 else 0)
+        ax.set_yticks(range(n), [str(c) for c in class_names])
+    if n <= 30:
+        top = cm.max() if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > top / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix ({int(cm.sum())} images)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path, fsync=False) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -6,7 +6,9 @@
     runs/<name>/tensorboard/       scalars
     runs/<name>/plots/training.png
     runs/<name>/checkpoints/
-    runs/<name>/export/model.keras and export/preprocessing.json
+    runs/<name>/evaluation/        the test split's metrics.json, per_class.csv, confusion_matrix.csv/.png
+    runs/<name>/export/            model.keras, preprocessing.json, labels.txt, model_card.md, SHA256SUMS
+                                   (and saved_model/, model.tflite, model.onnx by export.formats)
     runs/<name>/slurm/             rendered scripts and logs
 
 Every file is written to a temporary name and renamed, so a reader (or a crash)
@@ -25,7 +27,7 @@ import time
 
 from .errors import UserError
 
-METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "val_f1"]
 
 
 class RunDirError(UserError, RuntimeError):
