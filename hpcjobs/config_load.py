@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import re
@@ -294,21 +295,27 @@ def _convert(value: Any, tp, where: str, key: str):
     return _scalar(value, tp, where, key)
 
 
+def yaml_key(name: str) -> str:
+    """A field's key in YAML: its name, without the ``_`` that a Python keyword needs (``from_``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def build(cls, values: dict, where: str, prefix: str):
     """``cls(**values)`` with every value converted to its field's type; errors name the key.
 
     A ``ValueError("field: message")`` from ``__post_init__`` names the field; one whose
     key is a dotted path into the sections (a check across sections) names that path."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {yaml_key(f.name): f.name for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
+        if k not in fields:
             close = difflib.get_close_matches(str(k), names, 1, 0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(where, key, f"unknown key{hint}")
-        kwargs[k] = _convert(v, hints[k], where, key)
+        kwargs[fields[k]] = _convert(v, hints[fields[k]], where, key)
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -357,7 +364,7 @@ def to_dict(cfg) -> dict:
 
     def plain(v):
         if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {yaml_key(f.name): plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         if isinstance(v, dict):  # e.g. search.space: key path -> ParamSpec

@@ -55,9 +55,12 @@ def test_export_loads_with_plain_keras_and_predicts_the_same(quick_run):
     acc = np.mean(probs.argmax(1) == data.splits["test"].labels[:64])
     status = json.loads((quick_run / "run.json").read_text())
     assert abs(acc - status["test_accuracy"]) < 0.1
-    # the same weights restored from the last checkpoint predict identically
+    # the same weights restored from the last checkpoint (and the best epoch's, which the
+    # export holds) predict identically
     t = Trainer(cfg, str(quick_run), verbose=False)
     assert t.checkpoints.restore_latest()
+    if status["final_weights"] == "best":
+        t.model.load_weights(str(quick_run / "checkpoints" / "best" / f"epoch-{status['best_epoch']:05d}.weights.h5"))
     np.testing.assert_allclose(t.model.predict(x, verbose=0), probs, rtol=1e-5, atol=1e-6)
 
 
@@ -81,7 +84,8 @@ def test_early_stopping_restores_best(tmp_path, capsys):
     status = json.loads((run / "run.json").read_text())
     assert status["sessions"][-1]["stopped_by"] == "early_stopping"
     assert status["epoch"] == 3 and status["best_epoch"] == 1
-    assert (run / "checkpoints" / "best.weights.h5").is_file()
+    # the best epoch's weights only: the later epochs' were never better
+    assert [p.name for p in (run / "checkpoints" / "best").iterdir()] == ["epoch-00001.weights.h5"]
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):

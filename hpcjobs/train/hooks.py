@@ -33,7 +33,10 @@ import os
 import time
 
 from .. import report
+from ..config import direction
 from ..rundir import atomic_path
+
+BEST_EPOCH_KEY = "best_epoch/.ATTRIBUTES/VARIABLE_VALUE"  # BestMetric's variable in a checkpoint
 
 def is_final(reason: str) -> bool:
     """Whether the loop's ``reason`` ends the run for good (else it stopped with more to do)."""
@@ -121,15 +124,30 @@ def _better(value: float, best: float, direction: str, min_delta: float) -> bool
     return value < best - min_delta if direction == "min" else value > best + min_delta
 
 
+def best_weights_path(run_dir, epoch: int) -> str:
+    """Where BestMetric keeps the weights of the best epoch ``epoch``."""
+    return os.path.join(run_dir.checkpoints, "best", f"epoch-{epoch:05d}.weights.h5")
+
+
+def uses_best(cfg) -> bool:
+    """Whether a finished run is evaluated and exported with its best epoch's weights."""
+    return cfg.export.from_ == "best" and cfg.training.early_stopping.restore_best
+
+
 class BestMetric(Hook):
-    """Tracks the best value of ``training.early_stopping.monitor``; with a patience,
-    keeps the best weights, stops after ``patience`` epochs without improvement and
-    restores the best weights at the end."""
+    """Tracks the best value of ``training.early_stopping.monitor`` and always keeps that
+    epoch's weights (``checkpoints/best/epoch-N.weights.h5``); with a patience, stops
+    after ``patience`` epochs without improvement.  When a run finishes, the model gets
+    the best weights back for the test evaluation and the export, unless ``export.from``
+    is ``latest`` (or ``early_stopping.restore_best`` is false).
+
+    A best epoch's file is removed only once no checkpoint still kept names that epoch,
+    so a resume from any of them (a fallback to an older one too) finds its file."""
 
     def setup(self, trainer):
         tf = trainer.tf
         self.es = trainer.cfg.training.early_stopping
-        self.path = os.path.join(trainer.run_dir.checkpoints, "best.weights.h5")
+        self.folder = os.path.dirname(best_weights_path(trainer.run_dir, 0))
         self.best = tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="best")
         self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="best_epoch")
         self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
@@ -144,8 +162,8 @@ class BestMetric(Hook):
             self.best.assign(value)
             self.best_epoch.assign(row["epoch"])
             self.wait.assign(0)
-            if es.patience is not None and t.run_dir.writer:
-                with atomic_path(self.path) as tmp:
+            if t.run_dir.writer:
+                with atomic_path(best_weights_path(t.run_dir, row["epoch"])) as tmp:
                     t.model.save_weights(tmp)
             return None
         self.wait.assign_add(1)
@@ -155,28 +173,64 @@ class BestMetric(Hook):
             return "early_stopping"
         return None
 
+    def begin(self, loop):
+        self._prune(loop.trainer)
+
+    def saved(self, loop, saved, stopping):
+        self._prune(loop.trainer, pending=saved.path)
+
+    def _prune(self, t, pending: str | None = None):
+        """Remove best-weights files no kept checkpoint names (and temporary files of a
+        killed write); ``pending``, a checkpoint still being written, names the current one."""
+        if not t.run_dir.writer or not os.path.isdir(self.folder):
+            return
+        keep = {best_weights_path(t.run_dir, int(self.best_epoch.numpy()))}
+        for prefix in t.checkpoints.manager.checkpoints:
+            if prefix == pending:
+                continue
+            try:
+                keep.add(best_weights_path(t.run_dir, int(t.tf.train.load_variable(prefix, BEST_EPOCH_KEY))))
+            except Exception:  # unreadable now (damaged, or being written): prune another time
+                return
+        for name in os.listdir(self.folder):
+            path = os.path.join(self.folder, name)
+            if path not in keep and (name.startswith(".tmp-") or name.endswith(".weights.h5")):
+                os.remove(path)
+
     def end(self, loop, reason):
-        if is_final(reason) and self.es.patience is not None and self.es.restore_best \
-                and os.path.exists(self.path):
-            loop.trainer.model.load_weights(self.path)
-            loop.trainer.say(f"restored the best weights (epoch {int(self.best_epoch.numpy())})")
+        t = loop.trainer
+        kept = t.checkpoints.manager.checkpoints
+        self._prune(t, pending=kept[-1] if kept else None)  # the final save names the current best
+        if not is_final(reason) or not uses_best(t.cfg):
+            return
+        epoch = int(self.best_epoch.numpy())
+        path = best_weights_path(t.run_dir, epoch) if epoch else None
+        if path and os.path.exists(path):
+            t.model.load_weights(path)
+            t.say(f"restored the best weights (epoch {epoch}, {self.es.monitor} {float(self.best.numpy()):.4f})")
+        else:
+            t.say(f"no best weights kept ({self.es.monitor} was never measured): the last weights are used")
 
     def summary(self, loop):
         best = float(self.best.numpy())
-        return dict(best=None if math.isnan(best) else best, best_epoch=int(self.best_epoch.numpy()) or None,
-                    monitor=self.es.monitor)
+        epoch = int(self.best_epoch.numpy()) or None
+        weights = "best" if epoch and uses_best(loop.trainer.cfg) else "latest"
+        return dict(best=None if math.isnan(best) else best, best_epoch=epoch, monitor=self.es.monitor,
+                    final_weights=weights)
 
 
 class CheckpointCadence(Hook):
-    """Checkpoints every ``checkpoint.every_steps`` (calls are cut to land on them) and
-    every ``checkpoint.every_minutes``."""
+    """Checkpoints every ``checkpoint.every_steps`` (calls are cut to land on them), every
+    ``checkpoint.every_minutes`` and at the end of every ``checkpoint.every_epochs``-th epoch."""
 
     def limit(self, loop, step):
         every = loop.trainer.cfg.checkpoint.every_steps
         return every - step % every if every else None
 
     def save_due(self, loop, step):
-        return loop.trainer.checkpoints.due(step)
+        t = loop.trainer
+        epochs = t.cfg.checkpoint.every_epochs
+        return t.checkpoints.due(step) or bool(epochs) and step % (epochs * t.steps_per_epoch) == 0
 
 
 class StopSignals(Hook):
@@ -242,7 +296,7 @@ class StopAt(Hook):
     def epoch_end(self, loop, row):
         for key, target in self.targets.items():
             value = row.get(key)
-            if value is not None and (value >= target if key.endswith("accuracy") else value <= target):
+            if value is not None and (value >= target if direction(key, "auto") == "max" else value <= target):
                 loop.trainer.say(f"stop_at: {key} {value:.4f} reached the target {target}")
                 return "stop_at"
         return None
