@@ -170,3 +170,16 @@ def _with_slurm_job(info: ClusterInfo, env: Mapping[str, str]) -> ClusterInfo:
                    array_task_count=_int(env, "SLURM_ARRAY_TASK_COUNT"),
                    restart_count=_int(env, "SLURM_RESTART_COUNT", 0) or 0,
                    job_end_time=_job_end_time(env, job_id))
+
+
+def split_gpus(n: int, env: Mapping[str, str] | None = None) -> list[dict]:
+    """Environment additions giving each of ``n`` child processes its own share of this
+    process's GPUs (``CUDA_VISIBLE_DEVICES``), e.g. the packed workers of a search task;
+    ``n`` empty dicts where there are no GPUs."""
+    env = os.environ if env is None else env
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in cvd.split(",") if d.strip() not in ("", "-1", "NoDevFiles")] if cvd is not None \
+        else [str(i) for i in range(_gpus(env))]
+    if not ids:
+        return [{} for _ in range(n)]
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i::n]) or "-1"} for i in range(n)]

@@ -180,6 +180,7 @@ class SlurmConfig:
     slot_every: str = "day"  # day, week, or a duration like 12h
     slot_at: Optional[str] = None  # HH:MM of the first slot
     slot_count: int = 7  # jobs in the chain
+    trials_per_node: int = 1  # submit --search: search workers per array task, one GPU each (Bede 4, JADE 8)
 
     _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:+-]*")
     _OPTION = re.compile(r"(?:#SBATCH\s+)?--?[A-Za-z][A-Za-z0-9-]*(?:[=\s].*)?", re.S)
@@ -197,6 +198,8 @@ class SlurmConfig:
                 raise ValueError(f"{name}: must be >= 1 or null")
         if self.array < 0 or self.slot_count < 1:
             raise ValueError("array: must be >= 0" if self.array < 0 else "slot_count: must be >= 1")
+        if not 1 <= self.trials_per_node <= 64:
+            raise ValueError("trials_per_node: must be from 1 to 64")
         if self.signal_margin < 1:
             raise ValueError("signal_margin: must be >= 1")
         # nothing that reaches a job script may carry a line break or another control character

@@ -36,7 +36,9 @@ def status_lines(run: str) -> list[str]:
 def _children(args, run: str) -> int:
     sets = [a for s in args.set for a in ("--set", s)]
     argv = [sys.executable, "-m", "hpcjobs", "search", args.config, "--worker", "--run-dir", run, *sets]
-    procs = [subprocess.Popen(argv) for _ in range(args.workers)]
+    from ..cluster import split_gpus
+
+    procs = [subprocess.Popen(argv, env={**os.environ, **gpus}) for gpus in split_gpus(args.workers)]
 
     def forward(signum, frame):
         for p in procs:

@@ -46,8 +46,8 @@ def make_sampler(s, seed: int):
     (each with its own sampler object) draws the same trial for the same position."""
     import optuna
 
-    if s.method == "grid":
-        return optuna.samplers.GridSampler(grid(s), seed=seed)
+    if s.method == "grid":  # one order of the grid for every worker (trial n takes point n of it)
+        return optuna.samplers.GridSampler(grid(s), seed=s.seed)
     if s.method == "tpe":
         n = total_trials(s)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n // 3)), constant_liar=True)
@@ -75,6 +75,20 @@ def open_study(paths: Paths, cfg: Config):
                                    direction="maximize" if cfg.search.maximize else "minimize",
                                    sampler=make_sampler(cfg.search, cfg.search.seed),
                                    pruner=make_pruner(cfg.search.pruning), load_if_exists=True)
+
+
+def tell(study, trial_id: int, value=None, state=None, error: str | None = None):
+    """End a trial (skipped if it has ended already).  The sampler is swapped for a plain
+    one first: GridSampler's after_trial calls study.stop() once the grid is used up,
+    which raises outside study.optimize(); each ask makes its own sampler anyway."""
+    import optuna
+
+    if study._storage.get_trial(trial_id).state.is_finished():  # told already (by a worker that then died)
+        return
+    if error:  # before the tell: a finished trial takes no more attributes
+        optuna.trial.Trial(study, trial_id).set_user_attr("error", error)
+    study.sampler = optuna.samplers.RandomSampler()
+    study.tell(trial_id, value, state=state, skip_if_finished=True)
 
 
 @dataclasses.dataclass
@@ -136,4 +150,4 @@ def claim(study, cfg: Config, paths: Paths, settle) -> tuple[Optional[Claim], in
         return None, busy
 
 
-__all__ = ["Claim", "Paths", "claim", "make_pruner", "make_sampler", "open_study", "_lost_sessions"]
+__all__ = ["Claim", "Paths", "claim", "make_pruner", "make_sampler", "open_study", "tell"]

@@ -16,7 +16,7 @@ from ..rundir import RunDir, RunDirError, atomic_write
 from ..signals import StopFlag
 from . import journal, results
 from .space import check_space, trial_config
-from .study import Claim, Paths, _lost_sessions, claim, open_study
+from .study import Claim, Paths, _lost_sessions, claim, open_study, tell
 
 POLL_SECONDS = 3.0
 
@@ -54,9 +54,8 @@ def settle(study, search, c: Claim, status: dict) -> bool:
         _tell_finished(study, search, c.trial_id, c.run_dir)
         return True
     if status.get("status") == "failed" or _lost_sessions(status) >= search.max_attempts:
-        why = status.get("error") or f"its process died {_lost_sessions(status)} times"
-        study.tell(c.trial_id, state=state.FAIL, skip_if_finished=True)
-        optuna.trial.Trial(study, c.trial_id).set_user_attr("error", why)
+        tell(study, c.trial_id, state=state.FAIL,
+             error=status.get("error") or f"its process died {_lost_sessions(status)} times")
         return True
     return False
 
@@ -67,14 +66,13 @@ def _tell_finished(study, search, trial_id: int, run_dir: str):
     status = RunDir(run_dir).read_status()
     sessions = status.get("sessions") or [{}]
     if sessions[-1].get("stopped_by") == "pruned":
-        study.tell(trial_id, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+        tell(study, trial_id, state=optuna.trial.TrialState.PRUNED)
         return
     value = results.best_value(RunDir(run_dir).read_metrics(), search)
     if value is None:
-        study.tell(trial_id, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        optuna.trial.Trial(study, trial_id).set_user_attr("error", f"no {search.metric} in metrics.csv")
+        tell(study, trial_id, state=optuna.trial.TrialState.FAIL, error=f"no {search.metric} in metrics.csv")
         return
-    study.tell(trial_id, value, skip_if_finished=True)
+    tell(study, trial_id, value)
 
 
 def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
@@ -94,8 +92,7 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
         print(f"search: skipping trial {c.number}: {e}", flush=True)
         return EX_OK
     except Exception as e:  # the trial failed (RunFailure, UserError or worse); the search goes on
-        study.tell(c.trial_id, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        optuna.trial.Trial(study, c.trial_id).set_user_attr("error", first_line(e))
+        tell(study, c.trial_id, state=optuna.trial.TrialState.FAIL, error=first_line(e))
         print(f"search: trial {c.number} failed: {first_line(e)}", flush=True)
         return EX_OK
     if rc == EX_TEMPFAIL:

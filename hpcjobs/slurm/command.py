@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import shlex
+import sys
 import time
 import typing
 from typing import Optional
@@ -23,7 +24,9 @@ from ..config import Config, SlurmConfig, dump, to_dict
 from ..rundir import atomic_write
 from ..units import slurm_seconds
 from .jobs import _record
+from . import search_array
 from .render import _error, _package, render, template_params, trials
+from .search_array import SECTION
 
 # --------------------------------------------------------------------------- flags
 _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metavar; help)
@@ -46,6 +49,7 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "slot_every": ("--every", "PERIOD", "slot period: day, week or a duration (default day)"),
     "slot_at": ("--at", "HH:MM", "time of day of the first slot"),
     "slot_count": ("--count", "N", "number of slots (default 7)"),
+    "trials_per_node": ("--trials-per-node", "K", "--search: K search workers per array task, one GPU each"),
 }
 _CONFIG_ONLY = ("infer_partition", "infer_time")  # set in the config's slurm section only
 
@@ -67,6 +71,9 @@ def _flag_table() -> list[tuple[str, str, dict]]:
             help_ = f"{help_} (repeatable)" if help_ else "repeatable"
         elif kind is int:
             kw["type"] = int
+        if f.name == "search":  # a bare --search: the config's search: section (hpcjobs.slurm.search_array)
+            kw.update(nargs="?", const=SECTION)
+            help_ = "the config's search: section as an array of search workers; or KEY=V1,V2: a grid (repeatable)"
         if help_:
             kw["help"] = help_
         rows.append((flag or "--" + f.name.replace("_", "-"), f.name, kw))
@@ -85,7 +92,10 @@ def add_arguments(parser):
 
 
 def _overrides(args) -> dict:
-    return {field_name: getattr(args, f"slurm_{field_name}", None) for _, field_name, _ in _FLAGS}
+    given = {field_name: getattr(args, f"slurm_{field_name}", None) for _, field_name, _ in _FLAGS}
+    if given.get("search"):  # a bare --search is no grid
+        given["search"] = [v for v in given["search"] if v != SECTION] or None
+    return given
 
 
 def slurm_section(cfg: Config, overrides: dict) -> SlurmConfig:
@@ -146,7 +156,8 @@ def _plan(args) -> _Plan:
     s = slurm_section(cfg, _overrides(args))
     cfg = dataclasses.replace(cfg, slurm=s)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", cfg.name))
-    kind = "infer" if args.infer else ("search" if (s.array or s.search) else "train")
+    section = SECTION in (getattr(args, "slurm_search", None) or [])
+    kind = "infer" if args.infer else ("trials" if section else "search" if (s.array or s.search) else "train")
     if s.slot and kind != "train":
         raise _error("--slot", "a chain of time slots runs one training, not --infer, --array or --search")
     trial_sets, trial_cfgs = [], []
@@ -155,7 +166,15 @@ def _plan(args) -> _Plan:
         trial_cfgs = [config_mod.from_dict(config_mod.apply_overrides(to_dict(cfg), sets), f"{args.config} (trial {i})")
                       for i, sets in enumerate(trial_sets)]
     config_path = os.path.join(run_dir, "infer-config.yaml" if kind == "infer" else "config.yaml")
-    params = template_params(cfg, s, kind, run_dir, None if kind == "search" else config_path)
+    if kind == "trials":  # the search: section: array tasks that pull trials (search_array.py)
+        if s.search:
+            raise _error("--search", "a bare --search (the config's search: section) or KEY=V1,V2 grids, not both")
+        search_array.check(cfg, s, args.config)
+        params, note = search_array.params(cfg, s, run_dir, config_path)
+        if note:
+            print(note, file=sys.stderr)
+    else:
+        params = template_params(cfg, s, kind, run_dir, None if kind == "search" else config_path)
     plan = _Plan(cfg=cfg, s=s, kind=kind, run_dir=run_dir, config_path=config_path, params=params,
                  script=render(kind, **params), script_path=os.path.join(run_dir, "slurm", f"{kind}.sbatch"),
                  trial_sets=trial_sets, trial_cfgs=trial_cfgs, begins=slot_begins(s) if s.slot else [])

@@ -28,7 +28,7 @@ _CHECKOUT_TEMPLATES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "slurm")
 TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
     else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
-TEMPLATES = ("train", "infer", "search")
+TEMPLATES = ("train", "infer", "search", "trials")  # trials: workers of hpcjobs search
 PARTIALS = ("job_body",)  # slurm/_<name>.sh, included by {{> name}}
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
 
@@ -37,11 +37,12 @@ _SLURM_PARAMS = ("partition", "account", "qos", "nodes", "ntasks_per_node", "gpu
                  "mem", "time", "job_name", "modules", "activate", "extra_sbatch", "max_requeues",
                  "signal_margin", "srun_args", "array_parallel")
 _REQUIRED = {"train": ("python", "run_dir", "config"), "infer": ("python", "run_dir", "config"),
-             "search": ("python", "run_dir", "array")}
+             "search": ("python", "run_dir", "array"), "trials": ("python", "run_dir", "config", "array")}
 _ALLOWED = {
     "train": set(_SLURM_PARAMS) - {"array_parallel"} | {"python", "run_dir", "config", "on_stop"},
     "infer": set(_SLURM_PARAMS) - {"signal_margin"} | {"python", "run_dir", "config", "array", "merge"},
     "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array"},
+    "trials": set(_SLURM_PARAMS) | {"python", "run_dir", "config", "array", "workers"},
 }
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _PARTIAL = re.compile(r"\{\{>\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -267,10 +268,20 @@ def render(template: str, **params) -> str:
         "max_requeues": str(int(s.max_requeues)),
         "on_stop": shlex.quote(on_stop),
         "infer_args": "--merge" if params.get("merge") else "",
+        "workers": str(_workers(params.get("workers"))),
     }
     if "config" in params and params["config"] is not None:
         values["config"] = shlex.quote(_path("config", params["config"]))
     return _fill(template, values)
+
+
+def _workers(value) -> int:
+    """trials: search workers per array task (--trials-per-node)."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise _error("workers", f"{value!r}: must be a number of workers from 1 to 64")
+    return value
 
 
 def _fill(template: str, values: dict) -> str:

@@ -1,0 +1,117 @@
+"""hpcjobs submit --search on the local Slurm cluster: a search that survives kills and time limits.
+
+A 12-trial random search on Fashion-MNIST (two short epochs per trial) as a 3-task job
+array.  Every task gets Slurm's warning signal a minute in (``--time 2``, margin 60 s)
+and requeues itself; one task's worker is SIGKILLed in the middle of a trial.  Every
+trial must end exactly once, the killed and the stopped trials from their own
+checkpoints, with nothing left hanging.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from conftest import FASHION, need_fashion_mnist
+from hpcjobs import cli
+from test_slurm import TERMINAL, cluster, logs, on_cluster, squeue_states, wait_for  # noqa: F401 (fixtures)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = f"""
+base: {os.path.join(REPO, "configs", "quickstart.yaml")}
+data:
+  source: fashion-mnist
+  validation_split: 0.03
+  test_split: 0.02
+training:
+  epochs: 2
+  steps_per_epoch: 60
+  batch_size: 64
+  log_every_steps: 100000
+checkpoint:
+  every_minutes: null
+search:
+  method: random
+  trials: 12
+  epochs: 2
+  seed: 3
+  space:
+    optimizer.learning_rate: {{log_uniform: [1.0e-4, 1.0e-2]}}
+    model.dropout: {{uniform: [0.0, 0.5]}}
+  pruning: {{kind: asha, min_resource: 1, reduction_factor: 3}}
+"""
+FINAL = ("finished", "pruned")
+
+
+def _status(path) -> dict:
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill_a_worker_mid_trial(run) -> str:
+    """SIGKILL the worker of a trial that has its first checkpoint and is still training."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for trial in sorted(glob.glob(os.path.join(run, "trials", "*"))):
+            st = _status(trial)
+            if st.get("status") != "running" or len(st.get("sessions", [])) != 1 \
+                    or not os.path.exists(os.path.join(trial, "checkpoints", "checkpoint")):
+                continue
+            try:
+                pid = int(open(os.path.join(trial, ".claim")).read().split()[1])
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                continue
+            return trial
+        time.sleep(0.1)
+    pytest.fail("no trial was ever running with a checkpoint")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path):
+    need_fashion_mnist()
+    assert os.path.isdir(FASHION)
+    cfg = tmp_path / "fmnist-search.yaml"
+    cfg.write_text(textwrap.dedent(CONFIG))
+    run = str(tmp_path / "search")
+    assert cli.main(["submit", str(cfg), "--search", "--array", "3", "--run-dir", run, "--time", "2",
+                     "--signal-margin", "60", "--max-requeues", "30"]) == 0
+    script = open(os.path.join(run, "slurm", "trials.sbatch")).read()
+    assert "#SBATCH --array=0-2\n" in script and "--workers 1)" in script
+    job = [j for j in json.load(open(os.path.join(run, "slurm", "jobs.json")))][-1]["job_id"]
+    killed = _kill_a_worker_mid_trial(run)
+
+    def done():
+        states = squeue_states(job)
+        return len(states) >= 3 and all(s in TERMINAL for s in states) and states
+    states = wait_for(done, 900, "the search array", job, run)
+    text = logs(run)
+    assert sorted(states).count("COMPLETED") >= 2, (states, text[-4000:])
+    with open(os.path.join(run, "search", "results.csv")) as f:
+        rows = list(__import__("csv").DictReader(f))
+    assert len(rows) == 12 and {r["status"] for r in rows} <= {"complete", "pruned"}, rows
+    sessions = {}
+    for i in range(12):
+        st = _status(os.path.join(run, "trials", f"{i:03d}"))
+        assert st["status"] == "finished", (i, st)
+        ends = [s["stopped_by"] for s in st["sessions"]]
+        assert sum(e in FINAL for e in ends) == 1 and ends[-1] in FINAL, (i, ends)  # ended exactly once
+        for s in st["sessions"][1:]:
+            assert s["start_step"] > 0, (i, st["sessions"])  # every later session from a checkpoint
+        sessions[i] = st["sessions"]
+    k = _status(killed)["sessions"]
+    assert len(k) >= 2 and k[0]["end"] is None, k  # the SIGKILLed session never ended; another resumed it
+    stopped = [i for i, ss in sessions.items() if any(s["stopped_by"] in ("SIGUSR1", "SIGTERM", "time_budget")
+                                                      for s in ss)]
+    assert stopped and all(len(sessions[i]) >= 2 for i in stopped), sessions
+    assert "requeueing job" in text
+    table = subprocess.run(["python", "-m", "hpcjobs", "status", run], capture_output=True, text=True).stdout
+    assert "search fmnist-search: 12/12 trials" in table, table
