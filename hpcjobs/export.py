@@ -57,11 +57,8 @@ def model_file(path: str) -> str:
     return path if os.path.isfile(path) else os.path.join(find(path), "model.keras")
 
 
-def load(path: str):
-    """(model, preprocessing info) from an export; checks the two match."""
-    from .models import load_exported
-
-    folder = find(path)
+def read_info(folder: str) -> dict:
+    """An export folder's preprocessing.json, checked to be one."""
     pp = os.path.join(folder, "preprocessing.json")
     try:
         with open(pp, encoding="utf-8") as f:
@@ -72,7 +69,18 @@ def load(path: str):
         raise ExportError(f"{pp}: not valid JSON ({e})") from None
     if info.get("format") != FORMAT:
         raise ExportError(f"{pp}: format {info.get('format')!r}, expected {FORMAT!r}")
-    model = load_exported(os.path.join(folder, "model.keras"))
+    return info
+
+
+def load(path: str, unsafe: bool = False):
+    """(model, preprocessing info) from an export; checks the two match.  The model
+    loads in safe mode: one holding code (a Lambda layer) is refused unless ``unsafe``."""
+    from .models import load_exported
+
+    folder = find(path)
+    info = read_info(folder)
+    pp = os.path.join(folder, "preprocessing.json")
+    model = load_exported(os.path.join(folder, "model.keras"), unsafe=unsafe)
     shape = list(model.input_shape[1:])
     if shape != list(info["input_shape"]):
         raise ExportError(f"{pp}: input_shape {info['input_shape']} does not match the model's {shape}")

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import cluster as cluster_mod
-from .. import export, report, signals
+from .. import bundle, metrics, report, signals
 from ..checkpoint import weights_digest
 from ..config import Config, ConfigError, dump, to_dict
 from ..errors import EX_OK, EX_TEMPFAIL, UserError
@@ -108,18 +108,13 @@ def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
     finished = is_final(reason)
     loop.each("end", reason)
     fields = {}
+    for summary in loop.each("summary"):
+        fields.update(summary)
     if finished:
-        fields.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
-        if rd.writer:
-            export.save(trainer.model, export.preprocessing_info(trainer.data, trainer.cfg.data.normalize),
-                        rd.export)
-            if loop.history:
-                report.plot_training(loop.history, os.path.join(rd.plots, "training.png"))
+        fields.update(_test_and_export(trainer, loop, dict(fields, sessions=len(record.earlier) + 1)))
     trainer.checkpoints.wait()
     digest = weights_digest(trainer.model)
     print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest}", flush=True)
-    for summary in loop.each("summary"):
-        fields.update(summary)
     if loop.history:
         fields["last"] = loop.history[-1]
     record.end(step, reason, "finished" if finished else "stopped", epoch=step / trainer.steps_per_epoch,
@@ -134,10 +129,32 @@ def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
     return EX_OK
 
 
+def _test_and_export(trainer, loop: Loop, summary: dict) -> dict:
+    """run.json's test metrics (every worker evaluates), and on the chief RUN/evaluation/,
+    the export bundle (its parity figures into run.json too) and the training plot."""
+    rd, test = trainer.run_dir, trainer.evaluate_report("test")
+    fields = {}
+    if test is not None:
+        fields = {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_f1": test.macro_f1,
+                  "test_metrics": test.to_dict(confusion=test.num_classes <= 100)}
+    if not rd.writer:
+        return fields
+    if test is not None:
+        metrics.write(test, rd.sub("evaluation"), {"model": rd.export, "data": "the run's test split"})
+    training = dict(summary, step=loop.step, total_steps=trainer.total_steps,
+                    epochs=loop.step // trainer.steps_per_epoch, weights=summary.get("final_weights"))
+    fields["export_parity"] = bundle.write(trainer.model, rd.export, cfg=trainer.cfg, data=trainer.data,
+                                           report=test, training=training)
+    if loop.history:
+        report.plot_training(loop.history, os.path.join(rd.plots, "training.png"))
+    return fields
+
+
 # Keys that may change from one session of a run to the next: how long and how it runs,
 # not what is trained (those would not match the run's checkpoints or its metrics).
 SESSION_KEYS = ("name", "training.epochs", "training.time_budget", "training.log_every_steps",
-                "training.steps_per_call", "training.early_stopping", "checkpoint", "distribute", "slurm", "infer")
+                "training.steps_per_call", "training.early_stopping", "checkpoint", "distribute", "slurm", "infer",
+                "export")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -195,6 +212,7 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
             parse_duration(time_budget)
         except ValueError as e:
             raise ConfigError("--time-budget", "", str(e)) from None
+    bundle.check_available(cfg.export.formats)  # before any training, not at its end
     with signals.held():  # until the loop's StopFlag takes them; released if building fails
         info = cluster_mod.detect()
         rd = RunDir(run_dir, writer=info.is_chief)
