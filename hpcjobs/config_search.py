@@ -108,6 +108,10 @@ class SearchConfig:
     space: dict[str, ParamSpec] = field(default_factory=dict)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     max_attempts: int = 3  # a trial whose process died this often (no clean stop) is marked failed
+    # centre optimizer.learning_rate on RUN/lr_find.json's suggestion (hpcjobs lr-find first):
+    # log-uniform over [lr / lr_span, lr * lr_span]
+    lr_center: Optional[Literal["valley", "steepest", "min_div10"]] = None
+    lr_span: float = 10.0
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
 
     def __post_init__(self):
@@ -119,6 +123,8 @@ class SearchConfig:
             raise ValueError("epochs: must be >= 1 or null")
         if self.max_attempts < 1:
             raise ValueError("max_attempts: must be >= 1")
+        if self.lr_span <= 1:
+            raise ValueError("lr_span: must be > 1")
         if not 0 <= self.seed < 2**32:
             raise ValueError("seed: must be from 0 to 4294967295")
 

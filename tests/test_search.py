@@ -106,6 +106,21 @@ def test_grid_points_and_trial_configs(tmp_path):
     assert not t.search.space  # a trial's config.yaml is a plain training config
 
 
+def test_lr_center_takes_the_range_from_lr_find(tmp_path, capsys):
+    from hpcjobs import config
+    from hpcjobs.search import worker
+
+    path = _config(tmp_path, SEARCH.format(trials=2) + "  lr_center: valley\n  lr_span: 4\n")
+    run = tmp_path / "run"
+    assert cli.main(["search", path, "--run-dir", str(run)]) == 2
+    assert "search.lr_center: no valley in" in capsys.readouterr().err
+    run.mkdir()
+    (run / "lr_find.json").write_text(json.dumps({"valley": 2e-3, "suggestion": 2e-3}))
+    cfg, _ = worker.prepare(config.load(path), str(run), path)
+    assert cfg.search.space["optimizer.learning_rate"].log_uniform == (5e-4, 8e-3)
+    assert config.load(str(run / "search" / "config.yaml")).search.space == cfg.search.space
+
+
 # --------------------------------------------------------------------------- the journal's lock
 HOLD = """
 import sys, time
@@ -198,7 +213,7 @@ def test_a_trial_killed_too_often_is_marked_failed(tmp_path):
 
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=1) + "  max_attempts: 2\n"))
     paths = study_mod.Paths(str(tmp_path / "run"))
-    worker.prepare(cfg, paths.run, "test")
+    cfg, _ = worker.prepare(cfg, paths.run, "test")
     study = study_mod.open_study(paths, cfg)
     c, _ = study_mod.claim(study, cfg, paths, lambda *a: False)
     journal.release(c.fd)  # its worker died: the claim is free, the trial RUNNING

@@ -9,8 +9,11 @@ starts, so a bad space is one line naming ``search.space.<key>``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import json
 import math
+import os
 
 from ..config import Config, ConfigError, from_dict, to_dict
 from ..config_search import ParamSpec, SearchConfig
@@ -88,6 +91,20 @@ def check_space(cfg: Config, where: str):
                 trial_config(cfg, {key: value}, 0)
             except ConfigError as e:
                 raise ConfigError(where, at, f"{value!r} makes an invalid config: {e.key}: {e.message}") from None
+
+
+def centre_lr(cfg: Config, run: str, where: str) -> Config:
+    """``search.lr_center``: optimizer.learning_rate log-uniform around RUN/lr_find.json's suggestion."""
+    s = cfg.search
+    path = os.path.join(run, "lr_find.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lr = float(json.load(f)[s.lr_center])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(where, "search.lr_center", f"no {s.lr_center} in {path}: run `hpcjobs lr-find "
+                                                     f"CONFIG --run-dir {run}` first") from None
+    space = dict(s.space, **{"optimizer.learning_rate": ParamSpec(log_uniform=(lr / s.lr_span, lr * s.lr_span))})
+    return dataclasses.replace(cfg, search=dataclasses.replace(s, space=space))
 
 
 def _set(values: dict, key: str, value):

@@ -15,14 +15,17 @@ from ..errors import EX_OK, EX_TEMPFAIL, first_line
 from ..rundir import RunDir, RunDirError, atomic_write
 from ..signals import StopFlag
 from . import journal, results
-from .space import check_space, trial_config
+from .space import centre_lr, check_space, trial_config
 from .study import Claim, Paths, _lost_sessions, claim, open_study, tell
 
 POLL_SECONDS = 3.0
 
 
-def prepare(cfg: Config, run: str, where: str) -> Paths:
-    """Check the space and that ``run`` is this search (or new); write RUN/search/config.yaml."""
+def prepare(cfg: Config, run: str, where: str) -> tuple[Config, Paths]:
+    """Check the space and that ``run`` is this search (or new); write RUN/search/config.yaml.
+    Returns the config the search runs (its LR range centred by lr-find, if asked) and its paths."""
+    if cfg.search.lr_center:
+        cfg = centre_lr(cfg, os.path.abspath(run), where)
     check_space(cfg, where)
     if cfg.search.metric.startswith("val_") and cfg.data.validation_split == 0:
         raise ConfigError(where, "search.metric", f"{cfg.search.metric} needs a validation split "
@@ -42,7 +45,7 @@ def prepare(cfg: Config, run: str, where: str) -> Paths:
                 raise ConfigError(where, "", f"{run} holds a search with another config ({', '.join(differ)} "
                                              "differ): give another --run-dir")
         atomic_write(paths.config, dump(cfg))
-    return paths
+    return cfg, paths
 
 
 def settle(study, search, c: Claim, status: dict) -> bool:
@@ -53,7 +56,8 @@ def settle(study, search, c: Claim, status: dict) -> bool:
     if status.get("status") == "finished":
         _tell_finished(study, search, c.trial_id, c.run_dir)
         return True
-    if status.get("status") == "failed" or _lost_sessions(status) >= search.max_attempts:
+    interrupted = (status.get("sessions") or [{}])[-1].get("stopped_by") == "error: KeyboardInterrupt"
+    if (status.get("status") == "failed" and not interrupted) or _lost_sessions(status) >= search.max_attempts:
         tell(study, c.trial_id, state=state.FAIL,
              error=status.get("error") or f"its process died {_lost_sessions(status)} times")
         return True
@@ -90,6 +94,7 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
         rc = train(tcfg, c.run_dir, hooks=[PruneHook(study, c.trial_id, cfg.search)], verbose=verbose)
     except RunDirError as e:  # someone trains this run directory by hand: leave it to them
         print(f"search: skipping trial {c.number}: {e}", flush=True)
+        time.sleep(POLL_SECONDS)
         return EX_OK
     except Exception as e:  # the trial failed (RunFailure, UserError or worse); the search goes on
         tell(study, c.trial_id, state=optuna.trial.TrialState.FAIL, error=first_line(e))
@@ -103,7 +108,7 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
 
 def work(cfg: Config, run: str, where: str = "search", verbose: bool = False) -> int:
     """One worker's loop (see the module); called by ``hpcjobs search`` and by each array task."""
-    paths = prepare(cfg, run, where)
+    cfg, paths = prepare(cfg, run, where)
     study = open_study(paths, cfg)
     stop = StopFlag().install()  # between trials; train() installs its own meanwhile
     try:

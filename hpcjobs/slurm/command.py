@@ -169,7 +169,7 @@ def _plan(args) -> _Plan:
     if kind == "trials":  # the search: section: array tasks that pull trials (search_array.py)
         if s.search:
             raise _error("--search", "a bare --search (the config's search: section) or KEY=V1,V2 grids, not both")
-        search_array.check(cfg, s, args.config)
+        search_array.check(cfg, s, args.config, run_dir)
         params, note = search_array.params(cfg, s, run_dir, config_path)
         if note:
             print(note, file=sys.stderr)

@@ -51,10 +51,10 @@ def tasks(cfg: Config, s: SlurmConfig, limit: Optional[int]) -> tuple[int, Optio
     return n, None
 
 
-def check(cfg: Config, s: SlurmConfig, where: str):
-    from ..search.space import check_space
+def check(cfg: Config, s: SlurmConfig, where: str, run_dir: str):
+    from ..search.space import centre_lr, check_space
 
-    check_space(cfg, where)
+    check_space(centre_lr(cfg, run_dir, where) if cfg.search.lr_center else cfg, where)
     if s.nodes != 1:
         raise _error("--nodes", "a search worker trains on one node: pack trials with --trials-per-node instead")
     if s.gpus_per_node and s.gpus_per_node != s.trials_per_node:
