@@ -121,6 +121,63 @@ def test_lr_center_takes_the_range_from_lr_find(tmp_path, capsys):
     assert config.load(str(run / "search" / "config.yaml")).search.space == cfg.search.space
 
 
+def test_trial_labels_are_the_handbook_signs(tmp_path):
+    from hpcjobs import config
+    from hpcjobs.search import results
+
+    cfg = config.load(_config(tmp_path, SEARCH.format(trials=2)))
+    rising = [dict(epoch=i + 1, loss=1.0 - 0.1 * i, val_loss=0.5 + 0.1 * i) for i in range(5)]
+    assert results.signs(rising, {}, cfg) == ["diverging"]
+    flat = [dict(epoch=i + 1, loss=0.7, val_loss=0.5) for i in range(5)]
+    assert results.signs(flat, {}, cfg) == ["plateau"]
+    assert results.signs([], {"error": "the loss became nan at step 12: lower ..."}, cfg) == ["nan"]
+
+
+# --------------------------------------------------------------------------- submit --search
+def test_submit_search_renders_an_array_of_workers(tmp_path, capsys, monkeypatch):
+    from hpcjobs import slurm
+    from hpcjobs.slurm import search_array
+
+    monkeypatch.setattr(search_array, "max_array_size", lambda: None)
+    cfg = _config(tmp_path, SEARCH.format(trials=12))
+    run = str(tmp_path / "run")
+    assert cli.main(["submit", cfg, "--search", "--run-dir", run, "--parallel", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-11%3\n" in out and "#SBATCH --ntasks-per-node=1\n" in out
+    assert f'STEP=(search "$CONFIG" --run-dir "$RUN_DIR" --workers 1)' in out and f"CONFIG={run}/config.yaml" in out
+    assert cli.main(["submit", cfg, "--search", "--run-dir", run, "--trials-per-node", "4", "--gpus-per-node", "4",
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-2\n" in out and "--workers 4)" in out and "#SBATCH --gpus-per-node=4\n" in out
+    assert cli.main(["submit", cfg, "--search", "--trials-per-node", "4", "--gpus-per-node", "2", "--dry-run"]) == 2
+    assert "one GPU per trial" in capsys.readouterr().err
+    assert not os.path.exists(run)
+    monkeypatch.setattr(slurm, "_sbatch", lambda script, extra=(): "4242")
+    assert cli.main(["submit", cfg, "--search", "--run-dir", run]) == 0
+    assert os.path.isfile(os.path.join(run, "config.yaml")) and os.path.isfile(os.path.join(run, "slurm", "trials.sbatch"))
+
+
+def test_an_array_over_max_array_size_is_lowered_or_refused(tmp_path, capsys, monkeypatch):
+    from hpcjobs.slurm import search_array
+
+    monkeypatch.setattr(search_array, "max_array_size", lambda: 5)
+    cfg = _config(tmp_path, SEARCH.format(trials=12))
+    assert cli.main(["submit", cfg, "--search", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "#SBATCH --array=0-4\n" in captured.out and "MaxArraySize (5): 5 tasks pull the trials" in captured.err
+    assert cli.main(["submit", cfg, "--search", "--array", "8", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--array: 8 tasks: over the cluster's MaxArraySize (5)" in err
+
+
+def test_packed_workers_get_one_gpu_each():
+    from hpcjobs.cluster import split_gpus
+
+    assert split_gpus(4, {"CUDA_VISIBLE_DEVICES": "2,3,5,7"}) == [{"CUDA_VISIBLE_DEVICES": d} for d in "2357"]
+    assert split_gpus(2, {"SLURM_GPUS_ON_NODE": "2"}) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert split_gpus(2, {}) == [{}, {}]
+
+
 # --------------------------------------------------------------------------- the journal's lock
 HOLD = """
 import sys, time
@@ -244,6 +301,10 @@ def test_local_search_with_two_workers_then_a_second_invocation_continues(tmp_pa
     assert os.path.isfile(os.path.join(run, "search", "best.yaml"))
     for name in ("curves.png", "optimizer.learning_rate.png", "model.dropout.png"):
         assert os.path.isfile(os.path.join(run, "search", "plots", name))
+    board = os.path.join(run, "search", "tensorboard")  # HParams: the experiment, and each ended trial
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(board))
+    for r in rows:
+        assert any(n.startswith("events.out") for n in os.listdir(os.path.join(board, f"{int(r['trial']):03d}")))
     status = _hpcjobs("status", run)
     assert status.returncode == 0 and "search s: 4/4 trials" in status.stdout
     best = status.stdout.splitlines()[2].split()
