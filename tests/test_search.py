@@ -225,6 +225,19 @@ def test_a_live_holder_keeps_its_lock(tmp_path):
     assert other.acquire() and time.monotonic() - t0 < 5  # ... is robbed: both now "hold" it
 
 
+def test_a_file_system_without_locks_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    monkeypatch.setattr(fcntl, "lockf", refuse)
+    assert cli.main(["search", _config(tmp_path, SEARCH.format(trials=2)), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refuses file locks" in err and "-o flock" in err
+
+
 WRITER = """
 import sys
 from hpcjobs.search import journal

@@ -31,6 +31,7 @@ file would drop them, so no other descriptor of it is ever open in this process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -39,7 +40,25 @@ from typing import Any, Iterator
 
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 
+from ..errors import UserError
+
 _THREADS = threading.Lock()
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+class NoFileLocks(UserError, OSError):
+    """The file system of the search does not support file locks (exit 2, one line)."""
+
+
+def _lock(call, fd: int, op: int, path: str):
+    try:
+        call(fd, op)
+    except OSError as e:
+        if e.errno in _NO_LOCKS:
+            raise NoFileLocks(f"{path}: this file system refuses file locks ({os.strerror(e.errno)}), which a "
+                              "search needs: put the run directory on one that has them (Lustre: mounted with "
+                              "-o flock; NFS: with its lock service)") from None
+        raise
 
 
 class JournalWriteLost(OSError):
@@ -52,7 +71,7 @@ def locked(path: str, exclusive: bool) -> Iterator[int]:
     with _THREADS:
         fd = os.open(path, (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            _lock(fcntl.lockf, fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, path)
             yield fd
         finally:
             os.close(fd)  # releases the lock
@@ -120,7 +139,7 @@ def exclusive(path: str) -> Iterator[None]:
     its own: ``flock``, which the kernel drops when the process dies, so never left stale."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fcntl.flock, fd, fcntl.LOCK_EX, path)
         yield
     finally:
         os.close(fd)
@@ -131,8 +150,11 @@ def try_flock(path: str):
     The claim on a trial: held for as long as a worker works on it, gone when it dies."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        _lock(fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
+    except NoFileLocks:
+        os.close(fd)
+        raise
+    except OSError:  # EWOULDBLOCK: another holds it
         os.close(fd)
         return None
     os.ftruncate(fd, 0)
