@@ -92,12 +92,24 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
         tail.append("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in st["last"].items()))
     if "test_accuracy" in st:
-        tail.append(f"  test accuracy {st['test_accuracy']:.4f}")
+        tail.append(f"  test accuracy {st['test_accuracy']:.4f}"
+                    + (f", macro-F1 {st['test_f1']:.4f}" if isinstance(st.get("test_f1"), float) else ""))
     if "folds" in st:
         from .train.folds import fold_table
 
         tail += fold_table(st)
     return lines, tail
+
+
+def _delegate(sub, name: str, help: str, module: str, func: str, common, config: bool = True):
+    """A command whose arguments (``add_arguments``) and function live in ``hpcjobs.<module>``."""
+    import importlib
+
+    mod = importlib.import_module(f".{module}", __package__)
+    sp = sub.add_parser(name, help=help)
+    mod.add_arguments(sp)
+    common(sp, config=config)
+    sp.set_defaults(func=lambda a: getattr(mod, func)(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,19 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the store even over its source or over a file that is not an hpcjobs store")
     pr.set_defaults(func=cmd_prepare)
 
-    inf = sub.add_parser("infer", help="batch inference with an exported model")
-    from . import infer  # argument definitions live with the command's module
-
-    infer.add_arguments(inf)
-    common(inf, config=False)
-    inf.set_defaults(func=lambda a: infer.cmd_infer(a))
-
-    sb = sub.add_parser("submit", help="submit training (or inference) to Slurm")
-    from . import slurm
-
-    slurm.add_arguments(sb)
-    common(sb)
-    sb.set_defaults(func=lambda a: slurm.cmd_submit(a))
+    _delegate(sub, "infer", "batch inference with an exported model", "infer", "cmd_infer", common, config=False)
+    _delegate(sub, "submit", "submit training (or inference) to Slurm", "slurm", "cmd_submit", common)
+    _delegate(sub, "evaluate", "per-class metrics of an exported model on labelled images", "evaluate",
+              "cmd_evaluate", common, config=False)
+    _delegate(sub, "export", "write a run's export bundle (formats, model card, parity checks)", "bundle.command",
+              "cmd_export", common, config=False)
 
     from . import search  # hpcjobs search and lr-find (imports neither Optuna nor TensorFlow)
 

@@ -22,6 +22,8 @@ def add_arguments(parser):
     parser.add_argument("--time-budget", metavar="DURATION",
                         help="stop after the chunk that would cross this (90s, 15m, 1h); exit 75")
     parser.add_argument("--merge", action="store_true", help="join the shards' part files into --output")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="load a model.keras that holds code (a Lambda layer); only for a source you trust")
 
 
 def _settings(args) -> InferConfig:
@@ -51,4 +53,4 @@ def cmd_infer(args) -> int:
         if not cfg.output:
             raise InferError("--merge needs --output (the results file the shards were run with)")
         return merge(outputs_for(cfg.output, cfg.format))
-    return infer(cfg)
+    return infer(cfg, unsafe=args.unsafe)

@@ -12,7 +12,6 @@ in as pixels 0..255.  The devices come from ``hpcjobs.distribute.inference_strat
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import deque
 from typing import Callable, Iterator, Optional
 
@@ -25,22 +24,25 @@ from .inputs import Inputs
 class Predictor:
     """The exported model, loaded once, and the preprocessing it was trained with."""
 
-    def __init__(self, model_path: str, info=None, devices: Optional[list[str]] = None):
+    def __init__(self, model_path: str, info=None, devices: Optional[list[str]] = None, unsafe: bool = False):
         import tensorflow as tf
 
-        from .. import distribute, export
+        from .. import distribute
+        from ..bundle.formats import locate, open_runner
 
         self.tf = tf
-        folder = export.find(model_path)
-        self.strategy = distribute.inference_strategy(info, devices)
+        # model.keras runs on every replica; a SavedModel, TFLite or ONNX file (``--model
+        # EXPORT/model.tflite``) runs as it is, on the default device
+        keras = locate(model_path)[0] == "keras"
+        self.strategy = distribute.inference_strategy(info, devices) if keras else tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.model, self.info = export.load(folder)  # ExportError before any work
-        self.folder = folder
+            self.runner = open_runner(model_path, unsafe=unsafe)  # ExportError before any work
+        self.model, self.info, self.folder = self.runner.model, self.runner.info, self.runner.folder
         self.shape = tuple(int(d) for d in self.info["input_shape"])
         self.class_names = [str(c) for c in self.info["class_names"]]
         h = hashlib.sha256()
-        for name in ("preprocessing.json", "model.keras"):
-            with open(os.path.join(folder, name), "rb") as f:
+        for path in self.runner.files:  # preprocessing.json, then the model's file(s)
+            with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         self.fingerprint = h.hexdigest()[:20]
@@ -62,10 +64,10 @@ class Predictor:
         """The compiled call: a batch of uint8 images (distributed over the replicas) to
         per-replica (probabilities, top-k probabilities, top-k indices)."""
         if k not in self._steps:
-            tf, model, strategy = self.tf, self.model, self.strategy
+            tf, call, strategy = self.tf, self.runner.tf_call, self.strategy
 
             def replica(x):
-                p = tf.cast(model(tf.cast(x, tf.float32), training=False), tf.float32)
+                p = call(x)
                 top = tf.math.top_k(p, k=k)
                 return p, top.values, top.indices
 
