@@ -45,7 +45,8 @@ def plot_all(table: list[dict], cfg, folder: str):
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         _save(fig, os.path.join(folder, f"{key}.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))

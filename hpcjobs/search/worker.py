@@ -110,6 +110,7 @@ def work(cfg: Config, run: str, where: str = "search", verbose: bool = False) ->
     """One worker's loop (see the module); called by ``hpcjobs search`` and by each array task."""
     cfg, paths = prepare(cfg, run, where)
     study = open_study(paths, cfg)
+    results.write_all(study, cfg, paths)  # status RUN has a table from the start
     stop = StopFlag().install()  # between trials; train() installs its own meanwhile
     try:
         while True:
