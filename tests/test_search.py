@@ -350,6 +350,29 @@ def test_a_sigkilled_worker_s_trial_is_resumed_from_its_checkpoint(tmp_path):
     assert [r["status"] for r in _results(run)] == ["complete", "complete"]
 
 
+@pytest.mark.slow
+def test_a_trial_pruned_in_a_killed_session_is_not_trained_on(tmp_path):
+    """Killed after its pruner said prune (say during the final test evaluation), a trial
+    resumes only to end, where its checkpoint is: the decision in the journal stands."""
+    import optuna
+
+    from hpcjobs import config
+    from hpcjobs.rundir import RunDir
+    from hpcjobs.search import space, study as study_mod, worker
+    from hpcjobs.search.prune import PruneHook
+    from hpcjobs.train import train
+
+    cfg = config.load(_config(tmp_path, SEARCH.format(trials=1)))
+    cfg, paths = worker.prepare(cfg, str(tmp_path / "run"), "test")
+    study = study_mod.open_study(paths, cfg)
+    c, _ = study_mod.claim(study, cfg, paths, lambda *a: False)
+    optuna.trial.Trial(study, c.trial_id).set_user_attr("prune_at_1", True)
+    assert train(space.trial_config(cfg, c.params, c.number), c.run_dir,
+                 hooks=[PruneHook(study, c.trial_id, cfg.search)], verbose=False) == 0
+    st = RunDir(c.run_dir).read_status()
+    assert st["status"] == "finished" and st["step"] == 0 and st["sessions"][-1]["stopped_by"] == "pruned"
+
+
 # --------------------------------------------------------------------------- lr-find
 @pytest.mark.slow
 def test_lr_find_suggests_within_10x_of_the_best_grid_learning_rate(tmp_path):

@@ -20,6 +20,18 @@ class PruneHook(Hook):
     def __init__(self, study, trial_id: int, search):
         self.study, self.trial_id, self.search = study, trial_id, search
 
+    def begin(self, loop):
+        # pruned already, in a session killed before it could end (say during the final test
+        # evaluation): end at once, where the checkpoint is, instead of training on
+        attrs = self._frozen().user_attrs
+        self.pruned_before = any(v for k, v in attrs.items() if k.startswith("prune_at_"))
+
+    def limit(self, loop, step: int):
+        return 0 if self.pruned_before else None
+
+    def stop_reason(self, loop):
+        return "pruned" if self.pruned_before else None
+
     def save_due(self, loop, step: int) -> bool:
         return step % loop.trainer.steps_per_epoch == 0
 
