@@ -144,7 +144,7 @@ def test_submit_search_renders_an_array_of_workers(tmp_path, capsys, monkeypatch
     assert cli.main(["submit", cfg, "--search", "--run-dir", run, "--parallel", "3", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-11%3\n" in out and "#SBATCH --ntasks-per-node=1\n" in out
-    assert f'STEP=(search "$CONFIG" --run-dir "$RUN_DIR" --workers 1)' in out and f"CONFIG={run}/config.yaml" in out
+    assert 'STEP=(search "$CONFIG" --run-dir "$RUN_DIR" --workers 1)' in out and f"CONFIG={run}/config.yaml" in out
     assert cli.main(["submit", cfg, "--search", "--run-dir", run, "--trials-per-node", "4", "--gpus-per-node", "4",
                      "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -154,7 +154,8 @@ def test_submit_search_renders_an_array_of_workers(tmp_path, capsys, monkeypatch
     assert not os.path.exists(run)
     monkeypatch.setattr(slurm, "_sbatch", lambda script, extra=(): "4242")
     assert cli.main(["submit", cfg, "--search", "--run-dir", run]) == 0
-    assert os.path.isfile(os.path.join(run, "config.yaml")) and os.path.isfile(os.path.join(run, "slurm", "trials.sbatch"))
+    assert os.path.isfile(os.path.join(run, "config.yaml"))
+    assert os.path.isfile(os.path.join(run, "slurm", "trials.sbatch"))
 
 
 def test_an_array_over_max_array_size_is_lowered_or_refused(tmp_path, capsys, monkeypatch):
