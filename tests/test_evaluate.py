@@ -2,7 +2,6 @@
 on lfw (2 classes), with real runs trained here through the CLI."""
 import csv
 import json
-import os
 import shutil
 
 import numpy as np
@@ -11,41 +10,24 @@ import yaml
 
 from hpcjobs import cli, config, metrics
 from hpcjobs.bundle.formats import open_runner
-from hpcjobs.data import load_data, prepare_store
+from hpcjobs.data import prepare_store
 
-from conftest import QUICKSTART
-
-DATASETS = {"quickstart": [], "lfw": ["data.source=lfw"]}
-
-
-def sets(*items):
-    return sum((["--set", s] for s in items), [])
+from bundle_runs import DATASETS, status, test_split, train
 
 
 @pytest.fixture(scope="module", params=list(DATASETS))
 def run(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param) / "run"
-    assert cli.main(["train", QUICKSTART, "--run-dir", str(path),
-                     *sets("training.epochs=2", *DATASETS[request.param])]) == 0
-    return path
-
-
-def status(run):
-    return json.loads((run / "run.json").read_text())
-
-
-def split_of(run):
-    return load_data(config.load(str(run / "config.yaml"))).splits["test"]
+    return train(tmp_path_factory, request.param)
 
 
 def export_predictions(run):
-    split = split_of(run)
+    split = test_split(run)
     return np.asarray(split.labels), open_runner(str(run / "export")).predict(split.images)
 
 
 def test_confusion_matrix_sums_to_the_test_count(run):
     st = status(run)
-    n = len(split_of(run))
+    n = len(test_split(run))
     tm = st["test_metrics"]
     assert np.sum(tm["confusion_matrix"]) == tm["count"] == n
     assert sum(c["support"] for c in tm["per_class"]) == n
@@ -135,7 +117,7 @@ def test_evaluate_an_export_copied_elsewhere(run, tmp_path, capsys):
     assert evaluate(export, "--data", store, "--output", tmp_path / "ev-store") == 0
     assert json.loads((tmp_path / "ev-store" / "metrics.json").read_text())["confusion_matrix"] == expected
     names = status(run)["test_metrics"]["class_names"]
-    folder = _photos(split_of(run), names, tmp_path / "photos")
+    folder = _photos(test_split(run), names, tmp_path / "photos")
     assert evaluate(export / "model.keras", "--data", folder, "--output", tmp_path / "ev-png") == 0
     got = json.loads((tmp_path / "ev-png" / "metrics.json").read_text())
     assert got["count"] == np.sum(expected) and got["confusion_matrix"] == expected  # PNG round trip is lossless

@@ -4,7 +4,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -14,32 +13,20 @@ from hpcjobs import cli, config
 from hpcjobs.bundle import formats
 from hpcjobs.data import load_data
 
+from bundle_runs import DATASETS, status, test_split, train
 from conftest import QUICKSTART
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime"))
 FORMATS = ["keras", "saved_model", "tflite", "tflite_int8"] + (["onnx"] if HAVE_ONNX else [])
-DATASETS = {"quickstart": [], "lfw": ["data.source=lfw"]}
-
-
-def sets(*items):
-    return sum((["--set", s] for s in items), [])
 
 
 @pytest.fixture(scope="module", params=list(DATASETS))
 def run(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param) / "run"
-    assert cli.main(["train", QUICKSTART, "--run-dir", str(path),
-                     *sets("training.epochs=2", f"export.formats=[{','.join(FORMATS)}]",
-                           *DATASETS[request.param])]) == 0
-    return path
-
-
-def status(run):
-    return json.loads((run / "run.json").read_text())
+    return train(tmp_path_factory, request.param, f"export.formats=[{','.join(FORMATS)}]")
 
 
 def images_of(run):
-    split = load_data(config.load(str(run / "config.yaml"))).splits["test"]
+    split = test_split(run)
     return np.asarray(split.images), np.asarray(split.labels)
 
 
