@@ -119,3 +119,15 @@ def test_sessions_equal_an_uninterrupted_run_with_the_best_export(tmp_path):
     named = {int(tf.train.load_variable(p, "best_epoch/.ATTRIBUTES/VARIABLE_VALUE")) for p in kept}
     assert a["best_epoch"] in named
     assert {p.name for p in (parts / "checkpoints" / "best").iterdir()} == {best_file(parts, e).name for e in named}
+
+
+def test_without_a_validation_split_the_last_weights_are_exported(tmp_path, capsys):
+    run = tmp_path / "noval"
+    assert train(run, "training.epochs=1", "data.validation_split=0") == 0
+    assert status(run)["final_weights"] == "latest" and status(run)["best_epoch"] is None
+    assert "the last weights (step" in (run / "export" / "model_card.md").read_text()
+    assert cli.main(["export", str(run)]) == 0  # export.from: best by default, so the latest with a note
+    assert "no best weights kept" in capsys.readouterr().out
+    assert cli.main(["export", str(run), "--from", "best"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--from latest" in err

@@ -37,8 +37,9 @@ def parse_formats(text: str | None):
     return wanted
 
 
-def load_weights(model, rd, source: str, monitor: str) -> dict:
-    """Put the weights ``source`` names into ``model``; what the model card says of them."""
+def load_weights(model, rd, source: str, monitor: str, fallback: bool = False) -> dict:
+    """Put the weights ``source`` names into ``model``; what the model card says of them.
+    ``fallback``: when no best weights were kept (``best`` by default only), the latest."""
     import tensorflow as tf
 
     from ..checkpoint import find_checkpoint
@@ -49,6 +50,9 @@ def load_weights(model, rd, source: str, monitor: str) -> dict:
     if source == "best":
         epoch = int(tf.train.load_variable(prefix, BEST_EPOCH_KEY))
         path = best_weights_path(rd, epoch) if epoch else None
+        if (not path or not os.path.isfile(path)) and fallback:
+            print(f"no best weights kept ({monitor} was never measured): exporting the latest checkpoint")
+            return load_weights(model, rd, "latest", monitor)
         if not path or not os.path.isfile(path):
             raise ExportError(f"{rd.path}: no best weights kept ({monitor} never measured, e.g. without a "
                               "validation split); use --from latest")
@@ -80,7 +84,8 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
     try:
         data = load_data(cfg)
         model = models.build(cfg.model, data.image_shape, data.num_classes, data.mean, data.std, cfg.data.normalize)
-        training = load_weights(model, rd, source or cfg.export.from_, cfg.training.early_stopping.monitor)
+        training = load_weights(model, rd, source or cfg.export.from_, cfg.training.early_stopping.monitor,
+                                fallback=source is None)
         status = rd.read_status()
         steps_per_epoch = status.get("steps_per_epoch") or 1
         training.update(total_steps=status.get("total_steps"), epochs=training["step"] // steps_per_epoch,
