@@ -163,12 +163,12 @@ def input_section(info) -> str:
     r = info["resize"]
     return f"""## Input format
 
-Every format takes raw pixels: shape (N, {h}, {w}, {c}), values 0..255, uint8 (model.keras also takes
-float32). Do not scale or normalise them: the model does (`{norm['kind']}`, mean
-{[round(m, 3) for m in norm['mean']]}, std {[round(s, 3) for s in norm['std']]}). To turn an image into that
-input (`preprocessing.json`; `hpcjobs infer` does all of it): {info['bit_depth']}; {info['color']}; pad to the
-aspect ratio ({r['pad_mode']}), then resize to {h} x {w} ({r['shrink']} when shrinking, {r['enlarge']} when
-enlarging).
+Every format takes raw pixels: shape (N, {h}, {w}, {c}), values 0..255, uint8 (model.keras also takes float32).
+Do not scale or normalise them: the model does (`{norm['kind']}`, mean {[round(m, 3) for m in norm['mean']]},
+std {[round(s, 3) for s in norm['std']]}).
+To turn an image into that input (`preprocessing.json`; `hpcjobs infer` does all of it):
+{info['bit_depth']}; {info['color']}; pad to the aspect ratio ({r['pad_mode']}), then resize to {h} x {w}
+({r['shrink']} when shrinking, {r['enlarge']} when enlarging).
 
 ```python
 import numpy as np, keras                      # images: uint8 array (N, {h}, {w}, {c})
