@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(lf)
     lf.set_defaults(func=lambda a: search.cmd_lr_find(a))
 
+    wt = sub.add_parser("weights", help="pretrained backbone weights (on a login node)")
+    from . import weights
+
+    weights.add_arguments(wt)
+    wt.set_defaults(func=lambda a: weights.cmd_weights(a))
+
     st = sub.add_parser("status", help="progress of a run (or the table of a search)")
     st.add_argument("run", help="run directory")
     st.set_defaults(func=cmd_status)

@@ -76,6 +76,42 @@ def keras_application_names() -> frozenset[str] | None:
     return names
 
 
+class _Requested(Exception):
+    def __init__(self, request: dict):
+        self.request = request
+
+
+def keras_weights_request(constructor, **kwargs) -> dict:
+    """The weights file a ``keras.applications`` constructor would download for
+    ``weights="imagenet"``: ``{fname, origin, file_hash, cache_subdir}``, found without
+    downloading anything.
+
+    Checked against Keras 3.15: the constructors call
+    ``keras.src.utils.file_utils.get_file(fname, origin, cache_subdir=..., file_hash=...)``
+    once for the weights; that call is intercepted and abandoned."""
+    try:
+        from keras.src.utils import file_utils
+    except ImportError as e:
+        raise CompatError("keras.src.utils.file_utils is gone (checked with Keras 3.15)") from e
+    original = getattr(file_utils, "get_file", None)
+    if original is None:
+        raise CompatError("keras.src.utils.file_utils.get_file is gone (checked with Keras 3.15)")
+
+    def capture(fname=None, origin=None, file_hash=None, cache_subdir="datasets", **_):
+        raise _Requested({"fname": fname or os.path.basename(origin), "origin": origin, "file_hash": file_hash,
+                          "cache_subdir": cache_subdir})
+
+    file_utils.get_file = capture
+    try:
+        constructor(weights="imagenet", **kwargs)
+    except _Requested as r:
+        return r.request
+    finally:
+        file_utils.get_file = original
+    raise CompatError(f"{getattr(constructor, '__name__', constructor)} asked for no weights file "
+                      "(checked with Keras 3.15)")
+
+
 # --------------------------------------------------------------------------- TensorFlow
 def take_async_checkpoint_error(ckpt) -> BaseException | None:
     """The error of a failed asynchronous write of ``tf.train.Checkpoint`` ``ckpt``, once.

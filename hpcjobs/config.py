@@ -21,6 +21,7 @@ from .config_load import ConfigError, apply_overrides, build, read_with_base
 from .config_load import section as _frozen
 from .config_load import dump, read_yaml, to_dict  # noqa: F401  (still hpcjobs.config's names)
 from .config_search import SearchConfig
+from .config_transfer import HeadConfig, StageConfig, TopBlocks, TransferConfig  # noqa: F401
 from .config_train import SEED_MAX, OptimizerConfig, TrainingConfig
 from .config_train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                            ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
@@ -66,6 +67,8 @@ class DataConfig:
     epochs_per_segment: int = 2
     normalize: Literal["standardize", "rescale"] = "standardize"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    classes: tuple[str, ...] = ()  # only these classes of the source (in this order); empty: all
+    max_per_class: Optional[int] = None  # a stratified subset of the training split: N images per class
     folds: Optional[int] = None  # K-fold cross-validation over train + validation; null = one fixed split
     fold: Optional[int] = None  # which fold this run validates on; null with folds: all folds in turn
     seed: int = 0
@@ -85,6 +88,8 @@ class DataConfig:
             raise ValueError("channels: must be 1, 3 or null")
         if self.epochs_per_segment < 1:
             raise ValueError("epochs_per_segment: must be >= 1")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise ValueError("max_per_class: must be >= 1 or null")
         if self.folds is not None and self.folds < 2:
             raise ValueError("folds: must be >= 2 or null")
         if self.fold is not None and (self.folds is None or not 0 <= self.fold < self.folds):
@@ -100,7 +105,10 @@ class DataConfig:
 class ModelConfig:
     # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2)
     arch: str = "simple_cnn"
-    weights: Optional[str] = None  # keras.applications weights file (no-top); never downloaded
+    weights: Optional[str] = None  # keras.applications: a weights file, or imagenet (from the cache); never downloaded
+    weights_cache: Optional[str] = None  # where imagenet weights are; null: $KERAS_HOME/models or ~/.keras/models
+    head: HeadConfig = field(default_factory=HeadConfig)
+    bn_trainable: bool = False  # BatchNormalization of unfrozen blocks trains too (default: inference mode)
     init_from: Optional[str] = None  # an hpcjobs export or .weights.h5: copy matching layers
     freeze_backbone: bool = False
     dropout: float = 0.5
@@ -319,6 +327,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     search: SearchConfig = field(default_factory=SearchConfig)  # hpcjobs search and lr-find (config_search.py)
 
     def __post_init__(self):

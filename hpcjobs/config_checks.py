@@ -68,8 +68,6 @@ def check_across(cfg):
     if t.jit_compile is True and t.deterministic:
         raise ValueError("training.jit_compile: TensorFlow's deterministic mode does not cover XLA-compiled "
                          "steps; use jit_compile: false (or auto, which is off) with deterministic: true")
-    if cfg.model.arch not in BUILTIN_ARCHS and d.channels == 1:
-        raise ValueError(f"data.channels: {cfg.model.arch} needs 3 channels; set data.channels: 3")
     if d.store is not None and os.path.normpath(d.store) == os.path.normpath(d.source):
         raise ValueError("data.store: the same path as data.source: prepare would overwrite the source; "
                          "name another file")

@@ -8,6 +8,7 @@ from dataclasses import field
 from typing import Literal, Optional, Union
 
 from .config_load import section as _frozen
+from .config_transfer import StageConfig
 from .units import parse_duration
 
 SEED_MAX = 2**32 - 1  # numpy's and Keras' global seeds are 32-bit
@@ -182,6 +183,10 @@ class TrainingConfig:
     stop_on: tuple[Literal["diverging", "plateau", "bouncing"], ...] = ()  # finish on these signs
     # null, balanced (n / (classes x count)), or {class name or index: weight} (others 1)
     class_weight: Optional[Union[Literal["balanced"], dict[str, float]]] = None
+    # stages of one run, e.g. [{epochs: 3, trainable: head, learning_rate: 1e-3}, {epochs: 5, trainable:
+    # {top_blocks: 2}, learning_rate: 1e-4}, {epochs: 5, trainable: all, learning_rate: 1e-5}];
+    # with stages, the run is as long as their epochs together (epochs is not used)
+    stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "steps_per_call", "log_every_steps", "loss_scale_growth_steps"):

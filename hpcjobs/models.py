@@ -8,8 +8,6 @@ exported model needs nothing but the geometric preprocessing in preprocessing.js
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -73,7 +71,10 @@ def _small_resnet(keras, x, cfg: ModelConfig):
     return L.Dropout(cfg.dropout, name="dropout")(x)
 
 
-def _application(keras, x, cfg: ModelConfig, input_shape):
+def _application(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
+    """A keras.applications backbone with its own preprocessing, and the head."""
+    from . import backbones
+
     apps = keras.applications
     names = sorted(n for n in dir(apps) if n[:1].isupper() and callable(getattr(apps, n)))
     ctor = getattr(apps, cfg.arch) if cfg.arch in names else None  # never __class__ or a submodule
@@ -83,18 +84,34 @@ def _application(keras, x, cfg: ModelConfig, input_shape):
         close = difflib.get_close_matches(cfg.arch, list(BUILTIN) + names, 1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (built-in: {', '.join(BUILTIN)})"
         raise ModelError(f"model.arch: unknown architecture '{cfg.arch}'{hint}")
-    if input_shape[-1] != 3:
-        raise ModelError(f"model.arch: {cfg.arch} needs 3 channels; set data.channels: 3")
-    weights = cfg.weights
-    if weights is not None and not os.path.isfile(weights):
-        raise ModelError(f"model.weights: no such file: {weights} (weights are never downloaded)")
+    pre = backbones.preprocessing(keras, cfg.arch, input_shape)
+    x = backbones.apply(pre, x)
+    shape = tuple(int(d) for d in x.shape[1:])
+    top = cfg.head.include_top
+    weights = backbones.resolve_weights(cfg.arch, cfg.weights, cfg.weights_cache, shape, top)
+    kw = dict(classes=num_classes, classifier_activation="softmax") if top else dict(pooling=None)
     try:
-        base = ctor(include_top=False, weights=weights, input_shape=tuple(input_shape), pooling="avg")
+        base = ctor(include_top=top, weights=weights, input_shape=shape, **kw)
     except ValueError as e:
         raise ModelError(f"model.arch: {cfg.arch}: {str(e).splitlines()[0]}") from None
     base.trainable = not cfg.freeze_backbone
     x = base(x)
-    return keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    if top:  # the pretrained classifier is the head
+        return keras.layers.Activation("linear", dtype="float32", name="head")(x)
+    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
+            "flatten": keras.layers.Flatten}[cfg.head.pooling]
+    return _head(keras, pool(name="pool")(x), cfg, num_classes)
+
+
+def _head(keras, x, cfg: ModelConfig, num_classes: int):
+    """``model.head.dense`` layers, dropout, and the classifier (float32 probabilities
+    whatever the precision policy: mixed_float16/bfloat16 compute in half)."""
+    for i, units in enumerate(cfg.head.dense):
+        x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i + 1}", **_kernel(keras, cfg))(x)
+    if cfg.arch not in BUILTIN:  # the built-in nets end in their own dropout
+        x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    l2 = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
+    return keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32", kernel_regularizer=l2)(x)
 
 
 def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize: str = "standardize"):
@@ -102,15 +119,12 @@ def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize:
     import keras
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = _normalizer(keras, normalize, mean, std)(inputs)
-    if cfg.arch == "simple_cnn":
-        x = _simple_cnn(keras, x, cfg)
-    elif cfg.arch == "small_resnet":
-        x = _small_resnet(keras, x, cfg)
-    else:
-        x = _application(keras, x, cfg, input_shape)
-    # float32 probabilities whatever the precision policy (mixed_float16/bfloat16 compute in half)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32")(x)
+    if cfg.arch in BUILTIN:
+        x = _normalizer(keras, normalize, mean, std)(inputs)
+        x = (_simple_cnn if cfg.arch == "simple_cnn" else _small_resnet)(keras, x, cfg)
+        outputs = _head(keras, x, cfg, num_classes)
+    else:  # the backbone's own preprocessing, not the run's normalisation
+        outputs = _application(keras, inputs, cfg, input_shape, num_classes)
     return keras.Model(inputs, outputs, name=cfg.arch)
 
 
@@ -156,45 +170,3 @@ def load_exported(path: str, unsafe: bool = False):
         return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as e:  # keras raises many types for a bad file
         raise ModelError(f"{path}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-@dataclass
-class InitPlan:
-    """The layers of a model that ``model.init_from`` fills, found when the model is built."""
-
-    path: str
-    source: Any  # the loaded source model
-    layers: list[str]  # names of the layers to copy
-    frozen: bool
-
-    def apply(self, model):
-        """Copy the planned layers' weights from the source."""
-        src = {layer.name: layer for layer in self.source.layers}
-        for name in self.layers:
-            model.get_layer(name).set_weights(src[name].get_weights())
-
-
-def plan_init(model, path: str, freeze: bool = False) -> InitPlan:
-    """Match ``model``'s layers against another hpcjobs model (a ``.keras`` export, an
-    export folder or a run directory) by name and weight shapes; the head and the
-    normalisation layer never match.  With ``freeze`` the matched layers are made
-    non-trainable now, before an optimizer is built for the model."""
-    from .export import model_file as resolve
-
-    model_file = resolve(path)
-    source = load_exported(model_file)
-    src = {layer.name: layer for layer in source.layers}
-    names = []
-    for layer in model.layers:
-        if layer.name in ("head", "normalize", "image") or layer.name not in src:
-            continue
-        theirs = src[layer.name].get_weights()
-        mine = layer.get_weights()
-        if mine and len(theirs) == len(mine) and all(a.shape == b.shape for a, b in zip(theirs, mine)):
-            names.append(layer.name)
-    if not names:
-        raise ModelError(f"model.init_from: {path}: no layer matches this model's layers")
-    if freeze:
-        for name in names:
-            model.get_layer(name).trainable = False
-    return InitPlan(model_file, source, names, freeze)

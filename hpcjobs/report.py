@@ -94,6 +94,10 @@ def plot_training(rows: list[dict], path: str):
     lr.set_ylabel("learning rate")
     lr.set_yscale("log")
     lr.grid(alpha=0.3)
+    starts = [r["epoch"] - 0.5 for a, r in zip(rows, rows[1:]) if r.get("stage") != a.get("stage")]
+    for ax in axes:  # where each stage of a staged run begins
+        for x in starts:
+            ax.axvline(x, color="grey", linestyle="--", linewidth=1)
     for ax, key in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [r.get(key) for r in rows], "o-", label="train")
         if any("val_" + key in r for r in rows):

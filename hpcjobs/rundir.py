@@ -27,7 +27,8 @@ import time
 
 from .errors import UserError
 
-METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "val_f1"]
+METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "val_f1",
+                 "stage"]
 
 
 class RunDirError(UserError, RuntimeError):
@@ -166,7 +167,7 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         try:
             with open(self.metrics_csv, newline="", encoding="utf-8") as f:
-                return [{k: float(v) if k not in ("epoch", "step") else int(v) for k, v in row.items() if v != ""}
+                return [{k: float(v) if k not in ("epoch", "step", "stage") else int(v) for k, v in row.items() if v != ""}
                         for row in csv.DictReader(f)]
         except OSError:
             return []

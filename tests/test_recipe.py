@@ -177,7 +177,7 @@ def test_bad_recipe_values_are_one_line(tmp_path, capsys):
 def test_folds_are_stratified_disjoint_and_cover_the_pool():
     from hpcjobs import config
     from hpcjobs.data import load_data
-    from hpcjobs.data.folds import fold_indices
+    from hpcjobs.data.subsets import fold_indices
 
     base = load_data(config.load(QUICKSTART))
     pool = np.concatenate([base.splits["train"].source_index, base.splits["val"].source_index])

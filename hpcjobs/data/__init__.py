@@ -11,7 +11,7 @@ from .store import Prepared, open_store, prepare
 def load_data(cfg: Config, base_dir: str = ".", progress: bool = False) -> Prepared:
     """The prepared data a run trains on: the store if the config names one, otherwise
     the source prepared in memory (same preprocessing and split as ``hpcjobs prepare``);
-    with ``data.folds``, train and validation are fold ``data.fold`` of those."""
+    then ``data.classes``, ``data.folds`` and ``data.max_per_class`` take their subsets."""
     d = cfg.data
     if d.store:
         path = d.store if os.path.isabs(d.store) else os.path.join(base_dir, d.store)
@@ -20,10 +20,14 @@ def load_data(cfg: Config, base_dir: str = ".", progress: bool = False) -> Prepa
         samples = open_source(d.source, base_dir)
         data = prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
                        progress=progress)
-    if d.folds:
-        from .folds import apply_fold
+    from . import subsets
 
-        data = apply_fold(data, d.folds, d.fold or 0, d.seed)
+    if d.classes:
+        data = subsets.select_classes(data, d.classes)
+    if d.folds:
+        data = subsets.apply_fold(data, d.folds, d.fold or 0, d.seed)
+    if d.max_per_class:
+        data = subsets.limit_per_class(data, d.max_per_class, d.seed)
     return data
 
 

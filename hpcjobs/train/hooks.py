@@ -9,6 +9,7 @@ the order of the hook list.  All of them are optional (the base class does nothi
                                           They are checkpointed (and broadcast under
                                           Horovod), so exact resume covers them.
 ``begin(loop)``                           a session starts, after restore
+``epoch_begin(loop, epoch)``              before the first call of epoch ``epoch`` (0-based)
 ``limit(loop, step) -> int | None``       before each compiled call: the most steps it may run
 ``stop_reason(loop) -> str | None``       before each call: this worker's reason to stop
                                           after it (summed over workers with the step)
@@ -49,6 +50,9 @@ class Hook:
         return {}
 
     def begin(self, loop):
+        pass
+
+    def epoch_begin(self, loop, epoch: int):
         pass
 
     def limit(self, loop, step: int) -> int | None:
@@ -100,7 +104,7 @@ class Progress(Hook):
 
     def begin(self, loop):
         t = loop.trainer
-        self.progress = report.Progress(t.steps_per_epoch, t.cfg.training.epochs, t.cfg.training.log_every_steps,
+        self.progress = report.Progress(t.steps_per_epoch, t.epochs, t.cfg.training.log_every_steps,
                                         t.verbose)
         self.start_step, self.t0 = loop.step, time.monotonic()
 
@@ -353,7 +357,8 @@ class Diagnosis(Hook):
 def default_hooks(cfg, deadline: float | None) -> list[Hook]:
     """The built-in hooks of config ``cfg``, in the order they act at each moment."""
     t = cfg.training
-    hooks = [MetricsCSV(), TensorBoard(), Progress(), BestMetric()]
+    hooks = [Stages(t.stages)] if t.stages else []  # first: its stage goes into every row
+    hooks += [MetricsCSV(), TensorBoard(), Progress(), BestMetric()]
     if cfg.optimizer.reduce_on_plateau.patience is not None:
         hooks.append(ReduceOnPlateau(cfg.optimizer.reduce_on_plateau))
     targets = {k: v for k, v in dataclasses.asdict(t.stop_at).items() if v is not None}
@@ -361,3 +366,6 @@ def default_hooks(cfg, deadline: float | None) -> list[Hook]:
         hooks.append(StopAt(targets))
     hooks += [Diagnosis(t.diagnose, t.stop_on), CheckpointCadence(), StopSignals(deadline)]
     return hooks
+
+
+from .stages import Stages  # noqa: E402  (a hook module of its own, built on Hook)

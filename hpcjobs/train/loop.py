@@ -45,6 +45,8 @@ class Loop:
         epoch_start = time.monotonic() - float(t.epoch_seconds.numpy())
         while self.step < t.total_steps:
             step = self.step
+            if step % t.steps_per_epoch == 0:
+                self.each("epoch_begin", step // t.steps_per_epoch)
             epoch_end = (step // t.steps_per_epoch + 1) * t.steps_per_epoch
             limits = [x for x in self.each("limit", step) if x is not None]
             n = min([t.cfg.training.steps_per_call, epoch_end - step] + limits)

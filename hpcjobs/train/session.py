@@ -154,7 +154,7 @@ def _test_and_export(trainer, loop: Loop, summary: dict) -> dict:
 # not what is trained (those would not match the run's checkpoints or its metrics).
 SESSION_KEYS = ("name", "training.epochs", "training.time_budget", "training.log_every_steps",
                 "training.steps_per_call", "training.early_stopping", "checkpoint", "distribute", "slurm", "infer",
-                "export")
+                "export", "transfer")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -232,6 +232,11 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
                 raise
             if aside and verbose:
                 print(f"moved the previous run aside to {aside}", flush=True)
-            return trainer.run(from_checkpoint)
+            rc = trainer.run(from_checkpoint)
         finally:
             rd.unlock()
+    if rc == EX_OK and rd.writer and (cfg.transfer.compare_scratch_epochs or cfg.transfer.baseline):
+        from ..transfer import check_negative_transfer
+
+        check_negative_transfer(cfg, run_dir, train, verbose)
+    return rc

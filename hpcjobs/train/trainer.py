@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .. import cluster as cluster_mod
-from .. import distribute, metrics, models
+from .. import distribute, metrics, models, transfer
 from ..checkpoint import Checkpoints, find_checkpoint, seed_variables
 from ..config import Config, ConfigError
 from ..data import load_data
@@ -79,16 +79,16 @@ class Trainer:
         self.feeder = Feeder(self.data, feed=cfg.data.feed, memory_budget=cfg.data.memory_budget,
                              epochs_per_segment=cfg.data.epochs_per_segment, seed=cfg.data.seed + t.seed,
                              augment=cfg.data.augment, global_batch=t.batch_size, worker=self.rt.worker,
-                             workers=self.rt.workers, local_replicas=self.rt.local_replicas)
+                             workers=self.rt.workers, local_replicas=self.rt.local_replicas, cpus=self.info.cpus,
+                             device="gpu" if self.rt.kind in ("none", "horovod") else None)
         self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
-        self.total_steps = t.epochs * self.steps_per_epoch
+        self.epochs = sum(st.epochs for st in t.stages) if t.stages else t.epochs
+        self.total_steps = self.epochs * self.steps_per_epoch
         self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
         self.jit_compile = use_xla(t, self.rt)
         self._build_state()
-        self.compiled = build_steps(self.model, self.optimizer, self.rt, t.batch_size,
-                                    class_weights(t.class_weight, self.data.splits["train"].labels,
-                                                  self.data.num_classes, self.data.class_names),
-                                    jit_compile=self.jit_compile)
+        self.compiled = self._build_steps()
+        self._stage_steps = {0: self.compiled}
 
     def _deadline(self, budget: str | None) -> float | None:
         deadline = self.t0 + parse_duration(budget) if budget else None
@@ -106,8 +106,8 @@ class Trainer:
                                       self.data.std, cfg.data.normalize)
             # the layers model.init_from matches are known (and frozen) before the optimizer
             # is built, so the checkpoint's graph is the same whichever way a session starts
-            self.init = models.plan_init(self.model, cfg.model.init_from, cfg.model.freeze_backbone) \
-                if cfg.model.init_from else None
+            self.init = transfer.plan_init(self.model, cfg.model.init_from, cfg.model.freeze_backbone,
+                                           self.data.class_names) if cfg.model.init_from else None
             self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.epoch_sums = tf.Variable(np.zeros(3), dtype=tf.float64, trainable=False, name="epoch_sums")
             self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_seconds")
@@ -116,20 +116,55 @@ class Trainer:
             if cfg.optimizer.reduce_on_plateau.patience is not None:
                 self.lr_factor = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_factor")
                 state["lr_factor"] = self.lr_factor
-            lr = self.rt.scale_lr(cfg.optimizer.learning_rate, cfg.optimizer.scale_lr_with_workers)
-            self.optimizer = make_optimizer(cfg.optimizer, lr, self.total_steps, self.lr_factor)
-            if cfg.training.precision == "mixed_float16":  # its dynamic scale is checkpointed with it
-                self.optimizer = keras.optimizers.LossScaleOptimizer(
-                    self.optimizer, dynamic_growth_steps=cfg.training.loss_scale_growth_steps)
-            self.optimizer.build(self.model.trainable_variables)
+            self.optimizers = self._optimizers()
+            self.optimizer = self.optimizers[0]
             for hook in self.hooks:
                 state.update(hook.setup(self))
         self.state = state  # every loop and hook variable, checkpointed beside the model
-        objects = dict(model=self.model, optimizer=self.optimizer, seeds=seed_variables(self.model), **state)
+        objects = dict(model=self.model, optimizer=self.optimizer, seeds=seed_variables(self.model), **state,
+                       **{f"optimizer_{i}": o for i, o in enumerate(self.optimizers) if i})
         size = 3 * sum(int(np.prod(v.shape)) * 4 for v in self.model.variables)  # weights + Adam slots
         self.checkpoints = Checkpoints(self.run_dir.checkpoints, objects, cfg.checkpoint,
                                        writer=self.rt.is_chief, all_save=self.rt.kind == "multiworker",
                                        size_bytes=size)
+
+    def _optimizers(self) -> list:
+        """One optimizer, or one per stage built over that stage's trainable variables (all
+        in the checkpoint, so a stage resumes with its own optimizer state)."""
+        cfg = self.cfg
+        stages = cfg.training.stages or [None]
+        out = []
+        for st in stages:
+            steps = st.epochs * self.steps_per_epoch if st else self.total_steps
+            if st:
+                transfer.set_trainable(self.model, st.trainable, cfg.model.bn_trainable)
+            base_lr = st.learning_rate if st and st.learning_rate else cfg.optimizer.learning_rate
+            lr = self.rt.scale_lr(base_lr, cfg.optimizer.scale_lr_with_workers)
+            opt = make_optimizer(cfg.optimizer, lr, steps, self.lr_factor)
+            if cfg.training.precision == "mixed_float16":  # its dynamic scale is checkpointed with it
+                opt = self.keras.optimizers.LossScaleOptimizer(
+                    opt, dynamic_growth_steps=cfg.training.loss_scale_growth_steps)
+            opt.build(self.model.trainable_variables)
+            out.append(opt)
+        if cfg.training.stages:
+            transfer.set_trainable(self.model, stages[0].trainable, cfg.model.bn_trainable)
+        return out
+
+    def enter_stage(self, index: int) -> str:
+        """Make stage ``index`` current: its trainable set, its optimizer, its compiled steps."""
+        st = self.cfg.training.stages[index]
+        what = transfer.set_trainable(self.model, st.trainable, self.cfg.model.bn_trainable)
+        self.optimizer = self.optimizers[index]
+        if index not in self._stage_steps:
+            self._stage_steps[index] = self._build_steps()
+        self.compiled = self._stage_steps[index]
+        return what
+
+    def _build_steps(self):
+        t = self.cfg.training
+        weights = class_weights(t.class_weight, self.data.splits["train"].labels, self.data.num_classes,
+                                self.data.class_names)
+        return build_steps(self.model, self.optimizer, self.rt, t.batch_size, weights, jit_compile=self.jit_compile)
 
     # -- compiled calls -----------------------------------------------------------------
     def call(self, iterator, n: int, flags) -> tuple[np.ndarray, np.ndarray]:
@@ -188,13 +223,19 @@ class Trainer:
             return "checkpoint"
         if from_checkpoint:
             prefix = find_checkpoint(from_checkpoint)
-            self.checkpoints.restore(prefix)
-            say(f"starting from checkpoint {prefix} (step {int(self.step_var.numpy())})")
-            return "from"
+            differ = transfer.config_differs(from_checkpoint, self.cfg)
+            if differ is None:
+                self.checkpoints.restore(prefix)
+                say(f"starting from checkpoint {prefix} (step {int(self.step_var.numpy())})")
+                return "from"
+            transfer.restore_model_only(self.tf, self.model, prefix)
+            say(f"starting from the model weights of {prefix} at step 0 (that run trained with other "
+                f"{differ}, so its optimizer and counters do not apply)")
+            return "from_weights"
         if self.init is not None:
             self.init.apply(self.model)
             say(f"initialised {len(self.init.layers)} layers from {self.init.path}"
-                + (" (frozen)" if self.init.frozen else ""))
+                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else ""))
             return "init_from"
         return "scratch"
 

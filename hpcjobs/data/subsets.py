@@ -1,5 +1,7 @@
-"""Stratified K-fold cross-validation over the train and validation splits.
+"""Subsets of the prepared splits: stratified K-fold cross-validation over train and
+validation, a per-class limit on the training split, and a choice of classes.
 
+K-fold.
 For small data sets the handbook re-draws the validation split.  ``data.folds: K``
 pools the prepared train and validation splits (the test split stays held out),
 deals every class's samples round-robin into K folds after a seeded shuffle, and
@@ -54,3 +56,39 @@ def apply_fold(data: Prepared, k: int, fold: int, seed: int) -> Prepared:
     mean, std = _stats(images[train])
     splits = dict(data.splits, train=split(train), val=split(val))
     return dataclasses.replace(data, splits=splits, mean=mean, std=std)
+
+
+def limit_per_class(data: Prepared, n: int, seed: int) -> Prepared:
+    """``data`` with at most ``n`` training images per class (``data.max_per_class``): a
+    seeded, stratified subset, so the value of transfer can be measured on little data.
+    Validation and test are unchanged."""
+    tr = data.splits["train"]
+    rng = np.random.default_rng(seed + 7)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(tr.labels == c))[:n] for c in np.unique(tr.labels)])
+    keep = stratified_order(np.sort(keep), tr.labels, rng)
+    order = np.sort(keep)  # an h5py dataset reads increasing indices only
+    images = np.asarray(tr.images[order])[np.searchsorted(order, keep)]
+    small = Split(images, tr.labels[keep], tr.source_index[keep])
+    mean, std = _stats(small.images)
+    return dataclasses.replace(data, splits=dict(data.splits, train=small), mean=mean, std=std)
+
+
+def select_classes(data: Prepared, names: tuple[str, ...]) -> Prepared:
+    """``data`` with only the classes ``names`` (``data.classes``), relabelled 0..n-1 in
+    that order, in every split; the statistics are the new training split's."""
+    from .sources import SourceError
+
+    missing = [n for n in names if n not in data.class_names]
+    if missing:
+        raise SourceError(f"data.classes: {', '.join(missing)} not among the source's classes "
+                          f"({', '.join(data.class_names)})")
+    old = np.array([data.class_names.index(n) for n in names])
+    new_label = np.full(len(data.class_names), -1, np.int32)
+    new_label[old] = np.arange(len(old), dtype=np.int32)
+    splits = {}
+    for key, sp in data.splits.items():
+        keep = np.flatnonzero(new_label[sp.labels] >= 0)
+        splits[key] = Split(np.asarray(sp.images[keep] if len(keep) else sp.images[:0]),
+                            new_label[sp.labels[keep]], sp.source_index[keep])
+    mean, std = _stats(splits["train"].images)
+    return dataclasses.replace(data, splits=splits, class_names=list(names), mean=mean, std=std)

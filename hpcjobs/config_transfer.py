@@ -1,0 +1,56 @@
+"""Config sections of transfer learning: the model's head, staged unfreezing, and the
+negative-transfer check.  (Referenced from ``hpcjobs.config``.)"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from .config_load import section as _frozen
+
+
+@_frozen
+class HeadConfig:
+    """What sits on a backbone: pooling, optional dense layers, dropout, the classifier."""
+
+    pooling: Literal["avg", "max", "flatten"] = "avg"
+    dense: tuple[int, ...] = ()  # units of dense (relu) layers before the classifier
+    include_top: bool = False  # keras.applications: the pretrained classifier as it is (its classes)
+
+    def __post_init__(self):
+        if any(u < 1 for u in self.dense):
+            raise ValueError("dense: every layer needs >= 1 unit")
+
+
+@_frozen
+class TopBlocks:
+    top_blocks: int  # the last N blocks of the backbone (and the head)
+
+    def __post_init__(self):
+        if self.top_blocks < 1:
+            raise ValueError("top_blocks: must be >= 1")
+
+
+@_frozen
+class StageConfig:
+    """One stage of a run: epochs with a trainable set and its own learning rate."""
+
+    epochs: int
+    trainable: Union[Literal["head", "all"], TopBlocks] = "all"
+    learning_rate: Optional[float] = None  # null: optimizer.learning_rate
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError("epochs: must be >= 1")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError("learning_rate: must be > 0 or null")
+
+
+@_frozen
+class TransferConfig:
+    """The negative-transfer check: the same run from scratch for K epochs, compared."""
+
+    compare_scratch_epochs: Optional[int] = None  # train a scratch baseline for K epochs
+    baseline: Optional[str] = None  # or compare with this existing run directory
+
+    def __post_init__(self):
+        if self.compare_scratch_epochs is not None and self.compare_scratch_epochs < 1:
+            raise ValueError("compare_scratch_epochs: must be >= 1 or null")

@@ -1,0 +1,85 @@
+"""``hpcjobs weights fetch NAME ...``: pretrained keras.applications weights into the
+Keras cache, on a login node (compute nodes never download).
+
+For each architecture the file is the one Keras itself would download for
+``weights="imagenet"`` (name, origin and published hash, asked of Keras without
+downloading: ``backbones.weights_request``).  It is fetched from ``--base-url``
+(a site mirror: ``BASE_URL/FILE``) or Keras' own origin, checked against the hash
+where Keras publishes one (md5 or sha256), written to a temporary file and renamed
+into ``--cache`` (default: ``$KERAS_HOME/models``, else ``~/.keras/models``), where
+``model.weights: imagenet`` finds it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+
+from . import backbones
+from .errors import UserError
+from .rundir import atomic_path
+
+
+class WeightsError(UserError):
+    """A weights file that cannot be fetched or does not match its hash (exit code 2)."""
+
+
+def _digest(path: str, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(arch: str, cache: str | None = None, base_url: str | None = None, include_top: bool = False,
+          image_size: int = 224, log=print) -> str:
+    """Download ``arch``'s imagenet weights into the cache; returns the file's path."""
+    from .config_checks import check_arch
+
+    try:
+        check_arch(arch)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    if arch in ("simple_cnn", "small_resnet"):
+        raise WeightsError(f"{arch} is built in: it has no pretrained weights to fetch")
+    req = backbones.weights_request(arch, (image_size, image_size, 3), include_top)
+    folder = backbones.cache_dir(cache)
+    path = os.path.join(folder, req["fname"])
+    url = f"{base_url.rstrip('/')}/{req['fname']}" if base_url else req["origin"]
+    expected = req["file_hash"]
+    algorithm = "sha256" if expected and len(expected) == 64 else "md5"
+    if os.path.isfile(path) and (not expected or _digest(path, algorithm) == expected):
+        log(f"{arch}: {path} is there already")
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+            if expected and _digest(tmp, algorithm) != expected:
+                raise WeightsError(f"{url}: {algorithm} {_digest(tmp, algorithm)} is not the {expected} Keras "
+                                   "publishes for it; nothing was written")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise WeightsError(f"{arch}: cannot fetch {url} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+            from None
+    log(f"{arch}: {path}" + (f" ({algorithm} checked)" if expected else " (Keras publishes no hash for it)"))
+    return path
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="weights_command", required=True)
+    f = sub.add_parser("fetch", help="download keras.applications imagenet weights into the Keras cache")
+    f.add_argument("names", nargs="+", metavar="NAME", help="architectures, e.g. ResNet50 MobileNetV2")
+    f.add_argument("--cache", help="cache folder (default $KERAS_HOME/models or ~/.keras/models)")
+    f.add_argument("--base-url", help="a mirror serving BASE_URL/FILE instead of Keras' own origin")
+    f.add_argument("--include-top", action="store_true", help="the weights with the ImageNet classifier")
+    f.add_argument("--image-size", type=int, default=224, help="input size whose weights to fetch (MobileNet*)")
+
+
+def cmd_weights(args) -> int:
+    for name in args.names:
+        fetch(name, args.cache, args.base_url, args.include_top, args.image_size)
+    return 0
