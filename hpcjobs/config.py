@@ -238,6 +238,11 @@ class SlurmConfig:
                 raise ValueError(f"search: {v!r}: expected key.path=value1,value2,...")
         if self.array and self.search:
             raise ValueError("array: give array (repeats) or search (a grid), not both")
+        self._check_times()
+
+    def _check_times(self):
+        """time, infer_time and the slot settings: Slurm times of a minute or more, the
+        warning signal before the limit, a slot no longer than its period."""
         seconds = {}
         for name in ("time", "infer_time", "slot", "slot_every"):
             v = getattr(self, name)
@@ -262,6 +267,17 @@ class SlurmConfig:
 
 
 @_frozen
+class SubmissionConfig:
+    """A Kaggle-style CSV of the predicted labels, e.g. ``ImageId,Label`` (the KAUST tutorial)."""
+
+    id_column: str = "ImageId"
+    label_column: str = "Label"
+    id: Literal["row", "path", "stem"] = "row"  # row: the input's position + first_id; stem: file name
+    first_id: int = 1
+    header: bool = True
+
+
+@_frozen
 class InferConfig:
     model: Optional[str] = None  # a run directory or an export directory
     # an image folder tree, a .csv/.json listing (path column; labels optional),
@@ -276,6 +292,7 @@ class InferConfig:
     workers: Optional[int] = None  # decode threads; null = the CPU count
     shard: Optional[str] = None  # "i/n"; null = from the Slurm array or MPI rank, else 0/1
     time_budget: Optional[str] = None  # stop after the chunk that would cross it (exit 75)
+    submission: Optional[SubmissionConfig] = None  # also STEM.submission.csv, Kaggle style (id, label)
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "chunk_size"):

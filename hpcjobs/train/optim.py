@@ -7,16 +7,17 @@ multiplied by.
 """
 from __future__ import annotations
 
+import functools
+
 from ..config import OptimizerConfig
 
 
-def _schedule_classes():
+@functools.cache
+def _warmup_class():
     import keras
     import keras.ops as ops
 
-    base = keras.optimizers.schedules.LearningRateSchedule
-
-    class WarmUp(base):
+    class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
         """Linear warm-up from 0 to the schedule's value over ``warmup_steps``."""
 
         def __init__(self, after, warmup_steps: int, peak: float):
@@ -31,7 +32,15 @@ def _schedule_classes():
         def get_config(self):
             return {"warmup_steps": self.warmup_steps, "peak": self.peak}
 
-    class Cyclic(base):
+    return WarmUp
+
+
+@functools.cache
+def _cyclic_class():
+    import keras
+    import keras.ops as ops
+
+    class Cyclic(keras.optimizers.schedules.LearningRateSchedule):
         """Smith's cyclical learning rate: triangular, or triangular2 (the amplitude halves
         every cycle), between ``base`` and ``peak`` with half-cycles of ``step_size``."""
 
@@ -50,7 +59,15 @@ def _schedule_classes():
         def get_config(self):
             return {"base_lr": self.base_lr, "peak": self.peak, "step_size": self.step_size, "mode": self.mode}
 
-    class OneCycle(base):
+    return Cyclic
+
+
+@functools.cache
+def _one_cycle_class():
+    import keras
+    import keras.ops as ops
+
+    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         """One cycle over ``total`` steps: cosine up from peak/div to ``peak`` for the first
         ``pct_start`` of the steps, then cosine down to peak/(div*final_div)."""
 
@@ -72,7 +89,15 @@ def _schedule_classes():
             return {"peak": self.peak, "total": self.total, "pct_start": self.pct_start, "div": self.div,
                     "final_div": self.final_div}
 
-    class Scaled(base):
+    return OneCycle
+
+
+@functools.cache
+def _scaled_class():
+    import keras
+    import keras.ops as ops
+
+    class Scaled(keras.optimizers.schedules.LearningRateSchedule):
         """A schedule times a checkpointed factor (lowered by reduce-on-plateau)."""
 
         def __init__(self, inner, factor):
@@ -85,12 +110,12 @@ def _schedule_classes():
         def get_config(self):
             return {}
 
-    return WarmUp, Cyclic, OneCycle, Scaled
+    return Scaled
 
 
 def make_schedule(keras, cfg: OptimizerConfig, lr: float, total_steps: int = 0):
     """The learning rate (a float or a Keras schedule) of ``cfg.schedule``."""
-    WarmUp, Cyclic, OneCycle, _ = _schedule_classes()
+    WarmUp, Cyclic, OneCycle = _warmup_class(), _cyclic_class(), _one_cycle_class()
     S, s = keras.optimizers.schedules, cfg.schedule
     if s.kind == "cosine":  # with Keras' own linear warm-up
         if s.warmup_steps:
@@ -119,7 +144,7 @@ def make_optimizer(cfg: OptimizerConfig, lr: float, total_steps: int = 0, lr_fac
     O = keras.optimizers
     sched = make_schedule(keras, cfg, lr, total_steps)
     if lr_factor is not None:
-        sched = _schedule_classes()[3](sched, lr_factor)
+        sched = _scaled_class()(sched, lr_factor)
     common = dict(clipnorm=cfg.clipnorm, global_clipnorm=cfg.global_clipnorm)
     if cfg.name != "adamw":
         common["weight_decay"] = cfg.weight_decay or None

@@ -25,17 +25,52 @@ class Steps:
 def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None, jit_compile: bool = False) -> Steps:
     """``class_weights`` (one per class, or None) weight each example's training loss,
     as Keras' ``class_weight`` does; the reported training loss is the weighted one.
-    ``jit_compile`` compiles the replica steps with XLA.  A ``LossScaleOptimizer``
+    ``jit_compile`` compiles the replica steps with XLA."""
+    import tensorflow as tf
+
+    strategy, hvd = runtime.strategy, runtime.hvd
+    replica_step = _replica_train_step(model, optimizer, runtime, global_batch, class_weights)
+    replica_eval = _replica_eval_step(model)
+    if jit_compile:
+        replica_step = tf.function(replica_step, jit_compile=True)
+        replica_eval = tf.function(replica_eval, jit_compile=True)
+
+    def reduce_sum(per_replica):
+        total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        if hvd is not None:
+            total = hvd.allreduce(total, op=hvd.Sum)
+        return total
+
+    @tf.function
+    def train_steps(iterator, steps, flags):
+        sums = tf.zeros(3, tf.float64)
+        for _ in tf.range(steps):
+            # one step at a time: collectives of two iterations must never overlap
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            x, y = next(iterator)
+            per_replica = strategy.run(replica_step, args=(x, y))
+            sums += tf.cast(reduce_sum(per_replica), tf.float64)
+        with tf.control_dependencies([sums]):
+            agreed = reduce_sum(strategy.run(lambda: tf.identity(flags)))
+        return sums, agreed
+
+    @tf.function
+    def eval_step(x, y, w):
+        return tf.cast(reduce_sum(strategy.run(replica_eval, args=(x, y, w))), tf.float64)
+
+    return Steps(train_steps, eval_step)
+
+
+def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weights):
+    """One replica's train step: (loss sum, correct, count).  A ``LossScaleOptimizer``
     (mixed_float16) gets the scaled loss and unscales the gradients itself; under
     Horovod the scaled gradients are averaged first, so every rank unscales alike."""
     import keras
     import tensorflow as tf
 
+    hvd = runtime.hvd
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
-
-    strategy, hvd = runtime.strategy, runtime.hvd
-    global_batch = float(global_batch)
-    replicas = float(runtime.replicas)
+    global_batch, replicas = float(global_batch), float(runtime.replicas)
     # Horovod averages gradients over ranks, tf.distribute sums them over replicas:
     # either way the update is the gradient of the global-batch mean loss.
     scale = float(hvd.size()) if hvd is not None else 1.0
@@ -64,27 +99,13 @@ def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return tf.stack([tf.reduce_sum(per_example), correct, tf.cast(tf.size(y), tf.float32)])
 
-    if jit_compile:
-        replica_step = tf.function(replica_step, jit_compile=True)
+    return replica_step
 
-    def reduce_sum(per_replica):
-        total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-        if hvd is not None:
-            total = hvd.allreduce(total, op=hvd.Sum)
-        return total
 
-    @tf.function
-    def train_steps(iterator, steps, flags):
-        sums = tf.zeros(3, tf.float64)
-        for _ in tf.range(steps):
-            # one step at a time: collectives of two iterations must never overlap
-            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            x, y = next(iterator)
-            per_replica = strategy.run(replica_step, args=(x, y))
-            sums += tf.cast(reduce_sum(per_replica), tf.float64)
-        with tf.control_dependencies([sums]):
-            agreed = reduce_sum(strategy.run(lambda: tf.identity(flags)))
-        return sums, agreed
+def _replica_eval_step(model):
+    """One replica's evaluation: weighted sums, top-k hits and the confusion matrix."""
+    import keras
+    import tensorflow as tf
 
     num_classes = int(model.output_shape[-1])
 
@@ -96,14 +117,7 @@ def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None
         sums = tf.stack([tf.reduce_sum(per_example * w), tf.reduce_sum(correct * w), tf.reduce_sum(w)])
         return tf.concat([sums, class_counts(tf.cast(probs, tf.float32), predicted, y, w, num_classes)], 0)
 
-    if jit_compile:
-        replica_eval = tf.function(replica_eval, jit_compile=True)
-
-    @tf.function
-    def eval_step(x, y, w):
-        return tf.cast(reduce_sum(strategy.run(replica_eval, args=(x, y, w))), tf.float64)
-
-    return Steps(train_steps, eval_step)
+    return replica_eval
 
 
 def class_counts(probs, predicted, y, w, num_classes: int):
