@@ -512,3 +512,20 @@ def test_an_unwritable_output_is_one_line(run_dir, photos, tmp_path):
     for out, word in ((os.path.join(_read_only_folder(tmp_path), "preds", "p.h5"), "cannot write in"),
                       (tmp_path / "a_file" / "p.h5", "is a file, not a folder")):
         _refused(["--model", run_dir, "--input", listing, "--output", out], listing, tmp_path, word)
+
+
+def test_kaggle_style_submission_csv(run_dir, photos, unsharded, tmp_path):
+    out = tmp_path / "preds.h5"
+    assert run("--model", run_dir, "--input", str(photos), "--output", str(out),
+               "--set", "infer.submission={id_column: Id, label_column: Category, id: stem}") == 0
+    rows = list(csv.reader(open(tmp_path / "preds.submission.csv")))
+    results = read_h5(out)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in results["path"]]
+    assert rows[0] == ["Id", "Category"] and [r[0] for r in rows[1:]] == names
+    classes = results["class_names"]
+    assert [r[1] for r in rows[1:]] == [classes[i] for i in results["probabilities"].argmax(1)]
+    # the KAUST tutorial's form: ImageId from 1 in input order, no other columns
+    assert run("--model", run_dir, "--input", str(photos), "--output", str(tmp_path / "k.csv"),
+               "--set", "infer.submission={}") == 0
+    rows = list(csv.reader(open(tmp_path / "k.submission.csv")))
+    assert rows[0] == ["ImageId", "Label"] and rows[1][0] == str(int(results["row"][0]) + 1)

@@ -52,5 +52,5 @@ def cmd_infer(args) -> int:
     if args.merge:
         if not cfg.output:
             raise InferError("--merge needs --output (the results file the shards were run with)")
-        return merge(outputs_for(cfg.output, cfg.format))
+        return merge(outputs_for(cfg.output, cfg.format, cfg.submission))
     return infer(cfg, unsafe=args.unsafe)

@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Outputs:
     stem: str
     h5: Optional[str]
     csv: Optional[str]
+    submission: Optional[Any] = None  # infer.submission (a Kaggle-style CSV beside the results)
 
     @property
     def errors(self) -> str:
@@ -52,14 +53,18 @@ class Outputs:
         return f"{self.stem}.{shard.tag}.chunks"
 
     @property
+    def submission_csv(self) -> Optional[str]:
+        return f"{self.stem}.submission.csv" if self.submission else None
+
+    @property
     def files(self) -> list[str]:
-        return [p for p in (self.h5, self.csv) if p]
+        return [p for p in (self.h5, self.csv, self.submission_csv) if p]
 
 
 _EXT = {".h5": "h5", ".hdf5": "h5", ".csv": "csv"}
 
 
-def outputs_for(output: str, fmt: str = "auto") -> Outputs:
+def outputs_for(output: str, fmt: str = "auto", submission=None) -> Outputs:
     stem, ext = os.path.splitext(output)
     kind = _EXT.get(ext.lower())
     if kind is None:
@@ -71,7 +76,7 @@ def outputs_for(output: str, fmt: str = "auto") -> Outputs:
         fmt = kind
     h5 = (output if kind == "h5" else stem + ".h5") if fmt in ("h5", "both") else None
     csv_path = (output if kind == "csv" else stem + ".csv") if fmt in ("csv", "both") else None
-    return Outputs(stem, h5, csv_path)
+    return Outputs(stem, h5, csv_path, submission)
 
 
 # --------------------------------------------------------------------------- refusing a bad --output
@@ -193,7 +198,8 @@ def _add_h5(f, p: Piece, rows: int, skipped: int):
 def _open_csv(stack: contextlib.ExitStack, path: str, header: list[str]):
     out = stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", newline="", encoding="utf-8"))
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
+    if header:
+        writer.writerow(header)
     return writer
 
 
@@ -202,9 +208,16 @@ def _csv_rows(p: Piece, class_names: list[str]) -> Iterator[list]:
         yield [path, class_names[ti[0]], _fmt(tp[0]), ";".join(f"{class_names[j]}:{_fmt(q)}" for j, q in zip(ti, tp))]
 
 
+def _submission_rows(p: Piece, class_names: list[str], sub) -> Iterator[list]:
+    for row, path, ti in zip(p.row, p.path, p.top_k_indices):
+        ident = {"row": int(row) + sub.first_id, "path": path,
+                 "stem": os.path.splitext(os.path.basename(str(path)))[0]}[sub.id]
+        yield [ident, class_names[ti[0]]]
+
+
 def write_results(pieces: Iterable[Piece], class_names: list[str], top_k: int, attrs: dict, *,
                   h5: Optional[str] = None, csv_path: Optional[str] = None,
-                  errors_csv: Optional[str] = None) -> tuple[int, int]:
+                  errors_csv: Optional[str] = None, submission=None, submission_csv=None) -> tuple[int, int]:
     """Stream pieces (in row order) into the HDF5 and CSV results and the errors CSV, each
     written under a temporary name and renamed into place only when complete.
     Returns (rows written, rows skipped)."""
@@ -215,6 +228,8 @@ def write_results(pieces: Iterable[Piece], class_names: list[str], top_k: int, a
         f = _open_h5(stack, h5, len(class_names), top_k) if h5 else None
         writer = _open_csv(stack, csv_path, CSV_HEADER) if csv_path else None
         err = _open_csv(stack, errors_csv, ERRORS_HEADER) if errors_csv else None
+        sub = _open_csv(stack, submission_csv, [submission.id_column, submission.label_column] if submission.header
+                        else None) if submission_csv else None
         for p in pieces:
             if f is not None:
                 _add_h5(f, p, rows, skipped)
@@ -222,6 +237,8 @@ def write_results(pieces: Iterable[Piece], class_names: list[str], top_k: int, a
                 writer.writerows(_csv_rows(p, class_names))
             if err is not None:
                 err.writerows(zip(p.error_path, p.error_reason))
+            if sub is not None:
+                sub.writerows(_submission_rows(p, class_names, submission))
             rows += len(p.row)
             skipped += len(p.error_row)
         if f is not None:
@@ -263,7 +280,8 @@ def finish(outs: Outputs, pieces: Iterable[Piece], class_names: list[str], k: in
     """Write the outputs of the whole input (an unsharded run, or the merge)."""
     attrs = {key: v for key, v in attrs.items() if key not in ("shard", "num_shards")}
     rows, skipped = write_results(pieces, class_names, k, attrs, h5=outs.h5, csv_path=outs.csv,
-                                  errors_csv=outs.errors)
+                                  errors_csv=outs.errors, submission=outs.submission,
+                                  submission_csv=outs.submission_csv)
     log(f"{rows + skipped} inputs: {rows} predicted, {skipped} skipped as unreadable"
         + (f" (listed in {outs.errors})" if skipped else "") + f"; results: {', '.join(outs.files)}")
 

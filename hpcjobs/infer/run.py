@@ -213,7 +213,7 @@ def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None,
     ``unsafe`` loads a model.keras that holds code (``--unsafe``)."""
     if not cfg.output:
         raise InferError("infer.output: required (--output FILE.h5 or FILE.csv)")
-    outs = outputs_for(cfg.output, cfg.format)
+    outs = outputs_for(cfg.output, cfg.format, cfg.submission)
     if not cfg.input:
         raise InferError("infer.input: required (--input FOLDER, LISTING.csv/.json, STORE.h5 or FILE.npz)")
     if not cfg.model and predictor is None:
