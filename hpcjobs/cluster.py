@@ -1,6 +1,7 @@
 """The launcher's environment, read in one place, into a frozen ClusterInfo.
 
-Nothing else in hpcjobs reads SLURM_*, OMPI_*, TF_CONFIG or CUDA_VISIBLE_DEVICES.
+Nothing else in hpcjobs reads SLURM_*, OMPI_*, TF_CONFIG or CUDA_VISIBLE_DEVICES,
+nor the CPU affinity mask.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 from .errors import UserError
@@ -36,6 +37,7 @@ class ClusterInfo:
     job_end_time: Optional[float] = None  # unix time at which the job's limit is reached
     restart_count: int = 0
     tf_config: Optional[dict] = None
+    cpus: int = 1  # CPUs this process should use (SLURM_CPUS_PER_TASK, the affinity mask)
 
     @property
     def is_chief(self) -> bool:
@@ -115,9 +117,26 @@ def _job_end_time(env: Mapping[str, str], job_id: str) -> Optional[float]:
         return None
 
 
+def cpu_count(env: Mapping[str, str] | None = None) -> int:
+    """CPUs this process should use: Slurm's ``SLURM_CPUS_PER_TASK`` where it is set, never
+    more than the affinity mask allows (a task bound to fewer CPUs than it asked for);
+    the affinity mask alone otherwise.  Not the node's core count."""
+    env = os.environ if env is None else env
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (not Linux)
+        allowed = os.cpu_count() or 1
+    per_task = _int(env, "SLURM_CPUS_PER_TASK")
+    return max(1, min(per_task, allowed) if per_task else allowed)
+
+
 def detect(env: Mapping[str, str] | None = None) -> ClusterInfo:
     """Describe how this process was launched."""
     env = os.environ if env is None else env
+    return replace(_detect(env), cpus=cpu_count(env))
+
+
+def _detect(env: Mapping[str, str]) -> ClusterInfo:
     gpus = _gpus(env)
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
         rank = _int(env, "OMPI_COMM_WORLD_RANK", _int(env, "PMIX_RANK", _int(env, "PMI_RANK", 0)))
@@ -160,8 +179,6 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterInfo:
 
 
 def _with_slurm_job(info: ClusterInfo, env: Mapping[str, str]) -> ClusterInfo:
-    from dataclasses import replace
-
     job_id = env.get("SLURM_JOB_ID")
     if not job_id:
         return info
