@@ -403,3 +403,199 @@ def test_one_class_or_an_empty_class_folder_is_exit_2_naming_the_folder(tmp_path
     cfg.write_text(f"data:\n  source: {root}\n")
     code, out = _prepare(capsys, cfg, "--output", tmp_path / "s.h5")
     assert code == 2 and words in out.err and str(root) in out.err
+
+
+# --------------------------------------------------------------------------- the training pipeline
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0,
+                   out_path=str(tmp_path_factory.mktemp("store") / "d.h5"))
+    yield data
+    data.close()
+
+
+def _pipeline_equals_reference(feeder, start, steps):
+    """train_dataset (tf ops on resident rows) gives exactly batches() (numpy, per batch)."""
+    import tensorflow as tf
+
+    ref, got = feeder.batches(start), iter(feeder.train_dataset(start))
+    for _ in range(steps * feeder.local_replicas):
+        x, y, p = next(ref)
+        tx, ty = next(got)
+        want = tf.cast(x, tf.float32)
+        if feeder.augment.enabled:
+            want = apply_augment(want, tf.constant(p), feeder.augment)
+        np.testing.assert_array_equal(ty.numpy(), y)
+        np.testing.assert_allclose(tx.numpy(), want.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid"])
+@pytest.mark.parametrize("layout", [dict(), dict(workers=3, worker=2), dict(local_replicas=2), dict(start=37)])
+def test_training_pipeline_equals_the_reference_stream(digits_store, feed, layout):
+    layout = dict(layout)
+    start = layout.pop("start", 0)
+    aug = config.AugmentConfig(flip_horizontal=True, rotation=10, zoom=0.1)
+    feeder = Feeder(digits_store, feed=feed, memory_budget=2 * 400 * 64, epochs_per_segment=2, seed=5,
+                    augment=aug, global_batch=48, **layout)
+    _pipeline_equals_reference(feeder, start, 70)  # several segments, windows and passes
+
+
+def test_training_pipeline_from_memory_arrays():
+    data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0)  # no store: numpy arrays
+    for feed in ("memory", "hybrid", "disk"):
+        _pipeline_equals_reference(Feeder(data, feed=feed, memory_budget=30000, global_batch=32, seed=1), 3, 60)
+
+
+def test_batches_that_straddle_more_than_two_segments(digits_store):
+    # segments of ~9 samples: one batch of 32 spans four of them
+    feeder = Feeder(digits_store, feed="hybrid", memory_budget=2.2 * 9 * 64, global_batch=32, seed=2)
+    assert len(feeder.plan.segments) > 100
+    _pipeline_equals_reference(feeder, 11, 20)
+
+
+def test_python_runs_per_group_of_batches_not_per_batch(digits_store):
+    import tensorflow as tf
+
+    for feed, most in (("memory", 0.05), ("hybrid", 0.3), ("disk", 0.5)):
+        feeder = Feeder(digits_store, feed=feed, memory_budget=2 * 400 * 64, epochs_per_segment=2, global_batch=64)
+        calls = []
+        groups = feeder._groups
+
+        def counted(start, groups=groups):
+            for g in groups(start):
+                calls.append(1)
+                yield g
+
+        feeder._groups = counted
+        it = iter(feeder.train_dataset())
+        for _ in range(200):
+            next(it)
+        assert len(calls) <= most * 200 + 2, (feed, len(calls))
+        assert isinstance(it, tf.data.Iterator)
+
+
+def test_disk_order_is_block_shuffled_windows(digits_store):
+    feeder = Feeder(digits_store, feed="disk", memory_budget=2 * 400 * 64, seed=3, global_batch=64)
+    plan = feeder.plan
+    n = len(digits_store.splits["train"])
+    assert plan.windows > 2 and plan.block > 1 and plan.window >= 8
+    perms = [plan.permutation(p) for p in range(3)]
+    for perm in perms:
+        assert sorted(perm.tolist()) == list(range(n))  # every pass sees every sample once
+    assert not np.array_equal(perms[0], perms[1])
+    idx, keys = plan.indices(n, 2 * n)  # pass 1
+    for key in np.unique(keys):
+        rows = idx[keys == key]
+        blocks = np.unique(rows // plan.block)
+        assert len(blocks) <= plan.window  # a window is a few whole blocks...
+        assert set(rows.tolist()) == {r for lo, hi in plan.ranges(int(key)) for r in range(lo, hi)}
+        assert not np.array_equal(rows, np.sort(rows))  # ...shuffled inside
+    pos = plan.position(40, 64)
+    assert {"window", "pass_number"} <= set(pos)
+    # a window as large as the split: a full shuffle, the memory feeder's order
+    big = Feeder(digits_store, feed="disk", seed=3, global_batch=64).plan
+    np.testing.assert_array_equal(big.permutation(4), Feeder(digits_store, feed="memory", seed=3).plan.permutation(4))
+
+
+@pytest.mark.parametrize("feed", ["disk", "hybrid"])
+def test_worker_shards_are_exactly_once_for_block_feeds(digits_store, feed):
+    kw = dict(feed=feed, memory_budget=2 * 400 * 64, epochs_per_segment=2, seed=4, global_batch=60)
+    single = Feeder(digits_store, **kw).batches(0)
+    parts = [Feeder(digits_store, worker=w, workers=3, **kw).batches(0) for w in range(3)]
+    n = len(digits_store.splits["train"])
+    seen = []
+    for _ in range(n // 60):
+        x, y, _ = next(single)
+        got = [next(p) for p in parts]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), x)
+        seen.append(Feeder(digits_store, **kw).plan.indices(len(seen) * 60, len(seen) * 60 + 60)[0])
+    if feed == "disk":  # one pass: no sample twice
+        flat = np.concatenate(seen)
+        assert len(np.unique(flat)) == len(flat)
+
+
+def test_row_reader_reads_raw_chunks_contiguous_and_filtered_datasets(tmp_path, digits_store):
+    from hpcjobs.data.rows import RowReader
+
+    train = digits_store.splits["train"]
+    reader = RowReader(train.images, digits_store.path)
+    assert reader.extents is not None  # unfiltered chunks: read with os.preadv
+    ranges = [(0, 3), (250, 530), (len(train) - 7, len(train))]
+    want = np.concatenate([train.images[lo:hi] for lo, hi in ranges])
+    for _ in range(2):  # the second read reuses the first's buffer
+        got = reader.read(ranges)
+        np.testing.assert_array_equal(got, want)
+        assert got.ctypes.data % 64 == 0
+        del got
+    kept = reader.read([(10, 20)])
+    np.testing.assert_array_equal(reader.read([(20, 30)]), train.images[20:30])
+    np.testing.assert_array_equal(kept, train.images[10:20])  # a buffer in use is not handed out again
+    path = str(tmp_path / "other.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("contiguous", data=train.images[...])
+        f.create_dataset("gzip", data=train.images[...], chunks=(64, 8, 8, 1), compression="gzip")
+    with h5py.File(path, "r") as f:
+        for name, raw in (("contiguous", True), ("gzip", False)):
+            reader = RowReader(f[name], path)
+            assert (reader.extents is not None) == raw
+            np.testing.assert_array_equal(reader.read(ranges), want)
+    np.testing.assert_array_equal(RowReader(train.images[...]).read(ranges), want)
+
+
+def test_parallel_calls_follow_the_jobs_cpus(digits_store):
+    from hpcjobs import cluster
+
+    allowed = len(os.sched_getaffinity(0))
+    assert cluster.cpu_count({}) == allowed
+    assert cluster.cpu_count({"SLURM_CPUS_PER_TASK": "1"}) == 1
+    assert cluster.cpu_count({"SLURM_CPUS_PER_TASK": "4096"}) == allowed  # never more than the mask
+    info = cluster.detect({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1", "HPCJOBS_NO_SQUEUE": "1"})
+    assert info.cpus == 1
+    assert Feeder(digits_store).cpus == allowed
+    feeder = Feeder(digits_store, feed="hybrid", memory_budget=30000, cpus=1, global_batch=32)
+    _pipeline_equals_reference(feeder, 0, 30)
+
+
+def test_prefetch_to_a_device_inside_a_compiled_loop(tmp_path):
+    # two logical CPUs stand in for host and GPU; a fresh process, as they must be set first
+    script = tmp_path / "device.py"
+    script.write_text('''
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from hpcjobs.data.feed import Feeder
+from hpcjobs.data.sources import open_source
+from hpcjobs.data.store import prepare
+data = prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0)
+kw = dict(feed="hybrid", memory_budget=30000, global_batch=32, seed=3)
+it = iter(Feeder(data, device="/CPU:1", **kw).train_dataset(5))
+assert next(it)[0].device.endswith("CPU:1")
+@tf.function
+def total(it, n):
+    s = tf.constant(0.0, tf.float64)
+    for _ in tf.range(n):
+        x, y = next(it)
+        s += tf.reduce_sum(tf.cast(x, tf.float64)) + tf.cast(tf.reduce_sum(y), tf.float64)
+    return s
+ref = Feeder(data, **kw).batches(6)
+want = sum(float(x.astype(np.float64).sum()) + float(y.sum()) for x, y, _ in (next(ref) for _ in range(40)))
+assert float(total(it, tf.constant(40))) == want
+print("ok")
+''')
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO))
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_prefetch_to_the_gpu(digits_store):
+    import tensorflow as tf
+
+    if not tf.config.list_logical_devices("GPU"):
+        pytest.skip("no GPU: prefetching onto one is tested where there is one")
+    x, _ = next(iter(Feeder(digits_store, device="gpu", global_batch=32).train_dataset()))
+    assert "GPU" in x.device

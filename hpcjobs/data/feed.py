@@ -1,187 +1,126 @@
-"""Feeders: the training stream, sharding, augmentation and evaluation batches.
+"""Feeders: the training pipeline, sharding, augmentation and evaluation batches.
 
-The order in which training samples are seen is a pure function of the seed and
-the global sample position, so a feeder's position is just the step it is at:
+The order of the stream, its sharding over workers and the augmentation parameters are
+pure functions of the seed and the position (``order.py``): a feeder's position is just
+the step it is at, so a run resumes exactly at any step and every worker sees its own
+share once.
 
-* The training split is cut into segments (one segment for ``memory`` and ``disk``;
-  for ``hybrid`` as many as it takes to fit the memory budget).  Every segment has the
-  class mix of the whole split and, in the stratified store, spans a narrow row range.
-* The stream visits segment 0 for ``epochs_per_segment`` passes, each a fresh
-  permutation, then segment 1, and so on, cycling.
-* Global batch k is stream positions [k*B, (k+1)*B); worker w of W takes the
-  contiguous slice [k*B + w*B/W, k*B + (w+1)*B/W).  Over a pass every sample is
-  seen once, by exactly one worker.
-* Augmentation parameters come from a counter-based generator (Philox) keyed by the
-  seed and advanced to the sample's stream position: the same sample at the same
-  position gets the same augmentation, however the stream is sharded or resumed.
+The training pipeline runs Python once per group of up to ~8,192 samples that share
+resident rows, never per batch: a generator yields the rows held in memory (the whole
+split for ``memory``, a segment for ``hybrid``, a window of blocks for ``disk``; as a
+tensor without a copy, and only when they change) with the positions in them of the
+next per-replica batches.  tf.data does the rest: gather, cast and augment in ``cpus``
+parallel calls, then prefetch (onto ``device`` when one is given).  The next segment or
+window is read in a background thread while the current one is used, with one
+contiguous read per block (``rows.py``): two are held at a time, each under half the
+memory budget.
+``batches()`` is the same stream in numpy, read one batch at a time: the reference.
 """
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from ..cluster import cpu_count
 from ..config import AugmentConfig, parse_bytes
+from .order import AUG_PARAMS, BlockPlan, Plan, augment_params, stratified_segments
+from .rows import RowReader, take_rows
 from .store import Prepared, Split
 
-AUG_PARAMS = 8  # random numbers per sample; Philox yields 4 per counter step
+__all__ = ["AUG_PARAMS", "BlockPlan", "Feeder", "Plan", "apply_augment", "augment_params", "choose_feed",
+           "segment_size", "stratified_segments"]
+
+BLOCK_ROWS = 1024  # the largest disk block
+GROUP_SAMPLES = 8192  # global samples per run of the training generator
 
 
-def stratified_segments(labels: np.ndarray, count: int) -> list[np.ndarray]:
-    """Cut a split into ``count`` segments, each holding floor or ceil of n_c / count samples
-    of every class c (the whole split's class distribution within one sample per class).
+# --------------------------------------------------------------------------- resident rows
+class _Set:
+    """Resident rows: their images, labels, and where a split row is among them."""
 
-    A class's share of a segment is a contiguous run of that class's rows, so in a store
-    written in stratified order every segment lies in one narrow row range: it is read with
-    one sequential read.  Leftover samples are dealt round-robin across classes, so segment
-    sizes differ by at most one.
-    """
-    labels = np.asarray(labels)
-    pieces: list[list[np.ndarray]] = [[] for _ in range(count)]
-    offset = 0
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        base, extra = divmod(len(rows), count)
-        sizes = np.full(count, base)
-        sizes[(offset + np.arange(extra)) % count] += 1
-        offset = (offset + extra) % count
-        for k, part in enumerate(np.split(rows, np.cumsum(sizes)[:-1])):
-            pieces[k].append(part)
-    return [np.sort(np.concatenate(p)) for p in pieces]
+    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]]):
+        whole = ranges == [(0, len(split))]
+        images = split.images
+        aligned = isinstance(images, np.ndarray) and images.ctypes.data % 64 == 0 and images.flags.c_contiguous
+        self.images = images if whole and aligned else reader.read(ranges)
+        self.labels = np.concatenate([split.labels[lo:hi] for lo, hi in ranges]).astype(np.int32)
+        self.starts = np.array([lo for lo, _ in ranges])
+        self.offsets = np.cumsum([0] + [hi - lo for lo, hi in ranges])[:-1]
+
+    def local(self, rows: np.ndarray) -> np.ndarray:
+        j = np.searchsorted(self.starts, rows, side="right") - 1
+        return (self.offsets[j] + rows - self.starts[j]).astype(np.int32)
 
 
-class Plan:
-    """The sample stream over ``n`` training samples cut into ``segments``."""
+class _Resident:
+    """The resident rows of one training stream: the set in use and the next one, which is
+    read in the background.  A plan with a single set shares it through the feeder."""
 
-    def __init__(self, n: int, seed: int, segments: list[np.ndarray] | None = None, epochs_per_segment: int = 1):
-        if n < 1:
-            raise ValueError("a plan needs at least one sample")
-        self.n, self.seed, self.epochs_per_segment = n, seed, epochs_per_segment
-        self.segments = segments if segments is not None else [np.arange(n)]
-        self._sizes = [len(s) for s in self.segments]
-        self._cycle = n * epochs_per_segment
+    def __init__(self, feeder: Feeder):
+        self.feeder, self.plan = feeder, feeder.plan
+        self.sets: dict[int, _Set | Future] = {}
+        self.last: int | None = None  # key of the rows last handed out
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="hpcjobs-read")
 
-    def locate(self, position: int) -> tuple[int, int, int]:
-        """(pass number, segment, offset within the pass) of a stream position."""
-        cycle, rest = divmod(position, self._cycle)
-        passes = cycle * len(self.segments) * self.epochs_per_segment
-        for s, size in enumerate(self._sizes):
-            span = size * self.epochs_per_segment
-            if rest < span:
-                e, off = divmod(rest, size)
-                return passes + s * self.epochs_per_segment + e, s, off
-            rest -= span
-        raise AssertionError("unreachable")
+    def _load(self, key: int) -> _Set:
+        if self.plan.single:
+            return self.feeder.whole()
+        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key))
 
-    def segment_of_pass(self, pass_number: int) -> int:
-        return (pass_number // self.epochs_per_segment) % len(self.segments)
+    def _use(self, key: int):
+        """The set of ``key`` and its arrays if they were not the last handed out; starts
+        reading the next set and forgets any other."""
+        got, nxt = self.sets.get(key), self.plan.next_key(key)
+        s = self._load(key) if got is None else got.result() if isinstance(got, Future) else got
+        self.sets = {k: v for k, v in self.sets.items() if k == nxt}
+        self.sets[key] = s
+        if nxt not in self.sets:
+            self.sets[nxt] = self.pool.submit(self._load, nxt)
+        fresh, self.last = self.last != key, key
+        return s, ((s.images, s.labels) if fresh else None)
 
-    def permutation(self, pass_number: int) -> np.ndarray:
-        seg = self.segments[self.segment_of_pass(pass_number)]
-        return seg[np.random.default_rng([self.seed, pass_number]).permutation(len(seg))]
+    def groups(self, rows: np.ndarray, keys: np.ndarray):
+        """Runs of per-replica batches (rows) that one set serves, or two: (arrays when new,
+        keep the previous set, positions in [current; previous], slice of the rows)."""
+        same = (keys == keys[:, :1]).all(axis=1)
+        row_key = np.where(same, keys[:, 0], -1)
+        cuts = np.flatnonzero((row_key[1:] != row_key[:-1]) | ~same[1:]) + 1
+        for lo, hi in zip([0, *cuts], [*cuts, len(rows)]):
+            if same[lo]:
+                s, arrays = self._use(int(row_key[lo]))
+                yield arrays, 0, s.local(rows[lo:hi]), slice(lo, hi)
+                continue
+            order = keys[lo][np.sort(np.unique(keys[lo], return_index=True)[1])]
+            if len(order) > 2:  # sets smaller than a batch: its own rows, gathered
+                yield self._gathered(rows[lo], keys[lo]), 0, np.arange(rows.shape[1], dtype=np.int32)[None], \
+                    slice(lo, hi)
+                continue
+            first, arrays = self._use(int(order[0]))
+            if arrays is not None:  # the first set goes in ahead, for no batch
+                yield arrays, 0, np.zeros((0, rows.shape[1]), np.int32), slice(lo, lo)
+            second, arrays = self._use(int(order[1]))
+            local = np.where(keys[lo] == order[1], second.local(rows[lo]), len(second.images) + first.local(rows[lo]))
+            yield arrays, 1, local[None], slice(lo, hi)
 
-    def indices(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample indices at stream positions [start, stop), and the segment of each."""
-        idx, segs = [], []
-        pos = start
-        while pos < stop:
-            p, seg, off = self.locate(pos)
-            perm = self.permutation(p)
-            take = min(stop - pos, len(perm) - off)
-            idx.append(perm[off:off + take])
-            segs.append(np.full(take, seg))
-            pos += take
-        if not idx:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(idx), np.concatenate(segs)
+    def _gathered(self, rows: np.ndarray, keys: np.ndarray):
+        out, labels = np.empty((len(rows), *self.feeder.data.image_shape), np.uint8), np.empty(len(rows), np.int32)
+        for key in np.unique(keys):
+            s, m = self._use(int(key))[0], keys == key
+            loc = s.local(rows[m])
+            out[m], labels[m] = s.images[loc], s.labels[loc]
+        self.last = None
+        return out, labels
 
-    def position(self, step: int, global_batch: int) -> dict:
-        """Human-readable position of the stream before ``step``."""
-        p, seg, off = self.locate(step * global_batch)
-        return dict(step=step, pass_number=p, segment=seg,
-                    epoch_in_segment=p % self.epochs_per_segment, offset_in_pass=off)
-
-    @staticmethod
-    def worker_slice(step: int, global_batch: int, worker: int, workers: int) -> tuple[int, int]:
-        per = global_batch // workers
-        start = step * global_batch + worker * per
-        return start, start + per
-
-
-def augment_params(seed: int, start: int, count: int) -> np.ndarray:
-    """Uniform [0,1) numbers, AUG_PARAMS per sample, for stream positions [start, start+count)."""
-    bitgen = np.random.Philox(key=seed).advance(start * AUG_PARAMS // 4)
-    return np.random.Generator(bitgen).random((count, AUG_PARAMS), dtype=np.float64).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- batch sources
-class _Rows:
-    """Reads rows of a split by index, from RAM, from disk per batch, or by segments."""
-
-    def __init__(self, split: Split, feed: str, plan: Plan):
-        self.split, self.feed, self.plan = split, feed, plan
-        self.labels = np.asarray(split.labels)
-        if feed == "memory":
-            images = split.images
-            self.images = images if isinstance(images, np.ndarray) else images[...]
-        else:
-            self.images = split.images
-        self._cache: dict[int, tuple[int, np.ndarray]] = {}
-        self._pending: dict[int, object] = {}
-        self._pool = ThreadPoolExecutor(1) if feed == "hybrid" else None
-        self._lock = threading.Lock()
-
-    def _read_segment(self, seg: int) -> tuple[int, np.ndarray]:
-        rows = self.plan.segments[seg]
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        return lo, np.asarray(self.split.images[lo:hi])  # one sequential read
-
-    def _segment(self, seg: int) -> tuple[int, np.ndarray]:
-        with self._lock:
-            if seg in self._cache:
-                return self._cache[seg]
-            fut = self._pending.pop(seg, None)
-        arr = fut.result() if fut is not None else self._read_segment(seg)
-        with self._lock:
-            self._cache[seg] = arr
-        return arr
-
-    def _prefetch(self, seg: int):
-        with self._lock:
-            if seg in self._cache or seg in self._pending:
-                return
-            self._pending[seg] = self._pool.submit(self._read_segment, seg)
-
-    def get(self, idx: np.ndarray, segs: np.ndarray) -> np.ndarray:
-        if self.feed == "memory":
-            return self.images[idx]
-        if self.feed == "disk":
-            uniq, inverse = np.unique(idx, return_inverse=True)  # h5py wants increasing indices
-            return self.images[uniq][inverse]
-        # hybrid: segments in memory, the next one read in the background
-        needed = np.unique(segs)
-        with self._lock:
-            for s in list(self._cache):
-                if s not in needed:
-                    del self._cache[s]
-        out = None
-        for s in needed:
-            lo, arr = self._segment(int(s))
-            mask = segs == s
-            if out is None:
-                out = np.empty((len(idx), *arr.shape[1:]), arr.dtype)
-            out[mask] = arr[idx[mask] - lo]
-        nxt = (int(needed[-1]) + 1) % len(self.plan.segments)
-        if nxt not in needed:
-            self._prefetch(nxt)
-        return out
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.sets = {}
 
 
 def segment_size(split: Split, budget_bytes: int) -> int:
-    """Samples per hybrid segment: two segments (current and next) fit the budget, with
-    some room for the few extra rows a segment's read range spans."""
+    """Samples per hybrid segment (or disk window): two of them (current and next) fit the
+    budget, with some room for the few extra rows a segment's read range spans."""
     per_sample = max(1, split.nbytes // max(len(split), 1))
     return max(1, int(budget_bytes / (2.2 * per_sample)))
 
@@ -194,67 +133,141 @@ def choose_feed(feed: str, split: Split, budget_bytes: int) -> str:
 
 # --------------------------------------------------------------------------- tf.data
 class Feeder:
-    """Builds tf.data pipelines for one worker (an input pipeline) of a run."""
+    """Builds tf.data pipelines for one worker (an input pipeline) of a run.  ``cpus`` sets
+    the parallel calls (``ClusterInfo.cpus``; this process's CPUs by default); ``device``
+    is where training batches are prefetched to: a device name, ``"gpu"`` for the first
+    visible GPU if there is one, or None for host memory.  Only a run whose dataset
+    tf.distribute does not distribute needs it: tf.distribute prefetches to its replicas'
+    devices itself."""
 
     def __init__(self, data: Prepared, *, feed: str = "auto", memory_budget: str | int = "4GiB",
                  epochs_per_segment: int = 1, seed: int = 0, augment: AugmentConfig | None = None,
-                 global_batch: int = 128, worker: int = 0, workers: int = 1, local_replicas: int = 1):
+                 global_batch: int = 128, worker: int = 0, workers: int = 1, local_replicas: int = 1,
+                 cpus: int | None = None, device: str | None = None):
         if global_batch % (workers * local_replicas):
             raise ValueError(f"training.batch_size {global_batch} must be divisible by the "
                              f"{workers * local_replicas} replicas")
         self.data = data
-        train = data.splits["train"]
+        self.train = train = data.splits["train"]
         budget = parse_bytes(memory_budget)
         self.feed = choose_feed(feed, train, budget)
+        rows = segment_size(train, budget)
         if self.feed == "hybrid":
-            count = math.ceil(len(train) / segment_size(train, budget))
+            count = math.ceil(len(train) / rows)
             self.plan = Plan(len(train), seed, stratified_segments(train.labels, count), epochs_per_segment)
+        elif self.feed == "disk":
+            block = max(1, min(BLOCK_ROWS, rows // 8))
+            self.plan = BlockPlan(len(train), seed, block, max(1, rows // block))
         else:
             self.plan = Plan(len(train), seed)
         self.seed = seed
         self.augment = augment or AugmentConfig()
         self.global_batch, self.worker, self.workers = global_batch, worker, workers
         self.local_replicas = local_replicas
-        self.rows = _Rows(train, self.feed, self.plan)
+        self.per_replica = global_batch // (workers * local_replicas)
+        self.cpus, self.device = cpus or cpu_count(), device
+        self.reader = RowReader(train.images, data.path)
+        self._whole: _Set | None = None
 
     @property
     def steps_per_pass(self) -> int:
-        return max(1, len(self.data.splits["train"]) // self.global_batch)
+        return max(1, len(self.train) // self.global_batch)
+
+    def whole(self) -> _Set:
+        """The whole training split in memory (read once, shared by every stream)."""
+        if self._whole is None:
+            self._whole = _Set(self.train, self.reader, [(0, len(self.train))])
+        return self._whole
 
     # -- training -----------------------------------------------------------------------
     def batches(self, start_step: int = 0):
-        """numpy (images, labels, aug_params) per replica of this worker, from start_step on."""
-        per_replica = self.global_batch // (self.workers * self.local_replicas)
-        step = start_step
+        """numpy (images, labels, aug_params) per replica of this worker, from start_step on,
+        read one batch at a time: the reference ``train_dataset`` is tested against."""
+        r, step = self.per_replica, start_step
         while True:
             a, b = self.plan.worker_slice(step, self.global_batch, self.worker, self.workers)
-            idx, segs = self.plan.indices(a, b)
-            images = self.rows.get(idx, segs)
-            labels = self.rows.labels[idx]
-            params = augment_params(self.seed, a, b - a) if self.augment.enabled else None
-            for r in range(self.local_replicas):
-                sl = slice(r * per_replica, (r + 1) * per_replica)
-                yield images[sl], labels[sl], (params[sl] if params is not None else
-                                                np.zeros((per_replica, AUG_PARAMS), np.float32))
+            idx, _ = self.plan.indices(a, b)
+            images, labels = take_rows(self.train.images, idx), self.train.labels[idx]
+            params = augment_params(self.seed, a, b - a) if self.augment.enabled else \
+                np.zeros((b - a, AUG_PARAMS), np.float32)
+            for k in range(self.local_replicas):
+                sl = slice(k * r, (k + 1) * r)
+                yield images[sl], labels[sl], params[sl]
             step += 1
 
+    def _rows(self, step: int, steps: int):
+        """This worker's (per-replica batch, sample) rows, keys and augmentation parameters
+        for ``steps`` steps from ``step``: computed for all workers at once, then sliced."""
+        B, W = self.global_batch, self.workers
+        a, b = step * B, (step + steps) * B
+        idx, keys = self.plan.indices(a, b)
+        params = augment_params(self.seed, a, b - a) if self.augment.enabled else np.zeros((b - a, 0), np.float32)
+
+        def mine(v):
+            v = v.reshape(steps, W, B // W, *v.shape[1:])[:, self.worker]
+            return v.reshape(steps * self.local_replicas, self.per_replica, *v.shape[2:])
+
+        return mine(idx), mine(keys), mine(params)
+
+    def _groups(self, start_step: int):
+        """What the training pipeline is fed: see ``_Resident.groups``; arrays of 0 rows
+        stand for the current ones."""
+        h, w, c = self.data.image_shape
+        none = (np.zeros((0, h, w, c), np.uint8), np.zeros(0, np.int32))
+        steps = max(1, GROUP_SAMPLES // self.global_batch)
+        resident = _Resident(self)
+        try:
+            for step in range(start_step, 2**62, steps):
+                rows, keys, params = self._rows(step, steps)
+                for arrays, keep, local, sl in resident.groups(rows, keys):
+                    yield (*(none if arrays is None else arrays), np.int32(keep), local, params[sl])
+        finally:
+            resident.close()
+
     def train_dataset(self, start_step: int = 0):
+        """This worker's per-replica training batches (float images, labels) from start_step."""
         import tensorflow as tf
 
         h, w, c = self.data.image_shape
+        r, k = self.per_replica, AUG_PARAMS if self.augment.enabled else 0
         sig = (tf.TensorSpec((None, h, w, c), tf.uint8), tf.TensorSpec((None,), tf.int32),
-               tf.TensorSpec((None, AUG_PARAMS), tf.float32))
-        ds = tf.data.Dataset.from_generator(lambda: self.batches(start_step), output_signature=sig)
-        aug = self.augment
+               tf.TensorSpec((), tf.int32), tf.TensorSpec((None, r), tf.int32), tf.TensorSpec((None, r, k), tf.float32))
+        ds = tf.data.Dataset.from_generator(lambda: self._groups(start_step), output_signature=sig)
+        empty = (tf.zeros((0, h, w, c), tf.uint8), tf.zeros((0,), tf.int32))
 
-        def prep(x, y, p):
-            x = tf.cast(x, tf.float32)
-            if aug.enabled:
-                x = apply_augment(x, p, aug)
-            return x, y
+        def hold(held, group):  # (current, previous) resident rows, until new ones come
+            images, labels, keep, rows, params = group
+            new = tf.shape(images)[0] > 0
+            cur = tf.cond(new, lambda: (images, labels), lambda: held[:2])
+            prev = tf.cond(keep > 0, lambda: tf.cond(new, lambda: held[:2], lambda: held[2:]), lambda: empty)
+            return (*cur, *prev), (*cur, *prev, rows, params)
 
-        ds = ds.map(prep, num_parallel_calls=2, deterministic=True)
-        return ds.prefetch(4).with_options(_options())
+        ds = ds.scan((*empty, *empty), hold)
+        ds = ds.flat_map(lambda *g: tf.data.Dataset.from_tensor_slices(g[4:]).map(lambda i, p: (*g[:4], i, p)))
+        ds = ds.map(self._prep, num_parallel_calls=self.cpus, deterministic=True).prefetch(2)
+        device = self.device
+        if device == "gpu":  # the first visible GPU, if there is one
+            device = next((d.name for d in tf.config.list_logical_devices("GPU")), None)
+        if device:
+            ds = ds.apply(tf.data.experimental.prefetch_to_device(device, 2))
+        return ds.with_options(_options(self.cpus))
+
+    def _prep(self, cur, cur_labels, prev, prev_labels, i, p):
+        """One batch: rows ``i`` of [current; previous], as floats, augmented."""
+        import tensorflow as tf
+
+        n = tf.shape(cur)[0]
+
+        def straddling():  # each set's share gathered, then stitched into place
+            mine = i < n
+            a, b = tf.cast(tf.where(mine)[:, 0], tf.int32), tf.cast(tf.where(~mine)[:, 0], tf.int32)
+            ia, ib = tf.gather(i, a), tf.gather(i, b) - n
+            return (tf.dynamic_stitch([a, b], [tf.gather(cur, ia), tf.gather(prev, ib)]),
+                    tf.dynamic_stitch([a, b], [tf.gather(cur_labels, ia), tf.gather(prev_labels, ib)]))
+
+        x, y = tf.cond(tf.reduce_all(i < n), lambda: (tf.gather(cur, i), tf.gather(cur_labels, i)), straddling)
+        x = tf.cast(x, tf.float32)
+        return (apply_augment(x, p, self.augment) if self.augment.enabled else x), y
 
     # -- evaluation ---------------------------------------------------------------------
     def eval_dataset(self, split: str, batch_size: int | None = None):
@@ -292,13 +305,15 @@ class Feeder:
         return ds.prefetch(2).with_options(_options())
 
 
-def _options():
+def _options(cpus: int | None = None):
     import tensorflow as tf
 
     opts = tf.data.Options()
     # The autotuner can stall iterator teardown by ~20 s on this TF (see DESIGN.md);
     # the pipelines above use fixed parallelism.
     opts.autotune.enabled = False
+    if cpus:
+        opts.threading.private_threadpool_size = cpus
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return opts
 
