@@ -94,6 +94,7 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
         return len(states) >= 3 and all(s in TERMINAL for s in states) and states
     states = wait_for(done, 900, "the search array", job, run)
     text = logs(run)
+    print(f"array tasks: {states}\n{text[-20000:]}")  # shown in full if an assertion below fails
     assert sorted(states).count("COMPLETED") >= 2, (states, text[-4000:])
     with open(os.path.join(run, "search", "results.csv")) as f:
         rows = list(__import__("csv").DictReader(f))

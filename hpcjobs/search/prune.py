@@ -19,6 +19,7 @@ from ..train.hooks import Hook
 class PruneHook(Hook):
     def __init__(self, study, trial_id: int, search):
         self.study, self.trial_id, self.search = study, trial_id, search
+        self.stop_signal = None  # a stop signal that came while the trial ended anyway (see summary)
 
     def begin(self, loop):
         # pruned already, in a session killed before it could end (say during the final test
@@ -61,3 +62,10 @@ class PruneHook(Hook):
                              f"({self.search.pruning.kind})")
             return "pruned"
         return None
+
+    def summary(self, loop):
+        # A stop signal (Slurm's warning) that came during the last epoch's validation or the
+        # end of training did not stop this trial, which ended (finished or pruned) anyway;
+        # the worker must still stop before the next trial, or it runs into the time limit.
+        self.stop_signal = loop.stop.signal
+        return {}

@@ -90,8 +90,9 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
     what = "resuming" if c.adopted else "starting"
     print(f"search: {what} trial {c.number} ({c.run_dir}): "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items()), flush=True)
+    hook = PruneHook(study, c.trial_id, cfg.search)
     try:
-        rc = train(tcfg, c.run_dir, hooks=[PruneHook(study, c.trial_id, cfg.search)], verbose=verbose)
+        rc = train(tcfg, c.run_dir, hooks=[hook], verbose=verbose)
     except RunDirError as e:  # someone trains this run directory by hand: leave it to them
         print(f"search: skipping trial {c.number}: {e}", flush=True)
         time.sleep(POLL_SECONDS)
@@ -103,6 +104,9 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
     if rc == EX_TEMPFAIL:
         return rc
     _tell_finished(study, cfg.search, c.trial_id, c.run_dir)
+    if hook.stop_signal:  # it came as the trial ended anyway: stop before the next one
+        print(f"search: stopping after trial {c.number} ({hook.stop_signal})", flush=True)
+        return EX_TEMPFAIL
     return EX_OK
 
 
