@@ -392,6 +392,24 @@ def test_a_stop_signal_during_a_trial_s_last_validation_stops_the_worker_after_i
     assert [(r["trial"], r["status"]) for r in _results(run)] == [("0", "complete")]
 
 
+@pytest.mark.slow
+def test_a_stop_signal_just_before_a_trial_trains_stops_it_at_once(tmp_path):
+    from hpcjobs import config
+    from hpcjobs.rundir import RunDir
+    from hpcjobs.search import study as study_mod, worker
+    from hpcjobs.signals import StopFlag
+
+    cfg = config.load(_config(tmp_path, SEARCH.format(trials=1)))
+    cfg, paths = worker.prepare(cfg, str(tmp_path / "run"), "test")
+    study = study_mod.open_study(paths, cfg)
+    c, _ = study_mod.claim(study, cfg, paths, lambda *a: False)
+    stop = StopFlag()
+    stop.signal = "SIGUSR1"  # it came between the worker's check and train()'s own handler
+    assert worker.run_trial(study, cfg, c, False, stop) == 75
+    st = RunDir(c.run_dir).read_status()
+    assert st["status"] == "stopped" and st["sessions"][-1]["stopped_by"] == "SIGUSR1" and st["step"] == 0
+
+
 # --------------------------------------------------------------------------- lr-find
 @pytest.mark.slow
 def test_lr_find_suggests_within_10x_of_the_best_grid_learning_rate(tmp_path):

@@ -17,8 +17,9 @@ from ..train.hooks import Hook
 
 
 class PruneHook(Hook):
-    def __init__(self, study, trial_id: int, search):
+    def __init__(self, study, trial_id: int, search, outer_stop=None):
         self.study, self.trial_id, self.search = study, trial_id, search
+        self.outer_stop = outer_stop  # the worker's StopFlag: a signal that came just before training
         self.stop_signal = None  # a stop signal that came while the trial ended anyway (see summary)
 
     def begin(self, loop):
@@ -27,11 +28,14 @@ class PruneHook(Hook):
         attrs = self._frozen().user_attrs
         self.pruned_before = any(v for k, v in attrs.items() if k.startswith("prune_at_"))
 
+    def _outer(self):
+        return self.outer_stop.signal if self.outer_stop is not None else None
+
     def limit(self, loop, step: int):
-        return 0 if self.pruned_before else None
+        return 0 if self.pruned_before or self._outer() else None
 
     def stop_reason(self, loop):
-        return "pruned" if self.pruned_before else None
+        return "pruned" if self.pruned_before else self._outer()
 
     def save_due(self, loop, step: int) -> bool:
         return step % loop.trainer.steps_per_epoch == 0

@@ -79,7 +79,7 @@ def _tell_finished(study, search, trial_id: int, run_dir: str):
     tell(study, trial_id, value)
 
 
-def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
+def run_trial(study, cfg: Config, c: Claim, verbose: bool, stop=None) -> int:
     """Train (or resume) one claimed trial and tell the study how it ended; 0 or 75."""
     import optuna
 
@@ -90,7 +90,7 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
     what = "resuming" if c.adopted else "starting"
     print(f"search: {what} trial {c.number} ({c.run_dir}): "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items()), flush=True)
-    hook = PruneHook(study, c.trial_id, cfg.search)
+    hook = PruneHook(study, c.trial_id, cfg.search, stop)
     try:
         rc = train(tcfg, c.run_dir, hooks=[hook], verbose=verbose)
     except RunDirError as e:  # someone trains this run directory by hand: leave it to them
@@ -112,11 +112,11 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool) -> int:
 
 def work(cfg: Config, run: str, where: str = "search", verbose: bool = False) -> int:
     """One worker's loop (see the module); called by ``hpcjobs search`` and by each array task."""
-    cfg, paths = prepare(cfg, run, where)
-    study = open_study(paths, cfg)
-    results.write_all(study, cfg, paths)  # status RUN has a table from the start
     stop = StopFlag().install()  # between trials; train() installs its own meanwhile
     try:
+        cfg, paths = prepare(cfg, run, where)
+        study = open_study(paths, cfg)
+        results.write_all(study, cfg, paths)  # status RUN has a table from the start
         while True:
             if stop.signal:
                 return EX_TEMPFAIL
@@ -127,8 +127,11 @@ def work(cfg: Config, run: str, where: str = "search", verbose: bool = False) ->
                     return EX_OK
                 time.sleep(POLL_SECONDS)  # trials still running elsewhere: adopt one if its worker dies
                 continue
+            if stop.signal:  # came while claiming: the trial stays for the next worker
+                journal.release(c.fd)
+                return EX_TEMPFAIL
             try:
-                rc = run_trial(study, cfg, c, verbose)
+                rc = run_trial(study, cfg, c, verbose, stop)
             finally:
                 journal.release(c.fd)
             results.write_all(study, cfg, paths)
