@@ -154,14 +154,14 @@ def test_three_stages_on_a_keras_application_resume_exactly_after_sigkill(tmp_pa
     p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     deadline = time.time() + 300
-    while not (run / "checkpoints" / "ckpt-6.index").exists():  # stage 2 (steps 5..12), mid-stage
+    while not (run / "checkpoints" / "ckpt-8.index").exists():  # ckpt-6 is complete: stage 2 (steps 5..12)
         assert p.poll() is None and time.time() < deadline, "training ended before stage 2"
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert train(run, *sets) == 0
     st = status(run)
-    assert st["sessions"][0]["start_step"] >= 6 and st["sessions"][0]["start_step"] < 12
+    assert len(st["sessions"]) == 2 and 6 <= st["sessions"][-1]["start_step"] < 12  # resumed mid-stage 2
     assert st["weights_sha256"] == status(whole)["weights_sha256"]
     # the export takes raw pixels: its predictions on the raw test images give the test accuracy
     from hpcjobs import config
@@ -228,3 +228,18 @@ def test_negative_transfer_check_records_both_curves(tmp_path, capsys):
     assert (run / "scratch-baseline" / "run.json").exists()
     out = capsys.readouterr().out
     assert ("negative transfer" in out) == st["behind"] and "from scratch" in out
+
+
+def test_transfer_beats_scratch_on_little_data(tmp_path):
+    """The small version of benchmarks/transfer.py: a backbone trained by hpcjobs on the
+    digits 0-4, moved to the digits 5-9 it never saw with 20 training images per class;
+    against scratch at equal epochs and the same seed (deterministic)."""
+    arch = ["model.arch=small_resnet", "model.width=16", "training.deterministic=true"]
+    source = tmp_path / "source"
+    assert train(source, "data.classes=['0', '1', '2', '3', '4']", "training.epochs=5", *arch) == 0
+    target = ["data.classes=['5', '6', '7', '8', '9']", "data.max_per_class=20", "training.epochs=10",
+              "training.batch_size=20", *arch]
+    assert train(tmp_path / "scratch", *target) == 0
+    assert train(tmp_path / "transfer", *target, f"model.init_from={source}") == 0
+    scratch, transferred = (status(tmp_path / k)["test_accuracy"] for k in ("scratch", "transfer"))
+    assert transferred >= scratch + 0.05, (scratch, transferred)
