@@ -376,16 +376,16 @@ def test_a_trial_pruned_in_a_killed_session_is_not_trained_on(tmp_path):
 
 @pytest.mark.slow
 def test_a_stop_signal_during_a_trial_s_last_validation_stops_the_worker_after_it(tmp_path, monkeypatch):
-    """Slurm's warning can come while a trial validates its last epoch (or is pruned there):
-    the trial ends as it would have, and the worker stops before the next trial (75) instead
-    of starting it and running into the time limit."""
+    """Slurm's warning can come while a trial validates its last epoch, is pruned there, or
+    is tested and exported: the trial ends as it would have, and the worker stops before the
+    next trial (75) instead of starting it and running into the time limit."""
     from hpcjobs import config
     from hpcjobs.search import prune, worker
 
-    def epoch_end(self, loop, row, real=prune.PruneHook.epoch_end):
-        os.kill(os.getpid(), signal.SIGUSR1)  # arrives during this epoch's end, after the loop's check
-        return real(self, loop, row)
-    monkeypatch.setattr(prune.PruneHook, "epoch_end", epoch_end)
+    def end(self, loop, reason, real=prune.PruneHook.end):
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives after the loop's last look at it
+        return real(self, loop, reason)
+    monkeypatch.setattr(prune.PruneHook, "end", end)
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=2).replace("epochs: 2", "epochs: 1")))
     run = str(tmp_path / "run")
     assert worker.work(cfg, run) == 75

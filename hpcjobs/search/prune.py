@@ -20,9 +20,19 @@ class PruneHook(Hook):
     def __init__(self, study, trial_id: int, search, outer_stop=None):
         self.study, self.trial_id, self.search = study, trial_id, search
         self.outer_stop = outer_stop  # the worker's StopFlag: a signal that came just before training
-        self.stop_signal = None  # a stop signal that came while the trial ended anyway (see summary)
+        self.flag = None  # the session's StopFlag (see stop_signal)
+
+    @property
+    def stop_signal(self):
+        """A stop signal (Slurm's warning) that reached the session at any time, also one that
+        came during the last epoch's validation, the final test evaluation or the export and so
+        stopped nothing (the trial ended, finished or pruned, anyway): the worker must still stop
+        before its next trial, or it runs into the time limit.  The flag keeps what it got after
+        the session took its handler down (the worker's own flag gets what comes after)."""
+        return self.flag.signal if self.flag is not None else None
 
     def begin(self, loop):
+        self.flag = loop.stop
         # pruned already, in a session killed before it could end (say during the final test
         # evaluation): end at once, where the checkpoint is, instead of training on
         attrs = self._frozen().user_attrs
@@ -66,10 +76,3 @@ class PruneHook(Hook):
                              f"({self.search.pruning.kind})")
             return "pruned"
         return None
-
-    def summary(self, loop):
-        # A stop signal (Slurm's warning) that came during the last epoch's validation or the
-        # end of training did not stop this trial, which ended (finished or pruned) anyway;
-        # the worker must still stop before the next trial, or it runs into the time limit.
-        self.stop_signal = loop.stop.signal
-        return {}
