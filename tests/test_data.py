@@ -538,6 +538,23 @@ def test_row_reader_reads_raw_chunks_contiguous_and_filtered_datasets(tmp_path, 
             assert (reader.extents is not None) == raw
             np.testing.assert_array_equal(reader.read(ranges), want)
     np.testing.assert_array_equal(RowReader(train.images[...]).read(ranges), want)
+    view = RowReader(train.images, digits_store.path).view(250, 530)  # prepare aligns the chunks
+    assert view is not None and not view.flags.writeable
+    np.testing.assert_array_equal(view, train.images[250:530])
+
+
+def test_hybrid_reads_the_segments_it_cannot_map(digits_store, tmp_path):
+    # rows of 25 bytes: most segments start off a 64-byte boundary, so they are read
+    data = prepare(open_source("digits"), (5, 5), 1, 0.1, 0.1, seed=0, out_path=str(tmp_path / "odd.h5"))
+    feeder = Feeder(data, feed="hybrid", memory_budget=2 * 400 * 25, epochs_per_segment=2, seed=5, global_batch=48)
+    mapped = [feeder.reader.view(*feeder.plan.ranges(k)[0]) is not None for k in range(len(feeder.plan.segments))]
+    assert not all(mapped)
+    _pipeline_equals_reference(feeder, 5, 60)
+    data.close()
+    never = Feeder(digits_store, feed="hybrid", memory_budget=2 * 400 * 64, epochs_per_segment=2, seed=5,
+                   global_batch=48)
+    never.reader.view = lambda lo, hi: None
+    _pipeline_equals_reference(never, 0, 60)
 
 
 def test_parallel_calls_follow_the_jobs_cpus(digits_store):

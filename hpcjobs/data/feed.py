@@ -10,10 +10,14 @@ resident rows, never per batch: a generator yields the rows held in memory (the 
 split for ``memory``, a segment for ``hybrid``, a window of blocks for ``disk``; as a
 tensor without a copy, and only when they change) with the positions in them of the
 next per-replica batches.  tf.data does the rest: gather, cast and augment in ``cpus``
-parallel calls, then prefetch (onto ``device`` when one is given).  The next segment or
-window is read in a background thread while the current one is used, with one
-contiguous read per block (``rows.py``): two are held at a time, each under half the
-memory budget.
+parallel calls, then prefetch (onto ``device`` when one is given).
+
+Resident rows (``rows.py``): a hybrid segment of a store written by ``prepare`` is a
+read-only mapping of its rows in the file, no copy (the page cache holds it; the next
+segment's pages are asked for ahead).  Other segments and disk windows are read with
+one contiguous read per block into reused buffers, the next in a background thread
+while the current one is used.  Either way two sets are in use at a time (three for
+the one batch that straddles a change), each under half the memory budget.
 ``batches()`` is the same stream in numpy, read one batch at a time: the reference.
 """
 from __future__ import annotations
@@ -40,11 +44,14 @@ GROUP_SAMPLES = 8192  # global samples per run of the training generator
 class _Set:
     """Resident rows: their images, labels, and where a split row is among them."""
 
-    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]]):
+    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]], mapped: bool = False):
         whole = ranges == [(0, len(split))]
         images = split.images
         aligned = isinstance(images, np.ndarray) and images.ctypes.data % 64 == 0 and images.flags.c_contiguous
-        self.images = images if whole and aligned else reader.read(ranges)
+        view = reader.view(*ranges[0]) if mapped and len(ranges) == 1 else None
+        if view is not None:
+            reader.ask(*ranges[0])
+        self.images = images if whole and aligned else view if view is not None else reader.read(ranges)
         self.labels = np.concatenate([split.labels[lo:hi] for lo, hi in ranges]).astype(np.int32)
         self.starts = np.array([lo for lo, _ in ranges])
         self.offsets = np.cumsum([0] + [hi - lo for lo, hi in ranges])[:-1]
@@ -67,7 +74,7 @@ class _Resident:
     def _load(self, key: int) -> _Set:
         if self.plan.single:
             return self.feeder.whole()
-        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key))
+        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key), self.feeder.feed == "hybrid")
 
     def _use(self, key: int):
         """The set of ``key`` and its arrays if they were not the last handed out; starts
@@ -243,7 +250,8 @@ class Feeder:
             return (*cur, *prev), (*cur, *prev, rows, params)
 
         ds = ds.scan((*empty, *empty), hold)
-        ds = ds.flat_map(lambda *g: tf.data.Dataset.from_tensor_slices(g[4:]).map(lambda i, p: (*g[:4], i, p)))
+        ds = ds.flat_map(lambda *g: tf.data.Dataset.zip(tf.data.Dataset.from_tensors(g[:4]).repeat(),
+                                                        tf.data.Dataset.from_tensor_slices(g[4:])))
         ds = ds.map(self._prep, num_parallel_calls=self.cpus, deterministic=True).prefetch(2)
         device = self.device
         if device == "gpu":  # the first visible GPU, if there is one
@@ -252,10 +260,11 @@ class Feeder:
             ds = ds.apply(tf.data.experimental.prefetch_to_device(device, 2))
         return ds.with_options(_options(self.cpus))
 
-    def _prep(self, cur, cur_labels, prev, prev_labels, i, p):
-        """One batch: rows ``i`` of [current; previous], as floats, augmented."""
+    def _prep(self, held, batch):
+        """One batch: rows ``i`` of [current; previous] resident rows, as floats, augmented."""
         import tensorflow as tf
 
+        (cur, cur_labels, prev, prev_labels), (i, p) = held, batch
         n = tf.shape(cur)[0]
 
         def straddling():  # each set's share gathered, then stitched into place

@@ -5,9 +5,15 @@ reads it with one contiguous read per range of rows: straight from the store's f
 with ``os.preadv`` (which lets go of the GIL, so the tf.data threads and the feeder's
 generator keep running) wherever the HDF5 dataset is stored as raw bytes, through h5py
 otherwise.  The arrays are 64-byte aligned, so TensorFlow takes them without a copy.
+
+``view`` goes one step further for a single range whose bytes lie contiguous and
+64-byte aligned in the file (as ``prepare`` writes stores): an array over the file
+mapped read-only, no copy at all; ``ask`` has the kernel read its pages ahead
+(``posix_fadvise``), and the page cache holds them.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -27,6 +33,7 @@ class RowReader:
         self.extents = None if isinstance(images, np.ndarray) or not path else _raw_extents(images)
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
+        self._map: mmap.mmap | None = None
 
     def read(self, ranges: list[tuple[int, int]]) -> np.ndarray:
         total = sum(hi - lo for lo, hi in ranges)
@@ -46,6 +53,42 @@ class RowReader:
             if fd is not None:
                 os.close(fd)
         return out
+
+    def _span(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """(first byte, length) of rows [lo, hi) when they lie contiguous in the file."""
+        if self.extents is None or hi <= lo:
+            return None
+        firsts, offsets, rows = self.extents
+        j, k = (int(np.searchsorted(firsts, r, side="right")) - 1 for r in (lo, hi - 1))
+        if np.any(np.diff(offsets[j:k + 1]) != rows * self.row):  # extents apart in the file
+            return None
+        return int(offsets[j]) + (lo - int(firsts[j])) * self.row, (hi - lo) * self.row
+
+    def view(self, lo: int, hi: int) -> np.ndarray | None:
+        """Rows [lo, hi) over the file mapped read-only (no copy), or None where they are not
+        one aligned span of it or the file cannot be mapped."""
+        span = self._span(lo, hi)
+        if span is None or span[0] % 64:
+            return None
+        with self._lock:
+            if self._map is None:
+                try:
+                    with open(self.path, "rb") as f:
+                        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):
+                    self.extents = None  # read it, then
+                    return None
+        return np.frombuffer(self._map, np.uint8, span[1], span[0]).reshape(hi - lo, *self.images.shape[1:])
+
+    def ask(self, lo: int, hi: int):
+        """Have the kernel read rows [lo, hi) into the page cache, in the background."""
+        span = self._span(lo, hi)
+        if span is not None and hasattr(os, "posix_fadvise"):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def _array(self, shape: tuple[int, ...]) -> np.ndarray:
         """A 64-byte aligned uint8 array in a buffer handed out before whose arrays are all

@@ -328,7 +328,8 @@ def _new_store(out_path: str):
     tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        h5 = h5py.File(tmp, "w")
+        # chunks 4 KiB aligned: a feeder maps rows straight from the file (data/rows.py)
+        h5 = h5py.File(tmp, "w", alignment_threshold=4096, alignment_interval=4096)
     except OSError as e:
         raise StoreError(f"{out_path}: cannot write the store there ({os_reason(e, folder)})") from None
     try:
