@@ -33,9 +33,10 @@ class RowReader:
         self.extents = None if isinstance(images, np.ndarray) or not path else _raw_extents(images)
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
-        self._map: mmap.mmap | None = None
+        self._map: mmap.mmap | bool | None = None  # False: the file cannot be mapped
 
     def read(self, ranges: list[tuple[int, int]]) -> np.ndarray:
+        """Rows [lo, hi) of every range, concatenated into one array."""
         total = sum(hi - lo for lo, hi in ranges)
         out = self._array((total, *self.images.shape[1:]))
         fd = os.open(self.path, os.O_RDONLY) if self.extents is not None else None
@@ -68,15 +69,15 @@ class RowReader:
         """Rows [lo, hi) over the file mapped read-only (no copy), or None where they are not
         one aligned span of it or the file cannot be mapped."""
         span = self._span(lo, hi)
-        if span is None or span[0] % 64:
+        if span is None or span[0] % 64 or self._map is False:
             return None
         with self._lock:
             if self._map is None:
                 try:
                     with open(self.path, "rb") as f:
                         self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except (OSError, ValueError):
-                    self.extents = None  # read it, then
+                except (OSError, ValueError):  # a file system without mmap: read instead
+                    self._map = False
                     return None
         return np.frombuffer(self._map, np.uint8, span[1], span[0]).reshape(hi - lo, *self.images.shape[1:])
 
