@@ -112,6 +112,24 @@ def keras_weights_request(constructor, **kwargs) -> dict:
                       "(checked with Keras 3.15)")
 
 
+# --------------------------------------------------------------------------- Optuna
+def optuna_trial_id(trial) -> int:
+    """The storage's id of an Optuna (frozen) trial, which ``study.tell`` and
+    ``optuna.trial.Trial(study, id)`` take.  Checked against Optuna 5.0.0: ``_trial_id``."""
+    if not hasattr(trial, "_trial_id"):
+        raise CompatError("optuna's trials have no _trial_id (checked with Optuna 5.0.0)")
+    return trial._trial_id
+
+
+def optuna_trial_finished(study, trial_id: int) -> bool:
+    """Whether trial ``trial_id`` has ended, read from the study's storage without a
+    copy of every trial.  Checked against Optuna 5.0.0: ``study._storage.get_trial``."""
+    storage = getattr(study, "_storage", None)
+    if storage is None or not hasattr(storage, "get_trial"):
+        raise CompatError("optuna's Study has no _storage.get_trial (checked with Optuna 5.0.0)")
+    return storage.get_trial(trial_id).state.is_finished()
+
+
 # --------------------------------------------------------------------------- TensorFlow
 def take_async_checkpoint_error(ckpt) -> BaseException | None:
     """The error of a failed asynchronous write of ``tf.train.Checkpoint`` ``ckpt``, once.

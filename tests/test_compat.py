@@ -57,3 +57,15 @@ def test_keras_application_names_match_keras_applications():
 
     real = {n for n in dir(keras.applications) if n[:1].isupper() and callable(getattr(keras.applications, n))}
     assert names == real and "ResNet50" in names and "__class__" not in names
+
+
+def test_optuna_trial_id_and_finished_state():
+    import optuna
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    trial = study.ask()
+    frozen = study.get_trials(deepcopy=False)[0]
+    tid = compat.optuna_trial_id(frozen)
+    assert not compat.optuna_trial_finished(study, tid)
+    study.tell(trial, 1.0)
+    assert compat.optuna_trial_finished(study, tid)

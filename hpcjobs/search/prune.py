@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from .. import compat
 from ..train.hooks import Hook
 
 
@@ -51,7 +52,7 @@ class PruneHook(Hook):
         return step % loop.trainer.steps_per_epoch == 0
 
     def _frozen(self):
-        return next(t for t in self.study.get_trials(deepcopy=False) if t._trial_id == self.trial_id)
+        return next(t for t in self.study.get_trials(deepcopy=False) if compat.optuna_trial_id(t) == self.trial_id)
 
     def epoch_end(self, loop, row):
         import optuna

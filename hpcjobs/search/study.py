@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Optional
 
+from .. import compat
 from ..config import Config
 from ..rundir import RunDir
 from . import journal
@@ -83,7 +84,7 @@ def tell(study, trial_id: int, value=None, state=None, error: str | None = None)
     which raises outside study.optimize(); each ask makes its own sampler anyway."""
     import optuna
 
-    if study._storage.get_trial(trial_id).state.is_finished():  # told already (by a worker that then died)
+    if compat.optuna_trial_finished(study, trial_id):  # told already (by a worker that then died)
         return
     if error:  # before the tell: a finished trial takes no more attributes
         optuna.trial.Trial(study, trial_id).set_user_attr("error", error)
@@ -114,9 +115,9 @@ def _take(study, cfg: Config, paths: Paths, trial, adopted: bool) -> Optional[Cl
     fd = journal.try_flock(os.path.join(run_dir, ".claim"))
     if fd is None:
         return None
-    live = optuna.trial.Trial(study, trial._trial_id)
+    live = optuna.trial.Trial(study, compat.optuna_trial_id(trial))
     params = suggest(live, cfg.search)  # already-suggested values come back as they were
-    return Claim(trial.number, trial._trial_id, params, run_dir, fd, adopted)
+    return Claim(trial.number, compat.optuna_trial_id(trial), params, run_dir, fd, adopted)
 
 
 def claim(study, cfg: Config, paths: Paths, settle) -> tuple[Optional[Claim], int]:
