@@ -240,7 +240,6 @@ def test_impossible_values_are_refused(capsys, override, words):
      "training.early_stopping.monitor: val_loss needs a validation split, but data.validation_split is 0"),
     (["model.arch=MobileNetV2", "model.freeze_backbone=true"],
      "model.freeze_backbone: MobileNetV2's backbone would stay random"),
-    (["model.arch=MobileNetV2", "data.channels=1"], "data.channels: MobileNetV2 needs 3 channels"),
     (["data.source=x.npz", "data.store=./x.npz"], "data.store: the same path as data.source"),
 ])
 def test_settings_that_other_sections_make_impossible(capsys, sets, words):

@@ -51,7 +51,6 @@ EXPECT = {
     "freeze_random_backbone.yaml": ("model.freeze_backbone", "backbone would stay random"),
     "momentum_for_adam.yaml": ("optimizer.momentum", "adam has no momentum"),
     "store_is_source.yaml": ("data.store", "the same path as data.source"),
-    "application_on_one_channel.yaml": ("data.channels", "ResNet50 needs 3 channels"),
     "python_tag.yaml": ("", "malformed YAML: line 1"),
     "top_level_list.yaml": ("", "the top level must be a mapping"),
     "tab_indent.yaml": ("", "malformed YAML: line 2"),

@@ -59,7 +59,6 @@ CONFIGS = {
     "freeze_random_backbone.yaml": "model:\n  arch: MobileNetV2\n  freeze_backbone: true\n",
     "momentum_for_adam.yaml": "optimizer:\n  name: adam\n  momentum: 0.9\n",
     "store_is_source.yaml": "data:\n  source: faces.npz\n  store: ./faces.npz\n",
-    "application_on_one_channel.yaml": "model:\n  arch: ResNet50\ndata:\n  channels: 1\n",
     # shapes and syntax
     "python_tag.yaml": "name: !!python/object/apply:os.system ['echo pwned']\n",
     "top_level_list.yaml": "- training\n- epochs\n",
