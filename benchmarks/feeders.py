@@ -144,7 +144,7 @@ def main():
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5, help="feeder rounds (the median counts)")
-    ap.add_argument("--train-steps", type=int, default=20, help="train steps per training round")
+    ap.add_argument("--train-steps", type=int, default=10, help="train steps per training round")
     ap.add_argument("--train-rounds", type=int, default=2)
     args = ap.parse_args()
 

@@ -16,8 +16,9 @@ Resident rows (``rows.py``): a hybrid segment of a store written by ``prepare`` 
 read-only mapping of its rows in the file, no copy (the page cache holds it; the next
 segment's pages are asked for ahead).  Other segments and disk windows are read with
 one contiguous read per block into reused buffers, the next in a background thread
-while the current one is used.  Either way two sets are in use at a time (three for
-the one batch that straddles a change), each under half the memory budget.
+while the current one is used.  Either way the current set and the next are held (and
+the previous one, until the run of batches that starts by straddling the change is
+served), each under half the memory budget.
 ``batches()`` is the same stream in numpy, read one batch at a time: the reference.
 """
 from __future__ import annotations
@@ -89,27 +90,30 @@ class _Resident:
         return s, ((s.images, s.labels) if fresh else None)
 
     def groups(self, rows: np.ndarray, keys: np.ndarray):
-        """Runs of per-replica batches (rows) that one set serves, or two: (arrays when new,
-        keep the previous set, positions in [current; previous], slice of the rows)."""
+        """Runs of per-replica batches (rows) that one set serves, the first of them perhaps
+        straddling from the previous set: (arrays when new, keep the previous set, positions
+        in [current; previous], slice of the rows)."""
         same = (keys == keys[:, :1]).all(axis=1)
-        row_key = np.where(same, keys[:, 0], -1)
-        cuts = np.flatnonzero((row_key[1:] != row_key[:-1]) | ~same[1:]) + 1
+        later = keys[:, -1]  # the set a run is served from: a straddling row's later one
+        cuts = np.flatnonzero((later[1:] != later[:-1]) | ~same[1:]) + 1
         for lo, hi in zip([0, *cuts], [*cuts, len(rows)]):
-            if same[lo]:
-                s, arrays = self._use(int(row_key[lo]))
-                yield arrays, 0, s.local(rows[lo:hi]), slice(lo, hi)
-                continue
             order = keys[lo][np.sort(np.unique(keys[lo], return_index=True)[1])]
             if len(order) > 2:  # sets smaller than a batch: its own rows, gathered
                 yield self._gathered(rows[lo], keys[lo]), 0, np.arange(rows.shape[1], dtype=np.int32)[None], \
-                    slice(lo, hi)
-                continue
-            first, arrays = self._use(int(order[0]))
-            if arrays is not None:  # the first set goes in ahead, for no batch
-                yield arrays, 0, np.zeros((0, rows.shape[1]), np.int32), slice(lo, lo)
-            second, arrays = self._use(int(order[1]))
-            local = np.where(keys[lo] == order[1], second.local(rows[lo]), len(second.images) + first.local(rows[lo]))
-            yield arrays, 1, local[None], slice(lo, hi)
+                    slice(lo, lo + 1)
+                lo += 1
+                if lo == hi:
+                    continue
+            elif len(order) == 2:
+                first, arrays = self._use(int(order[0]))
+                if arrays is not None:  # the earlier set goes in ahead, for no batch
+                    yield arrays, 0, np.zeros((0, rows.shape[1]), np.int32), slice(lo, lo)
+            s, arrays = self._use(int(later[lo]))
+            local = s.local(rows[lo:hi])
+            if len(order) == 2:
+                early = keys[lo] != order[1]
+                local[0, early] = len(s.images) + first.local(rows[lo, early])
+            yield arrays, int(len(order) == 2), local, slice(lo, hi)
 
     def _gathered(self, rows: np.ndarray, keys: np.ndarray):
         out, labels = np.empty((len(rows), *self.feeder.data.image_shape), np.uint8), np.empty(len(rows), np.int32)
