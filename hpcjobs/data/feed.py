@@ -46,13 +46,16 @@ class _Set:
     """Resident rows: their images, labels, and where a split row is among them."""
 
     def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]], mapped: bool = False):
-        whole = ranges == [(0, len(split))]
+        """``mapped``: a single range may be a view of the mapped store file."""
         images = split.images
-        aligned = isinstance(images, np.ndarray) and images.ctypes.data % 64 == 0 and images.flags.c_contiguous
-        view = reader.view(*ranges[0]) if mapped and len(ranges) == 1 else None
-        if view is not None:
-            reader.ask(*ranges[0])
-        self.images = images if whole and aligned else view if view is not None else reader.read(ranges)
+        if ranges == [(0, len(split))] and isinstance(images, np.ndarray) and images.flags.c_contiguous \
+                and images.ctypes.data % 64 == 0:
+            self.images = images  # in memory already, and TensorFlow takes it as it is
+        else:
+            view = reader.view(*ranges[0]) if mapped and len(ranges) == 1 else None
+            if view is not None:
+                reader.ask(*ranges[0])
+            self.images = view if view is not None else reader.read(ranges)
         self.labels = np.concatenate([split.labels[lo:hi] for lo, hi in ranges]).astype(np.int32)
         self.starts = np.array([lo for lo, _ in ranges])
         self.offsets = np.cumsum([0] + [hi - lo for lo, hi in ranges])[:-1]
