@@ -29,6 +29,7 @@ from .errors import UserError
 
 METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "val_f1",
                  "stage"]
+OPTIONAL_FIELDS = ("stage",)  # a column only in runs that have it (training.stages)
 
 
 class RunDirError(UserError, RuntimeError):
@@ -177,7 +178,8 @@ class RunDir:
         if not self.writer:
             return
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+        fields = [f for f in METRIC_FIELDS if f not in OPTIONAL_FIELDS or any(f in r for r in rows)]
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for row in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
