@@ -131,6 +131,23 @@ def optuna_trial_finished(study, trial_id: int) -> bool:
 
 
 # --------------------------------------------------------------------------- TensorFlow
+def set_op_determinism(on: bool) -> None:
+    """Turn TensorFlow's op determinism on or off for this process.  The public API
+    only turns it on (``tf.config.experimental.enable_op_determinism``); a second run in
+    the same process (a search trial, a test) must not inherit the first one's setting,
+    which refuses XLA's max-pool gradient.  Checked against TF 2.21:
+    ``tensorflow.python.framework.config.disable_op_determinism``."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config
+
+    if on:
+        tf.config.experimental.enable_op_determinism()
+    elif hasattr(config, "disable_op_determinism"):
+        config.disable_op_determinism()
+    elif config.is_op_determinism_enabled():
+        raise CompatError("TensorFlow has no way to turn op determinism off (checked with TF 2.21)")
+
+
 def take_async_checkpoint_error(ckpt) -> BaseException | None:
     """The error of a failed asynchronous write of ``tf.train.Checkpoint`` ``ckpt``, once.
 

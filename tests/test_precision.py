@@ -31,6 +31,15 @@ def test_quickstart_accuracy_with_mixed_bfloat16_and_with_xla(tmp_path, sets):
     assert status(tmp_path / "r")["test_accuracy"] >= 0.95
 
 
+def test_xla_after_a_deterministic_run_in_the_same_process(tmp_path):
+    # op determinism is process-wide in TensorFlow: a deterministic run (a search trial,
+    # an earlier test) must not leave it on for the next run, whose XLA step it refuses
+    short = ["training.epochs=1", "training.steps_per_epoch=3"]
+    assert run_cli(tmp_path / "det", *short, "training.deterministic=true") == 0
+    assert run_cli(tmp_path / "xla", *short, "training.jit_compile=true") == 0
+    assert status(tmp_path / "xla")["status"] == "finished"
+
+
 def test_mixed_export_outputs_float32_and_loads_in_plain_keras(tmp_path):
     import keras
     import numpy as np

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .. import cluster as cluster_mod
-from .. import distribute, metrics, models, transfer
+from .. import compat, distribute, metrics, models, transfer
 from ..checkpoint import Checkpoints, find_checkpoint, seed_variables
 from ..config import Config, ConfigError
 from ..data import load_data
@@ -71,8 +71,7 @@ class Trainer:
         self.rt = runtime or distribute.setup(cfg.distribute, self.info)
         t = cfg.training
         keras.utils.set_random_seed(t.seed)
-        if t.deterministic:
-            tf.config.experimental.enable_op_determinism()
+        compat.set_op_determinism(t.deterministic)
         self.run_dir = RunDir(run_dir, writer=self.rt.is_chief)
         self.verbose = verbose and self.rt.is_chief
         self.data = data or load_data(cfg)
