@@ -197,7 +197,8 @@ def test_two_run_flow_carries_head_and_backbone(tmp_path, capsys):
     assert train(staged, "training.stages=[{epochs: 1, trainable: head}]", "optimizer.learning_rate=1e-12",
                  extra=["--init-weights", str(head_only)]) == 0
     out = capsys.readouterr().out
-    assert "initialised 5 layers" in out and "fresh head" not in out  # normalize, conv1, conv2, dense1, head
+    carried = [layer.name for layer in a.layers if layer.weights]  # conv1, conv2, dense1 and the head
+    assert "head" in carried and f"initialised {len(carried)} layers" in out and "fresh head" not in out
     c = keras.models.load_model(str(staged / "export" / "model.keras"))
     np.testing.assert_allclose(c.get_layer("head").get_weights()[0], a.get_layer("head").get_weights()[0],
                                atol=1e-6)
