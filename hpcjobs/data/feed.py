@@ -61,6 +61,8 @@ class _Set:
         self.offsets = np.cumsum([0] + [hi - lo for lo, hi in ranges])[:-1]
 
     def local(self, rows: np.ndarray) -> np.ndarray:
+        if len(self.starts) == 1:
+            return (rows - self.starts[0]).astype(np.int32)
         j = np.searchsorted(self.starts, rows, side="right") - 1
         return (self.offsets[j] + rows - self.starts[j]).astype(np.int32)
 
@@ -87,8 +89,8 @@ class _Resident:
         s = self._load(key) if got is None else got.result() if isinstance(got, Future) else got
         self.sets = {k: v for k, v in self.sets.items() if k == nxt}
         self.sets[key] = s
-        if nxt not in self.sets:
-            self.sets[nxt] = self.pool.submit(self._load, nxt)
+        if nxt not in self.sets:  # a mapped set costs nothing to open: no thread for it
+            self.sets[nxt] = self._load(nxt) if self.feeder.maps(nxt) else self.pool.submit(self._load, nxt)
         fresh, self.last = self.last != key, key
         return s, ((s.images, s.labels) if fresh else None)
 
@@ -187,6 +189,12 @@ class Feeder:
     def steps_per_pass(self) -> int:
         return max(1, len(self.train) // self.global_batch)
 
+    def maps(self, key: int) -> bool:
+        """Whether the resident rows of ``key`` are a view of the mapped store file."""
+        ranges = self.plan.ranges(key)
+        return self.feed == "hybrid" and not self.plan.single and len(ranges) == 1 and \
+            self.reader.view(*ranges[0]) is not None
+
     def whole(self) -> _Set:
         """The whole training split in memory (read once, shared by every stream)."""
         if self._whole is None:
@@ -274,12 +282,11 @@ class Feeder:
         (cur, cur_labels, prev, prev_labels), (i, p) = held, batch
         n = tf.shape(cur)[0]
 
-        def straddling():  # each set's share gathered, then stitched into place
-            mine = i < n
-            a, b = tf.cast(tf.where(mine)[:, 0], tf.int32), tf.cast(tf.where(~mine)[:, 0], tf.int32)
-            ia, ib = tf.gather(i, a), tf.gather(i, b) - n
-            return (tf.dynamic_stitch([a, b], [tf.gather(cur, ia), tf.gather(prev, ib)]),
-                    tf.dynamic_stitch([a, b], [tf.gather(cur_labels, ia), tf.gather(prev_labels, ib)]))
+        def straddling():  # the batch's first samples are the previous set's, the rest the current's
+            m = tf.reduce_sum(tf.cast(i >= n, tf.int32))
+            a, b = i[:m] - n, i[m:]
+            return (tf.concat([tf.gather(prev, a), tf.gather(cur, b)], 0),
+                    tf.concat([tf.gather(prev_labels, a), tf.gather(cur_labels, b)], 0))
 
         x, y = tf.cond(tf.reduce_all(i < n), lambda: (tf.gather(cur, i), tf.gather(cur_labels, i)), straddling)
         x = tf.cast(x, tf.float32)
