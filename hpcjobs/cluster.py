@@ -38,6 +38,10 @@ class ClusterInfo:
     restart_count: int = 0
     tf_config: Optional[dict] = None
     cpus: int = 1  # CPUs this process should use (SLURM_CPUS_PER_TASK, the affinity mask)
+    node: str = ""  # this process's node: Slurm's name for it (SLURMD_NODENAME), else the host name
+    # whether output may reach a terminal: not in a Slurm batch job, whose log is a file even
+    # where the launcher hands the ranks a pty (Open MPI's mpirun does); srun --pty is a terminal
+    terminal: bool = True
 
     @property
     def is_chief(self) -> bool:
@@ -133,7 +137,8 @@ def cpu_count(env: Mapping[str, str] | None = None) -> int:
 def detect(env: Mapping[str, str] | None = None) -> ClusterInfo:
     """Describe how this process was launched."""
     env = os.environ if env is None else env
-    return replace(_detect(env), cpus=cpu_count(env))
+    return replace(_detect(env), cpus=cpu_count(env), node=env.get("SLURMD_NODENAME") or os.uname().nodename,
+                   terminal="SLURM_JOB_ID" not in env or "SLURM_PTY_PORT" in env)
 
 
 def _detect(env: Mapping[str, str]) -> ClusterInfo:

@@ -179,6 +179,8 @@ class SlurmConfig:
     signal_margin: int = 120  # seconds before the time limit for SIGUSR1
     python: Optional[str] = None  # the job's interpreter; null: the one running `hpcjobs submit`
     srun_args: tuple[str, ...] = ()  # more srun options, e.g. --mpi=pmix for Horovod
+    launcher: str = "srun"  # srun, or mpirun: Open MPI's own Slurm support (Bede's bede-mpirun; no PMI needed)
+    mpirun_args: tuple[str, ...] = ()  # more mpirun options, e.g. "--mca btl ^openib"
     infer_partition: Optional[str] = None  # inference jobs; null: partition
     infer_time: Optional[str] = None  # inference jobs; null: time
     array: int = 0  # >0: a job array of this many tasks (training: repeats with seeds seed..seed+N-1)
@@ -224,12 +226,15 @@ class SlurmConfig:
             raise ValueError(f"job_name: {self.job_name!r}: no '/' (the name is part of the log file name)")
         if self.mem is not None and not SLURM_MEM.fullmatch(self.mem.strip()):
             raise ValueError(f"mem: {self.mem!r} is not a size like 64G, 500M or 64GiB")
-        for name in ("modules", "srun_args"):
+        if self.launcher not in ("srun", "mpirun"):
+            raise ValueError(f"launcher: {self.launcher!r}: must be srun or mpirun")
+        for name in ("modules", "srun_args", "mpirun_args"):
             for v in getattr(self, name):
                 if name == "modules" and len(v.split()) != 1:
                     raise ValueError(f"modules: {v!r}: one module per entry")
-                if name == "srun_args" and not self._OPTION.fullmatch(v):
-                    raise ValueError(f"srun_args: {v!r}: expected an option like --mpi=pmix")
+                if name != "modules" and not self._OPTION.fullmatch(v):
+                    raise ValueError(f"{name}: {v!r}: expected an option like "
+                                     f"{'--mpi=pmix' if name == 'srun_args' else '--mca btl ^openib'}")
         for v in self.extra_sbatch:
             if not self._OPTION.fullmatch(v):
                 raise ValueError(f"extra_sbatch: {v!r}: expected an sbatch option like --constraint=v100")

@@ -19,9 +19,10 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """A progress bar on a terminal; a line every ``every`` steps otherwise (Slurm logs)."""
 
-    def __init__(self, steps_per_epoch: int, epochs: int, every: int, enabled: bool = True, stream=None):
+    def __init__(self, steps_per_epoch: int, epochs: int, every: int, enabled: bool = True, stream=None,
+                 tty: bool | None = None):
         self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
+        self.tty = self.stream.isatty() if tty is None else tty
         self.steps_per_epoch, self.epochs, self.every = steps_per_epoch, epochs, every
         self.enabled = enabled
         self.t0 = time.monotonic()

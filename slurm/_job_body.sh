@@ -1,17 +1,20 @@
 # ---- job step: signals and requeue (slurm/_job_body.sh, shared by every template) ----
-# Runs `$PYTHON -m hpcjobs "${STEP[@]}"` as one srun step.  USR1 (Slurm's warning before
+# Runs `$PYTHON -m hpcjobs "${STEP[@]}"` as one srun step (or one mpirun).  USR1 (Slurm's warning before
 # the time limit) or TERM reaching this shell is passed on to the step, whose tasks stop
 # with a checkpoint and exit with 75; the job then requeues itself (up to MAX_REQUEUES),
 # or with ON_STOP=next-slot leaves the rest to the next job of its chain.
 step_pid=""
 pending=""
 resend_pid=""
-forward() {  # pass a signal on to the step (srun forwards it to every task)
-    echo "batch shell got SIG$1 at $(date +%T); passing it to the step ($WHAT)"
+forward() {  # pass a signal on to the step (srun, or mpirun, forwards it to every task)
+    local sig=$1
+    # mpirun would kill its ranks on TERM; on USR1 (which it forwards) they stop with a checkpoint
+    [ "${LAUNCH[0]}" = mpirun ] && sig=USR1
+    echo "batch shell got SIG$1 at $(date +%T); passing SIG$sig to the step ($WHAT)"
     if [ -z "$step_pid" ]; then pending=$1; return; fi
-    kill -s "$1" "$step_pid" 2>/dev/null
+    kill -s "$sig" "$step_pid" 2>/dev/null
     # a task still starting up ignores USR1 (see below): say it once more a little later
-    if [ "$1" = USR1 ]; then
+    if [ "$sig" = USR1 ]; then
         (sleep 20; kill -s USR1 "$step_pid") >/dev/null 2>&1 &
         resend_pid=$!
     fi
@@ -19,10 +22,15 @@ forward() {  # pass a signal on to the step (srun forwards it to every task)
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
+launch=("${LAUNCH[@]}")
+if [ "${LAUNCH[0]}" = srun ]; then  # srun no longer takes --cpus-per-task from sbatch by itself
+    launch+=(${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"})
+elif [ "$(id -u)" -eq 0 ]; then  # mpirun: Open MPI reads the allocation, one rank per task
+    launch+=(--allow-run-as-root)
+fi
 # Each task ignores USR1 until hpcjobs installs its handler (an ignored signal stays
 # ignored across exec; Python's default for USR1 would be to die without a checkpoint).
-srun "${SRUN_ARGS[@]}" ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-    bash -c 'trap "" USR1; exec "$@"' hpcjobs-task \
+"${launch[@]}" bash -c 'trap "" USR1; exec "$@"' hpcjobs-task \
     "$PYTHON" -m hpcjobs "${STEP[@]}" &
 step_pid=$!
 [ -n "$pending" ] && forward "$pending"

@@ -26,3 +26,12 @@ def need_fashion_mnist():
         if os.environ.get("CI"):
             pytest.fail(f"{FASHION} missing in CI: apt-get install dataset-fashion-mnist")
         pytest.skip(f"{FASHION} missing: apt-get install dataset-fashion-mnist")
+
+
+def need_horovod():
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("Horovod missing in CI: bash slurm/install-horovod.sh")
+        pytest.skip("Horovod not built here: bash slurm/install-horovod.sh")

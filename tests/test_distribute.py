@@ -15,7 +15,7 @@ import pytest
 from hpcjobs import cluster
 from hpcjobs.cluster import ClusterError
 
-from conftest import QUICKSTART, REPO
+from conftest import QUICKSTART, REPO, need_horovod
 
 # dropout off: with dropout, replicas draw their masks per replica, so curves differ by design
 SAME = ["training.deterministic=true", "training.epochs=2", "training.steps_per_epoch=15",
@@ -160,15 +160,6 @@ def test_multiworker_stop_and_resume_is_exact(tmp_path):
     assert digest(o0) == digest(o1) == want
 
 
-def _horovod_or_skip():
-    try:
-        import horovod.tensorflow  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("Horovod missing in CI: bash slurm/install-horovod.sh")
-        pytest.skip("Horovod not built here: bash slurm/install-horovod.sh")
-
-
 def mpirun(run, items, n=2):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
@@ -199,7 +190,7 @@ def digests(out):
 @pytest.mark.horovod
 @pytest.mark.multiprocess
 def test_horovod_two_ranks_match_single_process(tmp_path, single):
-    _horovod_or_skip()
+    need_horovod()
     run = tmp_path / "hvd"
     code, out = finish_mpirun(mpirun(run, SAME + ["distribute.strategy=horovod"]))
     assert code == 0, out[-3000:]
@@ -212,7 +203,7 @@ def test_horovod_two_ranks_match_single_process(tmp_path, single):
 @pytest.mark.horovod
 @pytest.mark.multiprocess
 def test_horovod_stop_and_resume_is_exact(tmp_path):
-    _horovod_or_skip()
+    need_horovod()
     items = SAME + ["distribute.strategy=horovod", "training.epochs=25", "model.dropout=0.3",
                     "checkpoint.every_steps=7"]
     code, out = finish_mpirun(mpirun(tmp_path / "whole", items))

@@ -23,6 +23,8 @@ import pytest
 from hpcjobs import cli, config, slurm, units
 from hpcjobs.config import ConfigError
 
+from conftest import need_horovod
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 DATA = os.path.join(REPO, "tests", "data")
@@ -43,6 +45,8 @@ REFERENCES = {
     "sbatch_jade_train.txt": ["configs/jade.yaml", "--nodes", "2", "--run-dir", "/scratch/runs/jade"],
     "sbatch_jade_horovod.txt": ["configs/jade.yaml", "--nodes", "2", "--set", "distribute.strategy=horovod",
                                 "--srun-arg=--mpi=pmix", "--run-dir", "/scratch/runs/jade-hvd"],
+    "sbatch_bede_horovod_mpirun.txt": ["configs/bede.yaml", "--nodes", "2", "--set", "distribute.strategy=horovod",
+                                       "--launcher", "mpirun", "--run-dir", "/scratch/runs/bede-hvd"],
     "sbatch_jade_search.txt": ["configs/jade.yaml", "--search", "optimizer.learning_rate=0.001,0.01",
                                "--search", "model.dropout=0.3,0.5", "--parallel", "2",
                                "--run-dir", "/scratch/runs/jade-search"],
@@ -230,7 +234,7 @@ def test_injection_strings_render_inert(nasty, tmp_path):
     probe.write_text("module() { printf 'module=%s\\n' \"$@\"; }\nsource() { printf 'source=%s\\n' \"$@\"; }\n"
                      + _settings_and_setup(text)
                      + 'printf "%s\\n" "PYTHON=$PYTHON" "CONFIG=$CONFIG" "RUN_DIR=$RUN_DIR"\n'
-                     + 'printf "srun=%s\\n" "${SRUN_ARGS[@]}"\n')
+                     + 'printf "launch=%s\\n" "${LAUNCH[@]}"\n')
     out = subprocess.run(["bash", str(probe)], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     lines = out.split("\n")
     assert f"PYTHON={run_dir}/bin/python" in lines
@@ -238,7 +242,7 @@ def test_injection_strings_render_inert(nasty, tmp_path):
     assert f"RUN_DIR={run_dir}" in lines
     assert f"module={module}" in lines
     assert f"source={run_dir}/bin/activate" in lines
-    assert f"srun=--comment={nasty}" in lines
+    assert "launch=srun" in lines and f"launch=--comment={nasty}" in lines
     assert not (tmp_path / "CANARY").exists()
 
 
@@ -405,6 +409,8 @@ FAKE_BIN = {
     # srun: drop its options, run the command
     "srun": 'while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n',
     "scontrol": 'echo "scontrol $*" >>"$CALLS"\n',
+    # mpirun: record its options, run the command (the job body's `bash -c ...`)
+    "mpirun": 'echo "mpirun $*" >>"$CALLS"\nwhile [ "$1" != bash ]; do shift; done\nexec "$@"\n',
 }
 FAKE_PYTHON = textwrap.dedent("""\
     import os, signal, sys, time
@@ -514,6 +520,30 @@ def test_script_passes_usr1_on_to_the_training(stubbed):
     out = p.communicate(timeout=30)[0]
     assert "task got USR1" in calls(), out
     assert "scontrol requeue 77" in calls() and p.returncode == 0
+
+
+def test_mpirun_launcher_starts_the_step_and_turns_term_into_usr1(stubbed):
+    # under mpirun a TERM (preemption, scancel) would kill the ranks: they are sent USR1 instead
+    run_script, calls, run = stubbed
+    p = run_script(launcher="mpirun", mpirun_args=("--mca btl self,tcp",), extra_env={"FAKE": "signal"})
+    deadline = time.monotonic() + 20
+    while "ready" not in calls() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=30)[0]
+    launched = next(line for line in calls().splitlines() if line.startswith("mpirun "))
+    assert launched.startswith("mpirun --bind-to none --mca btl self,tcp") and "--cpus-per-task" not in launched
+    assert ("--allow-run-as-root" in launched) == (os.geteuid() == 0)
+    assert "passing SIGUSR1 to the step" in out and "task got USR1" in calls(), out
+    assert "scontrol requeue 77" in calls() and p.returncode == 0
+
+
+def test_launcher_is_srun_or_mpirun(tmp_path, capsys):
+    assert submit([QUICKSTART, "--run-dir", str(tmp_path / "r"), "--launcher", "pdsh", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--launcher" in err and "srun or mpirun" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="slurm.launcher"):
+        slurm.submit(QUICKSTART, str(tmp_path / "s"), launcher="mpirun")
 
 
 def test_every_template_runs_the_one_shared_job_body():
@@ -704,6 +734,41 @@ def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_pa
     st = status(run)
     assert st["status"] == "finished" and st["strategy"] == "multiworker" and st["replicas"] == 2
     assert f"job {job} (train): COMPLETED" in slurm.job_states(str(run))[0]
+
+
+@pytest.mark.slurm
+@pytest.mark.horovod
+def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weights(on_cluster, tmp_path):
+    # Open MPI's mpirun inside a 2-node allocation (its daemons started through Slurm, no PMI);
+    # the 2-minute limit's warning stops the ranks with a checkpoint, the job requeues itself
+    need_horovod()
+    sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=40",
+            "checkpoint.every_minutes=null", "training.log_every_steps=100000"]
+    set_args = [a for s in sets for a in ("--set", s)]
+    run = tmp_path / "hvd"
+    assert submit([QUICKSTART, "--run-dir", str(run), "--nodes", "2", "--launcher", "mpirun", "--time", "2",
+                   "--signal-margin", "70", "--max-requeues", "10", *set_args]) == 0
+    job = last_job(run)
+    wait_for(lambda: job_done(job), 900, "the requeued Horovod job to finish", job, run)
+    st, text = status(run), logs(run)
+    assert st.get("status") == "finished" and st["strategy"] == "horovod" and st["replicas"] == 2, text[-4000:]
+    assert "on node[1-2]" in text and "requeueing job" in text, text[-4000:]
+    assert "\x1b" not in text  # mpirun hands the ranks a pty, but the log is a file: lines, no progress bar
+    stops = [s["stopped_by"] for s in st["sessions"]]
+    assert len(stops) >= 2 and stops[-1] == "finished", stops
+    assert all(s in ("SIGUSR1", "SIGTERM", "time_budget") for s in stops[:-1]), stops
+    # the last step's weights on each rank (a progress line may run into the line: no \n)
+    ranks = re.findall(rf"worker (\d)/2 step {st['total_steps']} weights sha256 (\w+) on (\S+)", text)
+    assert sorted(ranks) == [("0", st["weights_sha256"], "node1"), ("1", st["weights_sha256"], "node2")], ranks
+    # the reference: the same training by mpirun on this one host, outside Slurm, uninterrupted
+    reference = tmp_path / "reference"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    ref = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2",
+                          sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
+                          *set_args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    assert status(reference)["sessions"][0]["stopped_by"] == "finished"
+    assert st["weights_sha256"] == status(reference)["weights_sha256"]
 
 
 @pytest.mark.slurm

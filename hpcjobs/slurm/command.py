@@ -42,6 +42,8 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "signal_margin": (None, "SECONDS", "USR1 this long before the time limit"),
     "python": (None, "PATH", "interpreter for the job (default: this one)"),
     "srun_args": ("--srun-arg", "OPTION", "extra srun option"),
+    "launcher": (None, "srun|mpirun", "start the tasks with srun (default) or Open MPI's mpirun"),
+    "mpirun_args": ("--mpirun-arg", "OPTION", "extra mpirun option (--launcher mpirun)"),
     "array": (None, "N", "job array of N tasks (training: N seeds)"),
     "array_parallel": ("--parallel", "N", "at most N array tasks at once"),
     "search": (None, "KEY=V1,V2", "grid search over a config key, as a job array"),
@@ -101,7 +103,7 @@ def _overrides(args) -> dict:
 def slurm_section(cfg: Config, overrides: dict) -> SlurmConfig:
     """The config's slurm section with command-line values (not None) on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    for k in ("modules", "extra_sbatch", "srun_args", "search"):
+    for k in ("modules", "extra_sbatch", "srun_args", "mpirun_args", "search"):
         if k in given:
             given[k] = tuple(given[k])
     if given.get("slot") is not None:

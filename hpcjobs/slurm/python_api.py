@@ -103,6 +103,9 @@ def submit(config, run_dir: str, **slurm_overrides):
         raise _error(unknown[0], "unknown slurm setting; valid: "
                      + ", ".join(f.name for f in dataclasses.fields(SlurmConfig)))
     s = slurm_section(cfg, slurm_overrides)
+    if s.launcher != "srun":
+        raise _error("slurm.launcher", f"{s.launcher}: submitit starts its tasks with srun; "
+                     "`hpcjobs submit` renders an mpirun job")
     cfg = dataclasses.replace(cfg, slurm=s)
     run_dir = os.path.abspath(run_dir)
     params = template_params(cfg, s, "train", run_dir, os.path.join(run_dir, "config.yaml"))

@@ -35,7 +35,7 @@ SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one t
 # Parameters of render(): the SlurmConfig fields that shape a script, plus those of _REQUIRED/_ALLOWED.
 _SLURM_PARAMS = ("partition", "account", "qos", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task",
                  "mem", "time", "job_name", "modules", "activate", "extra_sbatch", "max_requeues",
-                 "signal_margin", "srun_args", "array_parallel")
+                 "signal_margin", "srun_args", "launcher", "mpirun_args", "array_parallel")
 _REQUIRED = {"train": ("python", "run_dir", "config"), "infer": ("python", "run_dir", "config"),
              "search": ("python", "run_dir", "array"), "trials": ("python", "run_dir", "config", "array")}
 _ALLOWED = {
@@ -196,7 +196,7 @@ def _slurm_config(template: str, params: dict) -> SlurmConfig:
     if missing:
         raise _error(missing[0], f"required by the {template} template")
     slurm_values = {k: v for k, v in params.items() if k in _SLURM_PARAMS and v is not None}
-    for k in ("modules", "extra_sbatch", "srun_args"):
+    for k in ("modules", "extra_sbatch", "srun_args", "mpirun_args"):
         if k in slurm_values:
             slurm_values[k] = tuple(slurm_values[k])
     if template == "infer":
@@ -258,12 +258,15 @@ def render(template: str, **params) -> str:
     on_stop = params.get("on_stop") or "requeue"
     if on_stop not in ("requeue", "next-slot"):
         raise _error("on_stop", f"{on_stop!r}: must be requeue or next-slot")
-    srun = [f"--wait={SRUN_WAIT}"] + [w for a in s.srun_args for w in _option_words(a)]
+    if s.launcher == "mpirun":  # one rank per Slurm task; TensorFlow's threads want every core of the task
+        launch = ["mpirun", "--bind-to", "none"] + [w for a in s.mpirun_args for w in a.split()]  # --mca btl tcp
+    else:
+        launch = ["srun", f"--wait={SRUN_WAIT}"] + [w for a in s.srun_args for w in _option_words(a)]
     values = {
         "sbatch": _sbatch_block(template, s, run_dir, array, on_stop),
         "python": shlex.quote(python),
         "run_dir": shlex.quote(run_dir),
-        "srun_args": " ".join(shlex.quote(w) for w in srun),
+        "launch": " ".join(shlex.quote(w) for w in launch),
         "setup": _setup_lines(s),
         "max_requeues": str(int(s.max_requeues)),
         "on_stop": shlex.quote(on_stop),
@@ -332,7 +335,8 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
     params = dict(partition=s.partition, account=s.account, qos=s.qos, nodes=s.nodes, ntasks_per_node=ntasks,
                   gpus_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task, mem=s.mem, time=s.time,
                   job_name=s.job_name or cfg.name, modules=s.modules, activate=s.activate,
-                  extra_sbatch=s.extra_sbatch, srun_args=s.srun_args, python=s.python or sys.executable,
+                  extra_sbatch=s.extra_sbatch, srun_args=s.srun_args, launcher=s.launcher,
+                  mpirun_args=s.mpirun_args, python=s.python or sys.executable,
                   run_dir=run_dir)
     if kind == "infer":
         params.update(partition=s.infer_partition or s.partition, time=s.infer_time or s.time,

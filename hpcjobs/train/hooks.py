@@ -105,7 +105,7 @@ class Progress(Hook):
     def begin(self, loop):
         t = loop.trainer
         self.progress = report.Progress(t.steps_per_epoch, t.epochs, t.cfg.training.log_every_steps,
-                                        t.verbose)
+                                        t.verbose, tty=None if t.info.terminal else False)
         self.start_step, self.t0 = loop.step, time.monotonic()
 
     def after_steps(self, loop, step, sums, seconds):

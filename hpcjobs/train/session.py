@@ -114,7 +114,8 @@ def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
         fields.update(_test_and_export(trainer, loop, dict(fields, sessions=len(record.earlier) + 1)))
     trainer.checkpoints.wait()
     digest = weights_digest(trainer.model)
-    print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest}", flush=True)
+    print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest} on {trainer.info.node}",
+          flush=True)
     if loop.history:
         fields["last"] = loop.history[-1]
     record.end(step, reason, "finished" if finished else "stopped", epoch=step / trainer.steps_per_epoch,
