@@ -32,7 +32,16 @@ def cmd_train(args) -> int:
         from .train.folds import train_folds
 
         return train_folds(cfg, _run_dir(args, cfg), train, **kwargs)
-    return train(cfg, _run_dir(args, cfg), **kwargs)
+    rc = train(cfg, _run_dir(args, cfg), **kwargs)
+    if cfg.data.folds:  # one fold of a K-fold run (a task of submit --folds): the parent's summary
+        from .train.folds import parent_of_fold, record_folds
+
+        from .cluster import detect
+
+        parent = parent_of_fold(_run_dir(args, cfg), cfg)
+        if parent is not None and detect().is_chief:
+            record_folds(parent, cfg)
+    return rc
 
 
 def cmd_prepare(args) -> int:

@@ -210,3 +210,16 @@ def test_five_fold_run_reports_mean_and_std(tmp_path, capsys):
     assert "5-fold test_accuracy: mean" in capsys.readouterr().out
     assert cli.main(["status", str(run)]) == 0
     assert "test_accuracy: mean" in capsys.readouterr().out
+
+
+def test_one_fold_trained_alone_updates_its_parents_summary(tmp_path):
+    # what a task of `hpcjobs submit --folds` runs: one fold into RUN/folds/fold-I
+    run = tmp_path / "cv"
+    rc = cli.main(["train", QUICKSTART, "--run-dir", str(run / "folds" / "fold-1"), "--set", "data.folds=3",
+                   "--set", "data.fold=1", "--set", "training.epochs=1", "--set", "training.steps_per_epoch=4",
+                   "--set", "checkpoint.every_minutes=null"])
+    assert rc == 0
+    st = status(run)
+    assert st["fold_status"] == ["not started", "finished", "not started"] and st["status"] == "stopped"
+    assert st["fold_summary"]["test_accuracy"]["n"] == 1
+    assert st["fold_summary"]["test_accuracy"]["mean"] == status(run / "folds" / "fold-1")["test_accuracy"]

@@ -355,6 +355,28 @@ def test_search_grid_becomes_an_array_of_trial_configs(tmp_path, capsys, monkeyp
     assert submit([QUICKSTART, "--run-dir", str(tmp_path / "bad"), "--search", "model.dropout=0.3,2"]) == 2
 
 
+def test_folds_become_an_array_of_fold_runs(tmp_path, capsys):
+    run = tmp_path / "cv"
+    assert submit([QUICKSTART, "--run-dir", str(run), "--set", "data.folds=3", "--folds", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-2\n" in out and "TASK_DIR=folds/fold-%d" in out
+    assert [line for line in out.splitlines() if line.startswith("# folds/")] == \
+        [f"# folds/fold-{i}: --set data.fold={i}" for i in range(3)]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("sets, extra, words", [
+    ([], [], "data.folds"),
+    (["data.folds=3", "data.fold=1"], [], "data.fold is 1"),
+    (["data.folds=3"], ["--array", "2"], "not with --infer, --array or --search"),
+])
+def test_folds_that_cannot_be_an_array_are_one_line(tmp_path, capsys, sets, extra, words):
+    argv = [QUICKSTART, "--run-dir", str(tmp_path / "cv"), "--folds", *extra, *sum((["--set", x] for x in sets), [])]
+    assert submit(argv + ["--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--folds" in err and words in err and len(err.strip().splitlines()) == 1
+
+
 def test_array_repeats_with_consecutive_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(slurm, "_sbatch", lambda script, extra=(): "7")
     assert submit([QUICKSTART, "--run-dir", str(tmp_path), "--array", "3", "--set", "training.seed=5"]) == 0
@@ -799,6 +821,24 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     assert ref.wait(timeout=240) == 0, ref.stderr.read()[-2000:]
     assert st["weights_sha256"] == status(reference)["weights_sha256"]
     assert status(reference)["sessions"][0]["stopped_by"] == "finished"
+
+
+@pytest.mark.slurm
+def test_folds_run_as_an_array_and_the_parent_sums_them_up(on_cluster, tmp_path, capsys):
+    run = tmp_path / "cv"
+    assert submit([QUICKSTART, "--run-dir", str(run), "--folds", "--time", "5", "--set", "data.folds=3",
+                   "--set", "training.epochs=1", "--set", "training.steps_per_epoch=8"]) == 0
+    assert status(run)["fold_status"] == ["not started"] * 3  # written at submission
+    job = last_job(run)
+    wait_for(lambda: job_done(job, 3), 300, "the three fold tasks", job, run)
+    st = status(run)
+    assert st["status"] == "finished" and st["fold_status"] == ["finished"] * 3, logs(run)[-3000:]
+    accs = [status(run / "folds" / f"fold-{i}")["test_accuracy"] for i in range(3)]
+    summary = st["fold_summary"]["test_accuracy"]
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(sum(accs) / 3)
+    capsys.readouterr()
+    assert cli.main(["status", str(run)]) == 0
+    assert "test_accuracy: mean" in capsys.readouterr().out
 
 
 @pytest.mark.slurm

@@ -25,7 +25,7 @@ from ..rundir import atomic_write
 from ..units import slurm_seconds
 from .jobs import _record
 from . import search_array
-from .render import _error, _package, render, template_params, trials
+from .render import TASK_DIRS, _error, _package, render, template_params, trials
 from .search_array import SECTION
 
 # --------------------------------------------------------------------------- flags
@@ -90,6 +90,8 @@ def add_arguments(parser):
     for flag, field_name, kw in _FLAGS:
         g.add_argument(flag, dest=f"slurm_{field_name}", default=None, **kw)
     parser.add_argument("--infer", action="store_true", help="submit batch inference (slurm/infer.sbatch)")
+    parser.add_argument("--folds", action="store_true",
+                        help="data.folds' K folds as a job array: task I trains RUN/folds/fold-I")
     parser.add_argument("--dry-run", action="store_true", help="print the script(s); write and submit nothing")
 
 
@@ -147,6 +149,8 @@ class _Plan:
     script_path: str
     trial_sets: list = dataclasses.field(default_factory=list)
     trial_cfgs: list = dataclasses.field(default_factory=list)
+    task_dirs: list = dataclasses.field(default_factory=list)  # the array tasks' run dirs (search kind)
+    folds: bool = False  # --folds: the tasks are data.folds' folds
     merge_script: Optional[str] = None
     begins: list = dataclasses.field(default_factory=list)
 
@@ -159,13 +163,17 @@ def _plan(args) -> _Plan:
     cfg = dataclasses.replace(cfg, slurm=s)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", cfg.name))
     section = SECTION in (getattr(args, "slurm_search", None) or [])
-    kind = "infer" if args.infer else ("trials" if section else "search" if (s.array or s.search) else "train")
+    folds = getattr(args, "folds", False)
+    kind = "infer" if args.infer else ("trials" if section else "search" if (s.array or s.search or folds) else "train")
     if s.slot and kind != "train":
-        raise _error("--slot", "a chain of time slots runs one training, not --infer, --array or --search")
+        raise _error("--slot", "a chain of time slots runs one training, not --infer, --array, --search or --folds")
+    if folds:
+        _check_folds(cfg, s, args)
     trial_sets, trial_cfgs = [], []
     if kind == "search":
-        trial_sets = trials(cfg, s)
-        trial_cfgs = [config_mod.from_dict(config_mod.apply_overrides(to_dict(cfg), sets), f"{args.config} (trial {i})")
+        trial_sets = [[f"data.fold={i}"] for i in range(cfg.data.folds)] if folds else trials(cfg, s)
+        what = "fold" if folds else "trial"
+        trial_cfgs = [config_mod.from_dict(config_mod.apply_overrides(to_dict(cfg), sets), f"{args.config} ({what} {i})")
                       for i, sets in enumerate(trial_sets)]
     config_path = os.path.join(run_dir, "infer-config.yaml" if kind == "infer" else "config.yaml")
     if kind == "trials":  # the search: section: array tasks that pull trials (search_array.py)
@@ -177,9 +185,13 @@ def _plan(args) -> _Plan:
             print(note, file=sys.stderr)
     else:
         params = template_params(cfg, s, kind, run_dir, None if kind == "search" else config_path)
+    if folds:
+        params.update(array=len(trial_sets), tasks="folds")
+    task_dir = TASK_DIRS["folds" if folds else "trials"]
     plan = _Plan(cfg=cfg, s=s, kind=kind, run_dir=run_dir, config_path=config_path, params=params,
                  script=render(kind, **params), script_path=os.path.join(run_dir, "slurm", f"{kind}.sbatch"),
-                 trial_sets=trial_sets, trial_cfgs=trial_cfgs, begins=slot_begins(s) if s.slot else [])
+                 trial_sets=trial_sets, trial_cfgs=trial_cfgs, task_dirs=[task_dir % i for i in range(len(trial_sets))],
+                 folds=folds, begins=slot_begins(s) if s.slot else [])
     if kind == "infer" and s.array:
         merge_params = {k: v for k, v in params.items() if k not in ("array", "array_parallel")}
         merge_params.update(nodes=1, ntasks_per_node=1, gpus_per_node=0, merge=True,
@@ -188,10 +200,19 @@ def _plan(args) -> _Plan:
     return plan
 
 
+def _check_folds(cfg: Config, s: SlurmConfig, args):
+    if not cfg.data.folds:
+        raise _error("--folds", "the config has no data.folds: set data.folds: K (K >= 2)")
+    if cfg.data.fold is not None:
+        raise _error("--folds", f"data.fold is {cfg.data.fold}: --folds trains every fold, so leave data.fold null")
+    if args.infer or s.array or s.search:
+        raise _error("--folds", "the folds are the array: not with --infer, --array or --search")
+
+
 def _print_dry_run(plan: _Plan):
     print(plan.script, end="")
-    for i, sets in enumerate(plan.trial_sets):
-        print(f"# trial-{i:03d}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
+    for task_dir, sets in zip(plan.task_dirs, plan.trial_sets):
+        print(f"# {task_dir}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
     for i, begin in enumerate(plan.begins):
         dep = "" if i == 0 else f" --dependency=afterany:<job {i}>"
         print(f"# slot {i + 1}/{len(plan.begins)}: sbatch --begin={begin.isoformat()}{dep} "
@@ -205,9 +226,13 @@ def _write(plan: _Plan):
     run_dir = plan.run_dir
     os.makedirs(os.path.join(run_dir, "slurm"), exist_ok=True)
     atomic_write(plan.config_path, dump(plan.cfg), fsync=False)
-    for i, tcfg in enumerate(plan.trial_cfgs):
-        atomic_write(os.path.join(run_dir, f"trial-{i:03d}", "config.yaml"), dump(tcfg), fsync=False)
-    if plan.kind == "search":
+    for task_dir, tcfg in zip(plan.task_dirs, plan.trial_cfgs):
+        atomic_write(os.path.join(run_dir, task_dir, "config.yaml"), dump(tcfg), fsync=False)
+    if plan.folds:
+        from ..train.folds import record_folds
+
+        record_folds(run_dir, plan.cfg)  # the parent's run.json: K folds, none started
+    elif plan.kind == "search":
         atomic_write(os.path.join(run_dir, "trials.json"),
                      json.dumps([{"trial": f"trial-{i:03d}", "set": sets} for i, sets in enumerate(plan.trial_sets)],
                                 indent=2) + "\n", fsync=False)

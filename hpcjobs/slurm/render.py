@@ -41,9 +41,11 @@ _REQUIRED = {"train": ("python", "run_dir", "config"), "infer": ("python", "run_
 _ALLOWED = {
     "train": set(_SLURM_PARAMS) - {"array_parallel"} | {"python", "run_dir", "config", "on_stop"},
     "infer": set(_SLURM_PARAMS) - {"signal_margin"} | {"python", "run_dir", "config", "array", "merge"},
-    "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array"},
+    "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array", "tasks"},
     "trials": set(_SLURM_PARAMS) | {"python", "run_dir", "config", "array", "workers"},
 }
+# search: what each array task trains, as a printf pattern of its task id under RUN_DIR
+TASK_DIRS = {"trials": "trial-%03d", "folds": "folds/fold-%d"}
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _PARTIAL = re.compile(r"\{\{>\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -272,10 +274,20 @@ def render(template: str, **params) -> str:
         "on_stop": shlex.quote(on_stop),
         "infer_args": "--merge" if params.get("merge") else "",
         "workers": str(_workers(params.get("workers"))),
+        "task_dir": shlex.quote(_task_dir(params.get("tasks"))),
     }
     if "config" in params and params["config"] is not None:
         values["config"] = shlex.quote(_path("config", params["config"]))
     return _fill(template, values)
+
+
+def _task_dir(tasks) -> str:
+    """search: the array tasks' run directories: trials (trial-NNN) or folds (folds/fold-I)."""
+    if tasks is None:
+        tasks = "trials"
+    if tasks not in TASK_DIRS:
+        raise _error("tasks", f"{tasks!r}: must be {' or '.join(TASK_DIRS)}")
+    return TASK_DIRS[tasks]
 
 
 def _workers(value) -> int:

@@ -2,8 +2,8 @@
 and a summary (mean and std of each test and best metric over the folds) in the
 parent's run.json.
 
-``data.folds: K`` with ``data.fold: I`` trains fold I alone (what a Slurm array task
-does); with ``data.fold`` null, ``hpcjobs train`` trains the folds in turn, skipping
+``data.folds: K`` with ``data.fold: I`` trains fold I alone (what a task of ``hpcjobs submit
+--folds`` does, into RUN/folds/fold-I, updating the parent's summary); with ``data.fold`` null, ``hpcjobs train`` trains the folds in turn, skipping
 those already finished, so a stopped cross-validation continues where it stopped.
 """
 from __future__ import annotations
@@ -37,11 +37,32 @@ def summarize(run_dir: str, k: int) -> dict:
             "fold_summary": summary, "status": "finished" if len(done) == k else "stopped"}
 
 
+def record_folds(run_dir: str, cfg: Config) -> dict:
+    """Write the K-fold summary into the parent's run.json, and return it.  Folds that end
+    at the same moment (the tasks of a ``submit --folds`` array) take turns under a lock,
+    each reading every fold's run.json after its own was written, so the last word is whole."""
+    import fcntl
+
+    os.makedirs(os.path.join(run_dir, "folds"), exist_ok=True)
+    with open(os.path.join(run_dir, "folds", ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        status = dict(summarize(run_dir, cfg.data.folds), name=cfg.name)
+        RunDir(run_dir).write_status(status)
+    return status
+
+
+def parent_of_fold(run_dir: str, cfg: Config) -> str | None:
+    """The K-fold run that ``run_dir`` is fold ``data.fold`` of (RUN/folds/fold-I), if it is one."""
+    if not cfg.data.folds or cfg.data.fold is None:
+        return None
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    return parent if os.path.abspath(run_dir) == os.path.abspath(fold_dir(parent, cfg.data.fold)) else None
+
+
 def train_folds(cfg: Config, run_dir: str, train, **kwargs) -> int:
     """Train the folds of ``cfg`` in turn with ``train`` (``session.train``)."""
     k = cfg.data.folds
-    rd = RunDir(run_dir)
-    os.makedirs(rd.path, exist_ok=True)
+    os.makedirs(run_dir, exist_ok=True)
     for i in range(k):
         sub = fold_dir(run_dir, i)
         if RunDir(sub).read_status().get("status") == "finished":
@@ -50,10 +71,9 @@ def train_folds(cfg: Config, run_dir: str, train, **kwargs) -> int:
         print(f"fold {i + 1}/{k}: {sub}", flush=True)
         rc = train(fold_cfg, sub, **kwargs)
         if rc != EX_OK:
-            rd.write_status(dict(summarize(run_dir, k), name=cfg.name))
+            record_folds(run_dir, cfg)
             return rc
-    status = dict(summarize(run_dir, k), name=cfg.name)
-    rd.write_status(status)
+    status = record_folds(run_dir, cfg)
     for key, s in status["fold_summary"].items():
         print(f"{k}-fold {key}: mean {s['mean']:.4f} std {s['std']:.4f}", flush=True)
     return EX_OK if status["status"] == "finished" else EX_TEMPFAIL
