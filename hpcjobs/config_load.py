@@ -326,7 +326,7 @@ def build(cls, values: dict, where: str, prefix: str):
 
 
 # --------------------------------------------------------------------------- --set
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError("--set", text, "expected key.path=value")
     key, _, raw = text.partition("=")
@@ -345,7 +345,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` strings (values parsed as YAML scalars) to a raw dict."""
     for text in overrides or []:
-        path, value = _parse_override(text)
+        path, value = parse_override(text)
         node = values
         for part in path[:-1]:
             nxt = node.get(part)

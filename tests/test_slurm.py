@@ -47,8 +47,8 @@ REFERENCES = {
                                 "--srun-arg=--mpi=pmix", "--run-dir", "/scratch/runs/jade-hvd"],
     "sbatch_bede_horovod_mpirun.txt": ["configs/bede.yaml", "--nodes", "2", "--set", "distribute.strategy=horovod",
                                        "--launcher", "mpirun", "--run-dir", "/scratch/runs/bede-hvd"],
-    "sbatch_jade_search.txt": ["configs/jade.yaml", "--search", "optimizer.learning_rate=0.001,0.01",
-                               "--search", "model.dropout=0.3,0.5", "--parallel", "2",
+    "sbatch_jade_search.txt": ["configs/jade.yaml", "--search", "optimizer.learning_rate=0.0003,0.001,0.01",
+                               "--search", "model.dropout=0.2,0.3,0.5", "--trials-per-node", "8", "--parallel", "2",
                                "--run-dir", "/scratch/runs/jade-search"],
 }
 
@@ -337,22 +337,26 @@ def test_flag_errors_name_the_flag(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_search_grid_becomes_an_array_of_trial_configs(tmp_path, capsys, monkeypatch):
+def test_search_flags_become_a_grid_of_search_workers(tmp_path, capsys, monkeypatch):
+    # --search KEY=V1,V2: the search: section's grid, pulled by the same workers as a bare --search
     monkeypatch.setattr(slurm, "_sbatch", lambda script, extra=(): "4242")
     run = tmp_path / "search"
     assert submit([QUICKSTART, "--run-dir", str(run), "--search", "optimizer.learning_rate=0.001,0.01",
                    "--search", "model.dropout=0.3,0.5,0.7"]) == 0
-    script = (run / "slurm" / "search.sbatch").read_text()
-    assert "#SBATCH --array=0-5" in script
-    trials = json.loads((run / "trials.json").read_text())
-    assert [t["set"] for t in trials][:2] == [["optimizer.learning_rate=0.001", "model.dropout=0.3"],
-                                             ["optimizer.learning_rate=0.001", "model.dropout=0.5"]]
-    cfg5 = config.load(str(run / "trial-005" / "config.yaml"))
-    assert (cfg5.optimizer.learning_rate, cfg5.model.dropout) == (0.01, 0.7)
-    assert "submitted search job 4242" in capsys.readouterr().out
+    script = (run / "slurm" / "trials.sbatch").read_text()
+    assert "#SBATCH --array=0-5" in script  # one task per grid point (--trials-per-node 1)
+    cfg = config.load(str(run / "config.yaml"))
+    assert cfg.search.method == "grid" and cfg.search.trials is None and cfg.slurm.search == ()
+    assert {k: v.choice for k, v in cfg.search.space.items()} == {"optimizer.learning_rate": (0.001, 0.01),
+                                                                   "model.dropout": (0.3, 0.5, 0.7)}
+    assert "submitted trials job 4242" in capsys.readouterr().out
     assert slurm.read_jobs(str(run))[0]["job_id"] == "4242"
-    # a value that does not fit the config is caught at submission
+    # a value that does not fit the config is caught at submission, in one line
     assert submit([QUICKSTART, "--run-dir", str(tmp_path / "bad"), "--search", "model.dropout=0.3,2"]) == 2
+    err = capsys.readouterr().err
+    assert "search.space.model.dropout" in err and len(err.strip().splitlines()) == 1
+    assert submit([QUICKSTART, "--run-dir", str(tmp_path / "both"), "--search", "--search", "model.dropout=0.3"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_folds_become_an_array_of_fold_runs(tmp_path, capsys):

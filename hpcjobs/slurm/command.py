@@ -164,11 +164,16 @@ def _plan(args) -> _Plan:
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", cfg.name))
     section = SECTION in (getattr(args, "slurm_search", None) or [])
     folds = getattr(args, "folds", False)
-    kind = "infer" if args.infer else ("trials" if section else "search" if (s.array or s.search or folds) else "train")
-    if s.slot and kind != "train":
-        raise _error("--slot", "a chain of time slots runs one training, not --infer, --array, --search or --folds")
     if folds:
         _check_folds(cfg, s, args)
+    if s.search:  # --search KEY=V1,V2: a grid, run by the same workers as the search: section
+        if section:
+            raise _error("--search", "a bare --search (the config's search: section) or KEY=V1,V2 grids, not both")
+        cfg = search_array.grid_from_flags(cfg, s, args.config)
+        s, section = cfg.slurm, True
+    kind = "infer" if args.infer else ("trials" if section else "search" if (s.array or folds) else "train")
+    if s.slot and kind != "train":
+        raise _error("--slot", "a chain of time slots runs one training, not --infer, --array, --search or --folds")
     trial_sets, trial_cfgs = [], []
     if kind == "search":
         trial_sets = [[f"data.fold={i}"] for i in range(cfg.data.folds)] if folds else trials(cfg, s)
@@ -177,8 +182,6 @@ def _plan(args) -> _Plan:
                       for i, sets in enumerate(trial_sets)]
     config_path = os.path.join(run_dir, "infer-config.yaml" if kind == "infer" else "config.yaml")
     if kind == "trials":  # the search: section: array tasks that pull trials (search_array.py)
-        if s.search:
-            raise _error("--search", "a bare --search (the config's search: section) or KEY=V1,V2 grids, not both")
         search_array.check(cfg, s, args.config, run_dir)
         params, note = search_array.params(cfg, s, run_dir, config_path)
         if note:

@@ -12,7 +12,6 @@ naming the key.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shlex
@@ -365,11 +364,5 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
 
 
 def trials(cfg: Config, s: SlurmConfig) -> list[list[str]]:
-    """The ``--set`` overrides of each array task: repeats with seeds, or the search grid."""
-    if s.search:
-        axes = []
-        for entry in s.search:
-            key, _, values = entry.partition("=")
-            axes.append([f"{key}={v.strip()}" for v in values.split(",") if v.strip()])
-        return [list(combo) for combo in itertools.product(*axes)]
+    """The ``--set`` overrides of each task of an ``--array N`` of repeats: consecutive seeds."""
     return [[f"training.seed={cfg.training.seed + i}"] for i in range(max(s.array, 1))]

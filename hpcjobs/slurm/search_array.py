@@ -1,5 +1,6 @@
-"""``hpcjobs submit CONFIG --search`` (bare): the config's ``search:`` section as a job array of
-search workers (``slurm/trials.sbatch``).
+"""``hpcjobs submit CONFIG --search`` (bare: the config's ``search:`` section; or ``--search
+KEY=V1,V2`` flags: a grid over those values) as a job array of search workers
+(``slurm/trials.sbatch``).
 
 Each array task runs ``hpcjobs search CONFIG --workers K`` (K = ``--trials-per-node``, one
 GPU each), which pulls trials until the budget is spent and no trial is left running
@@ -49,6 +50,24 @@ def tasks(cfg: Config, s: SlurmConfig, limit: Optional[int]) -> tuple[int, Optio
     if limit is not None and n > limit:
         return limit, f"note: {n} tasks would pass the cluster's MaxArraySize ({limit}): {limit} tasks pull the trials"
     return n, None
+
+
+def grid_from_flags(cfg: Config, s: SlurmConfig, where: str) -> Config:
+    """``--search KEY=V1,V2`` (repeatable): the config's ``search:`` section as a grid over
+    those values (its other settings, such as metric, epochs and pruning, kept), run by the
+    same pulling workers as a bare ``--search``.  Each value is read as ``--set`` reads one."""
+    from ..config import from_dict, to_dict
+    from ..config_load import parse_override
+
+    space = {}
+    for entry in s.search:
+        key, _, values = entry.partition("=")
+        space[key.strip()] = {"choice": [parse_override(f"{key}={v.strip()}")[1]
+                                         for v in values.split(",") if v.strip()]}
+    d = to_dict(cfg)
+    d["search"] = dict(d["search"], method="grid", trials=None, space=space)
+    d["slurm"]["search"] = []
+    return from_dict(d, where)
 
 
 def check(cfg: Config, s: SlurmConfig, where: str, run_dir: str):
