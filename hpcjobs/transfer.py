@@ -78,7 +78,10 @@ class InitPlan:
     note: str = ""  # e.g. a fresh head for another number of classes
 
     def apply(self, model):
-        """Copy the planned layers' weights from the source."""
+        """Copy the planned layers' weights from the source (loaded now if the plan was read
+        from the run directory)."""
+        if self.source is None:
+            self.source = load_exported(self.path)
         src = {layer.name: layer for layer in self.source.layers}
         for name in self.layers:
             model.get_layer(name).set_weights(src[name].get_weights())
@@ -131,10 +134,45 @@ def plan_init(model, path: str, freeze: bool = False, class_names=None) -> InitP
         raise ModelError(f"model.init_from: {path}: {what} (this model is {model.name}, that one "
                          f"{source.name}): the architectures differ")
     if freeze:
-        for name in names:
-            if name != "head":
-                model.get_layer(name).trainable = False
+        _freeze(model, names)
     return InitPlan(model_file, source, names, freeze, note)
+
+
+def _freeze(model, names):
+    for name in names:
+        if name != "head":
+            model.get_layer(name).trainable = False
+
+
+PLAN_FILE = "init_from.json"
+
+
+def plan_for_run(model, run_dir, path: str, freeze: bool, class_names, resuming: bool) -> InitPlan:
+    """``plan_init``, remembered in ``RUN/init_from.json``: a session that resumes from the
+    run's own checkpoint (which holds every weight) takes the layers from there and needs
+    no source, which may have been moved or deleted since the first session."""
+    import json
+    import os
+
+    saved = os.path.join(run_dir.path, PLAN_FILE)
+    if resuming:
+        try:
+            with open(saved, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            d = None
+        if isinstance(d, dict) and d.get("init_from") == path and d.get("frozen") == freeze:
+            if freeze:
+                _freeze(model, d["layers"])
+            return InitPlan(d["path"], None, list(d["layers"]), freeze, d.get("note", ""))
+    plan = plan_init(model, path, freeze, class_names)
+    if run_dir.writer:
+        from .rundir import atomic_write
+
+        os.makedirs(run_dir.path, exist_ok=True)
+        atomic_write(saved, json.dumps(dict(init_from=path, path=plan.path, layers=plan.layers, frozen=freeze,
+                                            note=plan.note), indent=2) + "\n", fsync=False)
+    return plan
 
 
 # what shapes a checkpoint beyond the model's weights: the optimizers, their slots, the stages

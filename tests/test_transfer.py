@@ -204,6 +204,29 @@ def test_two_run_flow_carries_head_and_backbone(tmp_path, capsys):
                                atol=1e-6)
 
 
+def test_a_resumed_init_from_run_needs_no_source(tmp_path):
+    import keras
+
+    base = tmp_path / "base"
+    assert train(base, "training.epochs=1", "training.steps_per_epoch=5") == 0
+    conv1 = keras.models.load_model(str(base / "export" / "model.keras")).get_layer("conv1").get_weights()[0]
+    run = tmp_path / "head"
+    sets = ("training.epochs=3", "training.steps_per_epoch=5", f"model.init_from={base}", "model.freeze_backbone=true",
+            "checkpoint.every_minutes=null")
+    assert train(run, *sets, extra=["--time-budget", "1s"]) == 75  # stopped with a checkpoint, more to do
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped"
+    plan = json.loads((run / "init_from.json").read_text())
+    assert "conv1" in plan["layers"] and plan["frozen"] is True
+    os.rename(base, tmp_path / "moved")  # the source is gone
+    assert train(run, *sets) == 0
+    st = json.loads((run / "run.json").read_text())
+    assert st["status"] == "finished" and len(st["sessions"]) == 2
+    after = keras.models.load_model(str(run / "export" / "model.keras"))
+    np.testing.assert_array_equal(after.get_layer("conv1").get_weights()[0], conv1)  # still frozen
+    # a run that has not started needs its source, and says so in one line
+    assert train(tmp_path / "fresh", *sets) == 2
+
+
 def test_transfer_mismatches_are_one_line(tmp_path, capsys):
     faces = tmp_path / "faces"
     assert train(faces, "data.source=lfw", "model.arch=small_resnet", "model.width=8", "training.epochs=1") == 0

@@ -105,8 +105,10 @@ class Trainer:
                                       self.data.std, cfg.data.normalize)
             # the layers model.init_from matches are known (and frozen) before the optimizer
             # is built, so the checkpoint's graph is the same whichever way a session starts
-            self.init = transfer.plan_init(self.model, cfg.model.init_from, cfg.model.freeze_backbone,
-                                           self.data.class_names) if cfg.model.init_from else None
+            self.init = transfer.plan_for_run(
+                self.model, self.run_dir, cfg.model.init_from, cfg.model.freeze_backbone, self.data.class_names,
+                resuming=tf.train.latest_checkpoint(self.run_dir.checkpoints) is not None) \
+                if cfg.model.init_from else None
             self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.epoch_sums = tf.Variable(np.zeros(3), dtype=tf.float64, trainable=False, name="epoch_sums")
             self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_seconds")
