@@ -69,3 +69,15 @@ def test_optuna_trial_id_and_finished_state():
     assert not compat.optuna_trial_finished(study, tid)
     study.tell(trial, 1.0)
     assert compat.optuna_trial_finished(study, tid)
+
+
+def test_op_determinism_turns_on_and_off_again():
+    from tensorflow.python.framework import config
+
+    try:
+        compat.set_op_determinism(True)
+        assert config.is_op_determinism_enabled()
+        compat.set_op_determinism(False)
+        assert not config.is_op_determinism_enabled()
+    finally:
+        compat.set_op_determinism(False)
