@@ -34,9 +34,8 @@ def cmd_train(args) -> int:
         return train_folds(cfg, _run_dir(args, cfg), train, **kwargs)
     rc = train(cfg, _run_dir(args, cfg), **kwargs)
     if cfg.data.folds:  # one fold of a K-fold run (a task of submit --folds): the parent's summary
-        from .train.folds import parent_of_fold, record_folds
-
         from .cluster import detect
+        from .train.folds import parent_of_fold, record_folds
 
         parent = parent_of_fold(_run_dir(args, cfg), cfg)
         if parent is not None and detect().is_chief:

@@ -2,9 +2,10 @@
 and a summary (mean and std of each test and best metric over the folds) in the
 parent's run.json.
 
-``data.folds: K`` with ``data.fold: I`` trains fold I alone (what a task of ``hpcjobs submit
---folds`` does, into RUN/folds/fold-I, updating the parent's summary); with ``data.fold`` null, ``hpcjobs train`` trains the folds in turn, skipping
-those already finished, so a stopped cross-validation continues where it stopped.
+``data.folds: K`` with ``data.fold: I`` trains fold I alone: what a task of ``hpcjobs
+submit --folds`` does, into RUN/folds/fold-I, updating the parent's summary.  With
+``data.fold`` null, ``hpcjobs train`` trains the folds in turn, skipping those already
+finished, so a stopped cross-validation continues where it stopped.
 """
 from __future__ import annotations
 
