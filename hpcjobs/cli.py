@@ -24,7 +24,12 @@ def _run_dir(args, cfg) -> str:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
+    from .config import dump
+    from .rundir import RunDir, refuse_overwriting
     from .train import train
+
+    RunDir(_run_dir(args, cfg)).check_usable()  # the rule first: a folder of the user's files is no run
+    refuse_overwriting(args.config, os.path.join(_run_dir(args, cfg), "config.yaml"), dump(cfg))
 
     kwargs = dict(from_checkpoint=args.from_checkpoint, init_weights=args.init_weights, time_budget=args.time_budget,
                   restart=args.restart)

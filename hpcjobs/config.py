@@ -355,6 +355,8 @@ class Config:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ValueError("name: use letters, digits, '.', '_' and '-' only")
+        if self.name.startswith("."):  # '.' and '..' would make runs/<name> the runs folder or the current one
+            raise ValueError(f"name: {self.name!r} starts with '.'; it names the folder runs/<name>")
         check_across(self)
 
 

@@ -13,6 +13,14 @@
 
 Every file is written to a temporary name and renamed, so a reader (or a crash)
 never sees half a file where a good one was.
+
+What may be a run directory (``RunDir.claim``): a folder that does not exist yet, an
+empty one, or one hpcjobs made, which holds hpcjobs' ``.lock`` file (every command that
+writes a run creates it first).  Anything else is refused in one line naming it, so
+a user's files are never overwritten.  Output folders (``export --output``,
+``evaluate --output``) follow the same rule with their own mark
+(:func:`check_output_folder`).  A user's file (a config, run.json, a listing) is
+read by :func:`read_capped`: regular files only, never more than a cap.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import fcntl
 import io
 import json
 import os
+import stat
 import time
 
 from .errors import UserError
@@ -30,10 +39,105 @@ from .errors import UserError
 METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "val_f1",
                  "stage"]
 OPTIONAL_FIELDS = ("stage",)  # a column only in runs that have it (training.stages)
+MAX_RUN_JSON = 64 << 20  # run.json of a search's or folds' parent with every metric stays far below
 
 
 class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used (exit code 2): in use, or not a run."""
+
+
+class FileRefused(UserError, ValueError):
+    """A file that is not a regular file, or is larger than its cap (exit code 2)."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_irregular(path: str, mode: int, what: str):
+    if stat.S_ISDIR(mode):  # as open() says it: the callers word OSErrors
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise FileRefused(f"{path}: {kind}, not a regular file (a {what} must be a file)")
+
+
+def check_regular(path: str, what: str):
+    """Refuse (FileRefused) a path that is not a regular file, symlinks followed, before a
+    library opens it (numpy, PIL, h5py); OSError (missing, no permission) is the caller's."""
+    _refuse_irregular(path, os.stat(path).st_mode, what)
+
+
+def format_size(n: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        scale = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10}[unit]
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} bytes"
+
+
+def read_capped(path: str, limit: int, what: str) -> bytes:
+    """The content of the regular file ``path`` (symlinks followed), at most ``limit`` bytes.
+
+    A FIFO, a device or a socket is a FileRefused (a folder an IsADirectoryError): opened without blocking (a
+    FIFO never hangs) and never read (/dev/zero never fills the memory).  So is a file
+    over ``limit``, counted while reading (``st_size`` is 0 for a device and can change).
+    OSError (missing, no permission) is left to the caller, who words it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _refuse_irregular(path, os.fstat(fd).st_mode, what)
+        chunks, size = [], 0
+        while size <= limit:
+            block = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not block:
+                break
+            chunks.append(block)
+            size += len(block)
+        if size > limit:
+            raise FileRefused(f"{path}: larger than {format_size(limit)}: not a {what}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json_capped(path: str, limit: int, what: str):
+    """A JSON file read by :func:`read_capped`; ValueError (and OSError) are the caller's."""
+    return json.loads(read_capped(path, limit, what).decode("utf-8"))
+
+
+def refuse_overwriting(source: str, target: str, text: str):
+    """``text`` is about to replace ``target``: refuse (exit 2) if ``target`` is the user's
+    input file ``source`` (the same file, by any path) and ``text`` is not what it holds."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(source, target):
+            with contextlib.suppress(ValueError):
+                if read_capped(target, 1 << 20, "config").decode("utf-8") == text:
+                    return  # rewritten with the same bytes: nothing of the user's is lost
+            raise UserError(f"{source}: is {os.path.abspath(target)}, which this command would rewrite with the "
+                            "resolved config; copy it elsewhere and give the copy")
+
+
+def check_output_folder(path: str, marker: str, ours, what: str):
+    """An output folder must be new, empty, or an earlier output of the same kind: its
+    ``marker`` file passes ``ours(marker_path)``.  Anything else (a file, someone's own
+    files, a run directory, checkpoints/) is refused, naming it: nothing is replaced."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: is a file; the {what} output must be a folder (new, empty or an earlier "
+                        f"{what} output)")
+    try:
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserError(f"{path}: cannot be the {what} output ({os_reason(e, path)})") from None
+    if not names:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if ours(os.path.join(path, marker)):
+            return
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise UserError(f"{path}: not empty and not an earlier {what} output (it holds {shown}); "
+                    "give a new or empty folder")
 
 
 def os_reason(e: OSError, path: str) -> str:
@@ -114,9 +218,54 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"{self.path}: cannot be a run directory ({os_reason(e, self.path)})") from None
 
-    def lock(self):
-        """Refuse a second training process on the same run directory."""
+    def check_usable(self):
+        """The run directory rule (see the module docstring): missing, empty (bar hpcjobs'
+        ``.lock``) or made by hpcjobs; else a RunDirError naming the folder and its files."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return  # makedirs says what is in the way
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot be a run directory ({os_reason(e, self.path)})") from None
+        if not names or self.made_by_hpcjobs():
+            return
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise RunDirError(f"{self.path}: not empty and not an hpcjobs run directory (it holds {shown}); "
+                          "give a new or empty folder with --run-dir")
+
+    def made_by_hpcjobs(self) -> bool:
+        """The folder holds hpcjobs' ``.lock`` (empty, or ``pid N on HOST``)."""
+        try:
+            text = read_capped(self.sub(".lock"), 4096, "lock file")
+        except (OSError, FileRefused):
+            return False
+        return text == b"" or text.startswith(b"pid ")
+
+    def claim(self) -> bool:
+        """Check the rule, create the folder and hpcjobs' ``.lock`` in it (the mark of a run
+        directory); True when this call created the folder."""
+        self.check_usable()
+        created = not os.path.isdir(self.path)
         self.makedirs()
+        try:
+            os.close(os.open(self.sub(".lock"), os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot be a run directory ({os_reason(e, self.path)})") from None
+        return created
+
+    def discard(self):
+        """Remove a run directory this process created and left holding nothing but its
+        lock (a refused command leaves no empty run behind); anything else stays."""
+        self.unlock()
+        with contextlib.suppress(OSError):
+            if os.listdir(self.path) == [".lock"]:
+                os.remove(self.sub(".lock"))
+                os.rmdir(self.path)
+
+    def lock(self):
+        """Refuse a second training process on the same run directory (and a folder that
+        is no run directory: :meth:`claim`)."""
+        self.claim()
         try:
             fd = os.open(self.sub(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -146,16 +295,17 @@ class RunDir:
         """run.json as a dict; {} when there is none.  One that cannot be read or parsed is
         {} too, or with ``strict`` a RunDirError saying where and why."""
         try:
-            with open(self.run_json, encoding="utf-8") as f:
-                status = json.load(f)
+            status = read_json_capped(self.run_json, MAX_RUN_JSON, "run.json")
             if not isinstance(status, dict):
                 raise ValueError(f"a JSON {type(status).__name__}, not an object")
             return status
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError and FileRefused are ValueErrors
             if strict:
                 reason = os_reason(e, self.run_json) if isinstance(e, OSError) else str(e).splitlines()[0][:200]
+                if isinstance(e, FileRefused):
+                    raise RunDirError(str(e)) from None
                 raise RunDirError(f"{self.run_json}: unreadable run.json ({reason})") from None
             return {}
 

@@ -182,3 +182,91 @@ def test_prepare_onto_a_readonly_file_system_is_one_line(tmp_path):
 def test_a_run_dir_on_a_readonly_file_system_is_one_line(tmp_path):
     r = _under_readonly(tmp_path, "train", QUICKSTART, "--run-dir", "ro/run")
     _one_line(r, 2, "cannot be a run directory (Read-only file system)")
+
+
+# =========================================================================== issue 28
+# Every case through the CLI: the exit code, one line, no traceback; for the cases that
+# once overwrote a user's files (items 1-6), every file that was there keeps its hash.
+def _hashes(folder) -> dict:
+    import hashlib
+
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(root, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _refused(capsys, argv, code=2, words=()) -> str:
+    """``hpcjobs ARGV`` in this process: exit ``code``, one ``hpcjobs:`` line holding ``words``."""
+    assert cli.main([str(a) for a in argv]) == code
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err, out.err
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hpcjobs: "), out.err
+    for w in words:
+        assert str(w) in err, err
+    return err
+
+
+USER_CONFIG = "# my experiment: keep these comments\ndata:\n  source: digits\ntraining:\n  epochs: 1\n"
+
+
+def test_train_into_the_folder_of_its_own_config_is_refused(tmp_path, capsys, monkeypatch):
+    """Item 1: ``cd d && hpcjobs train config.yaml --run-dir .``."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "config.yaml").write_text(USER_CONFIG)
+    before = _hashes(d)
+    monkeypatch.chdir(d)
+    _refused(capsys, ["train", "config.yaml", "--run-dir", "."], words=[d, "not an hpcjobs run directory",
+                                                                          "config.yaml"])
+    assert _hashes(d) == before and sorted(os.listdir(d)) == ["config.yaml"]
+
+
+def test_train_from_a_runs_own_config_yaml_never_rewrites_it(tmp_path, capsys):
+    """Item 1: the input config is the run's config.yaml (a run hpcjobs made): another
+    resolved config would replace the user's text, so it is refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("")
+    (run / "config.yaml").write_text(USER_CONFIG)
+    before = _hashes(run)
+    _refused(capsys, ["train", run / "config.yaml", "--run-dir", run], words=[run / "config.yaml", "copy it"])
+    assert _hashes(run) == before
+
+
+@pytest.mark.parametrize("theirs", ["config.yaml", "run.json", "notes.txt"])
+def test_a_run_dir_holding_someone_elses_files_is_refused(tmp_path, capsys, theirs):
+    """Item 2: a folder that is neither empty nor an hpcjobs run."""
+    d = tmp_path / "theirs"
+    d.mkdir()
+    (d / theirs).write_text('{"status": "finished", "mine": true}\n' if theirs == "run.json" else "mine\n")
+    before = _hashes(d)
+    for argv in (["train", QUICKSTART, "--run-dir", d], ["lr-find", QUICKSTART, "--run-dir", d],
+                 ["submit", QUICKSTART, "--run-dir", d]):
+        _refused(capsys, argv, words=[d, theirs, "not an hpcjobs run directory"])
+    assert _hashes(d) == before and os.listdir(d) == [theirs]  # no .lock left behind either
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+def test_a_config_name_of_dots_is_refused(tmp_path, capsys, monkeypatch, name):
+    """Item 3: ``--set name=..`` made the current folder (or its parent) the run dir."""
+    (tmp_path / "metrics.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "config.yaml").write_text(USER_CONFIG)
+    before = _hashes(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, ["train", "config.yaml", "--set", f"name={name}"], words=["name", "starts with '.'"])
+    assert _hashes(tmp_path) == before
+
+
+def test_a_refused_train_leaves_no_empty_run_dir(tmp_path, capsys):
+    """Surprising successes: a config refused once TensorFlow builds it left an empty run
+    dir holding .lock."""
+    run = tmp_path / "run"
+    _refused(capsys, ["train", QUICKSTART, "--run-dir", run, "--set", "model.arch=ResNet50",
+                      "--set", "model.weights=/nowhere.h5"], words=["nowhere.h5"])
+    assert not run.exists()

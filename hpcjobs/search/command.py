@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from ..errors import EX_OK, EX_TEMPFAIL, RunFailure, UserError
+from ..rundir import RunDir
 
 
 def add_arguments(p):
@@ -56,6 +57,19 @@ def _children(args, run: str) -> int:
     return max(codes) if any(codes) else EX_OK
 
 
+def _cap_workers(asked: int, cfg) -> int:
+    """At most one worker per trial of the budget and per CPU here: more only fork idle
+    processes (and can exhaust the process limit)."""
+    from ..cluster import cpu_count
+    from .space import total_trials
+
+    trials, cpus = total_trials(cfg.search), cpu_count()
+    workers = max(1, min(asked, trials, cpus))
+    if workers < asked:
+        print(f"--workers {asked}: capped at {workers} (search.trials {trials}, {cpus} CPU(s) here)", flush=True)
+    return workers
+
+
 def cmd_search(args) -> int:
     from .. import config
 
@@ -63,6 +77,8 @@ def cmd_search(args) -> int:
     if args.workers < 1:
         raise UserError("--workers: must be >= 1")
     run = _run_dir(args, cfg)
+    RunDir(run).claim()
+    args.workers = _cap_workers(args.workers, cfg)
     from .worker import prepare, work
 
     if args.worker or args.workers == 1:

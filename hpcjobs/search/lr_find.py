@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 
 from ..config import Config, PlateauConfig, ScheduleConfig
-from ..rundir import atomic_path, atomic_write
+from ..rundir import RunDir, atomic_path, atomic_write
 
 
 def sweep_config(cfg: Config) -> Config:
@@ -136,7 +136,7 @@ def lr_find(cfg: Config, run_dir: str, verbose: bool = True) -> dict:
     from ..train.trainer import Trainer
 
     run_dir = os.path.abspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    RunDir(run_dir).claim()
     scratch = tempfile.mkdtemp(prefix=".lr-find-", dir=run_dir)
     try:
         trainer = Trainer(sweep_config(cfg), scratch, verbose=False)

@@ -111,7 +111,7 @@ def _take(study, cfg: Config, paths: Paths, trial, adopted: bool) -> Optional[Cl
     import optuna
 
     run_dir = paths.trial(trial.number)
-    os.makedirs(run_dir, exist_ok=True)
+    RunDir(run_dir).claim()
     fd = journal.try_flock(os.path.join(run_dir, ".claim"))
     if fd is None:
         return None

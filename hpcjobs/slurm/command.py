@@ -21,7 +21,7 @@ import typing
 from typing import Optional
 
 from ..config import Config, SlurmConfig, dump, to_dict
-from ..rundir import atomic_write
+from ..rundir import RunDir, atomic_write, refuse_overwriting
 from ..units import slurm_seconds
 from .jobs import _record
 from . import search_array
@@ -227,6 +227,8 @@ def _print_dry_run(plan: _Plan):
 
 def _write(plan: _Plan):
     run_dir = plan.run_dir
+    for task_dir in ("", *plan.task_dirs):  # the run and each task's run: new, empty or hpcjobs' own
+        RunDir(os.path.join(run_dir, task_dir)).claim()
     os.makedirs(os.path.join(run_dir, "slurm"), exist_ok=True)
     atomic_write(plan.config_path, dump(plan.cfg), fsync=False)
     for task_dir, tcfg in zip(plan.task_dirs, plan.trial_cfgs):
@@ -278,6 +280,7 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         _print_dry_run(plan)
         return 0
+    refuse_overwriting(args.config, plan.config_path, dump(plan.cfg))
     _write(plan)
     _queue_all(plan)
     print(f"  script: {plan.script_path}\n  status: hpcjobs status {plan.run_dir}")

@@ -63,7 +63,7 @@ def parent_of_fold(run_dir: str, cfg: Config) -> str | None:
 def train_folds(cfg: Config, run_dir: str, train, **kwargs) -> int:
     """Train the folds of ``cfg`` in turn with ``train`` (``session.train``)."""
     k = cfg.data.folds
-    os.makedirs(run_dir, exist_ok=True)
+    RunDir(run_dir).claim()
     for i in range(k):
         sub = fold_dir(run_dir, i)
         if RunDir(sub).read_status().get("status") == "finished":

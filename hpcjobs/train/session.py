@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from .. import cluster as cluster_mod
 from .. import bundle, metrics, report, signals
-from ..checkpoint import weights_digest
+from ..checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from ..config import Config, ConfigError, dump, to_dict
 from ..errors import EX_OK, EX_TEMPFAIL, UserError
-from ..rundir import RunDir, atomic_write
+from ..rundir import RunDir, RunDirError, atomic_write, os_reason
 from ..signals import StopFlag
 from ..units import parse_duration
 from .hooks import is_final
@@ -68,6 +68,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     """Restore, train, and finish; 0 when the run is finished, 75 when stopped with more to do."""
     cfg, rd = trainer.cfg, trainer.run_dir
     if rd.writer:
+        _refuse_lost_progress(rd)
         os.makedirs(rd.path, exist_ok=True)
         atomic_write(rd.config_yaml, dump(cfg))
     record = RunRecord(rd, trainer.info.job_id)
@@ -88,6 +89,16 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     finally:
         stop.uninstall()
         trainer.checkpoints.close()
+
+
+def _refuse_lost_progress(rd: RunDir):
+    """A run whose run.json says it got somewhere but whose checkpoints are gone must not
+    start again from step 0 (and overwrite what is left): refuse, before anything is written."""
+    step = rd.read_status().get("step")
+    if isinstance(step, int) and step > 0 and not checkpoint_candidates(rd.checkpoints):
+        raise CheckpointError(f"{rd.checkpoints}: no checkpoint, but {rd.run_json} says the run reached step "
+                              f"{step}; put the checkpoints back, or pass --restart to move the run aside and "
+                              "start over")
 
 
 def _announce(trainer, origin: str, step: int):
@@ -191,8 +202,15 @@ def check_same_config(cfg: Config, rd: RunDir):
 def _move_aside(rd: RunDir) -> str:
     rd.lock()  # refuse to move a run that a process is using
     rd.unlock()
-    aside = f"{rd.path.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(rd.path, aside)
+    folder, name = os.path.split(rd.path.rstrip("/"))
+    suffix = f".old-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = name.encode()[:255 - len(suffix) - 4].decode(errors="ignore")  # a name near NAME_MAX still fits
+    aside = next(p for p in (os.path.join(folder, name + suffix + (f"-{i}" if i else "")) for i in range(1000))
+                 if not os.path.lexists(p))
+    try:
+        os.rename(rd.path, aside)
+    except OSError as e:
+        raise RunDirError(f"{rd.path}: cannot move the run aside to {aside} ({os_reason(e, aside)})") from None
     return aside
 
 
@@ -218,6 +236,7 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
         info = cluster_mod.detect()
         rd = RunDir(run_dir, writer=info.is_chief)
         aside = _move_aside(rd) if restart and rd.writer and os.path.exists(rd.path) else None
+        created = rd.writer and not os.path.isdir(rd.path)
         if rd.writer:
             rd.lock()
         try:
@@ -230,6 +249,8 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
                     rd.unlock()
                     shutil.rmtree(rd.path)  # holds nothing but the lock file
                     os.rename(aside, rd.path)
+                elif created:
+                    rd.discard()
                 raise
             if aside and verbose:
                 print(f"moved the previous run aside to {aside}", flush=True)
