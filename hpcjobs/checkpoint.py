@@ -36,8 +36,9 @@ class CheckpointWriteError(RunFailure):
 
 
 def seed_variables(model) -> list:
-    """The seed-generator states of a Keras model's random layers."""
-    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+    """The seed-generator states of a Keras model's random layers (that the model's own
+    checkpoint dependencies do not reach)."""
+    return compat.seed_variables(model)
 
 
 def weights_digest(model) -> str:
@@ -132,8 +133,7 @@ class Checkpoints:
             if partial:
                 log(f"removed {len(partial)} partial checkpoint write(s) left by a killed session: "
                     f"{', '.join(partial)}")
-        state = self.tf.train.get_checkpoint_state(self.shared) if os.path.isdir(self.shared) else None
-        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        candidates = checkpoint_candidates(self.shared, log)
         for path in candidates:
             try:
                 self.restore(path)
@@ -227,6 +227,34 @@ class Checkpoints:
         finally:
             if not self.writer:
                 shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _step_of(prefix: str) -> int:
+    tail = prefix.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_candidates(folder: str, log=None) -> list[str]:
+    """The checkpoints of ``folder``, newest first: those CheckpointManager's ``checkpoint``
+    state file names, or, when that file is missing or unreadable, every complete
+    ``ckpt-N`` found by its files (an index and its data), so a lost state file never
+    makes a run start again from scratch (``log`` says so)."""
+    import tensorflow as tf
+
+    if not os.path.isdir(folder):
+        return []
+    try:
+        state = tf.train.get_checkpoint_state(folder)
+    except (tf.errors.OpError, ValueError):  # a damaged state file: as if it were missing
+        state = None
+    if state is not None and state.all_model_checkpoint_paths:
+        return list(reversed(state.all_model_checkpoint_paths))
+    found = [p[:-len(".index")] for p in glob.glob(os.path.join(folder, "ckpt-*.index"))]
+    found = sorted((p for p in found if glob.glob(p + ".data-*") and _step_of(p) >= 0), key=_step_of, reverse=True)
+    if found and log:
+        log(f"warning: {folder}/checkpoint (the list of checkpoints) is missing or unreadable; "
+            f"found {len(found)} checkpoint(s) by their files, the newest {os.path.basename(found[0])}")
+    return found
 
 
 def find_checkpoint(path: str) -> str:
