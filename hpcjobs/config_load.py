@@ -8,7 +8,8 @@ nothing about it.  YAML is read with a ``yaml.SafeLoader`` subclass that keeps
 * nesting deeper than :data:`MAX_DEPTH` (before Python's recursion limit is hit);
 * more than :data:`MAX_NODES` values once aliases are expanded (an alias bomb), or
   an alias inside its own anchor;
-* a file over :data:`MAX_BYTES`.
+* a file over :data:`MAX_BYTES` (counted while reading), or one that is not a regular
+  file (a FIFO, a device: :func:`hpcjobs.rundir.read_capped`).
 
 The same limits hold for every file a config reads through ``base:`` and for every
 ``--set`` value, so nothing is merged or converted before a file has passed them.
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
+from .rundir import FileRefused, read_capped
 
 MAX_DEPTH = 64  # a config is 4 levels deep; lists inside it add one or two
 MAX_NODES = 100_000  # values once aliases are expanded
@@ -147,10 +149,9 @@ def read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(path, "", "no such file")
     try:
-        if os.path.getsize(path) > MAX_BYTES:
-            raise ConfigError(path, "", f"larger than {MAX_BYTES // 1024} KiB: not a config")
-        with open(path, encoding="utf-8") as f:
-            values = parse_yaml(f.read())
+        values = parse_yaml(read_capped(path, MAX_BYTES, "config").decode("utf-8"))
+    except FileRefused as e:
+        raise ConfigError(path, "", str(e).removeprefix(f"{path}: ")) from None
     except YAMLRefused as e:
         raise ConfigError(path, e.key, e.message) from None
     except yaml.YAMLError as e:
@@ -300,6 +301,26 @@ def yaml_key(name: str) -> str:
     return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
 
 
+def _unknown_key(k, prefix: str, names: list[str], where: str):
+    """An unknown key, said without echoing what is no key name (the first line of a file
+    that is no config, e.g. a password file), and with a look-alike letter pointed at."""
+    text = str(k)
+    key = f"{prefix}.{text}" if prefix else text
+    if not re.fullmatch(r"\w{1,64}", text):
+        raise ConfigError(where, prefix, "a key that is no config key name (not shown; is this file a config?)")
+    odd = next(((i, c) for i, c in enumerate(text) if not c.isascii()), None)
+    if odd is not None:
+        import unicodedata
+
+        i, c = odd
+        raise ConfigError(where, key.encode("ascii", "backslashreplace").decode(),
+                          f"unknown key: character {i + 1} is {unicodedata.name(c, 'a non-ASCII character')} "
+                          f"(U+{ord(c):04X}), not ASCII; config keys are plain ASCII")
+    close = difflib.get_close_matches(text, names, 1, 0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    raise ConfigError(where, key, f"unknown key{hint}")
+
+
 def build(cls, values: dict, where: str, prefix: str):
     """``cls(**values)`` with every value converted to its field's type; errors name the key.
 
@@ -312,9 +333,7 @@ def build(cls, values: dict, where: str, prefix: str):
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
-            close = difflib.get_close_matches(str(k), names, 1, 0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(where, key, f"unknown key{hint}")
+            _unknown_key(k, prefix, names, where)
         kwargs[fields[k]] = _convert(v, hints[fields[k]], where, key)
     try:
         return cls(**kwargs)
