@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .rundir import check_output_folder, os_reason
 
 
 class EvaluateError(UserError, ValueError):
@@ -151,8 +152,12 @@ def cmd_evaluate(args) -> int:
     report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape)), names)
     base = args.model if os.path.isdir(args.model) and runner.kind != "saved_model" else runner.folder
     out = args.output or os.path.join(base, "evaluation")
-    metrics.write(report, out, {"model": os.path.abspath(runner.path), "format": runner.kind,
-                                "data": data.about, "skipped_unreadable": data.skipped})
+    check_output_folder(out, "metrics.json", metrics.is_evaluation, "evaluation")
+    try:
+        metrics.write(report, out, {"model": os.path.abspath(runner.path), "format": runner.kind,
+                                    "data": data.about, "skipped_unreadable": data.skipped})
+    except OSError as e:
+        raise EvaluateError(f"{out}: cannot write the evaluation there ({os_reason(e, out)})") from None
     print(f"{runner.kind} model {runner.path} on {data.about}"
           + (f" ({data.skipped} unreadable image(s) skipped)" if data.skipped else ""))
     print(metrics.text_table(report))

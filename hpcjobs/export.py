@@ -10,7 +10,7 @@ import json
 import os
 
 from .errors import UserError
-from .rundir import atomic_path, atomic_write
+from .rundir import atomic_path, atomic_write, read_json_capped
 
 FORMAT = "hpcjobs-preprocessing/1"
 
@@ -34,6 +34,12 @@ def preprocessing_info(data, normalize: str) -> dict:
                           "std": [float(s) for s in data.std], "in_model": True},
         "class_names": list(data.class_names),
     }
+
+
+def is_export(preprocessing_json: str) -> bool:
+    """The file is an hpcjobs export's preprocessing.json (the mark of an export folder)."""
+    info = read_json_capped(preprocessing_json, 16 << 20, "preprocessing.json")
+    return isinstance(info, dict) and info.get("format") == FORMAT
 
 
 def save(model, info: dict, folder: str):

@@ -71,12 +71,14 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
     """Export run ``run`` (see the module docstring); the parity figures."""
     from .. import config, export, metrics, models
     from ..data import load_data
-    from ..rundir import RunDir
+    from ..rundir import RunDir, check_output_folder, os_reason
     from . import check_available, formats, parity_split, write
 
     rd = RunDir(run)
     if not os.path.isfile(rd.config_yaml):
         raise ExportError(f"{run}: no config.yaml (not a run directory)")
+    if output:
+        check_output_folder(output, "preprocessing.json", export.is_export, "export")
     cfg = config.load(rd.config_yaml, list(overrides))
     wanted = wanted or cfg.export.formats
     check_available(wanted)
@@ -95,8 +97,12 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
         if len(test):
             runner = formats.model_runner(model, export.preprocessing_info(data, cfg.data.normalize))
             report = metrics.from_predictions(test.labels, runner.predict(test.images), data.class_names)
-        figures = write(model, output or rd.export, cfg=cfg, data=data, report=report, training=training,
-                        wanted=wanted)
+        try:
+            figures = write(model, output or rd.export, cfg=cfg, data=data, report=report, training=training,
+                            wanted=wanted)
+        except OSError as e:
+            folder = output or rd.export
+            raise ExportError(f"{folder}: cannot write the export there ({os_reason(e, folder)})") from None
         return {"folder": output or rd.export, "parity": figures, "split": parity_split(data)[0],
                 "report": report, "training": training}
     finally:
