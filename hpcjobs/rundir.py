@@ -113,7 +113,7 @@ def refuse_overwriting(source: str, target: str, text: str):
             with contextlib.suppress(ValueError):
                 if read_capped(target, 1 << 20, "config").decode("utf-8") == text:
                     return  # rewritten with the same bytes: nothing of the user's is lost
-            raise UserError(f"{source}: is {os.path.abspath(target)}, which this command would rewrite with the "
+            raise UserError(f"{source}: this command would rewrite it ({os.path.abspath(target)}) with the "
                             "resolved config; copy it elsewhere and give the copy")
 
 

@@ -3,6 +3,7 @@ the public CLI: every config is exit 2 with one line naming the file and the key
 traceback; every hostile image is skipped and listed by prepare, and fails it with
 --strict; and a read-only file system is one line for prepare and for a run dir (issue 17)."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -193,6 +194,8 @@ def _hashes(folder) -> dict:
     out = {}
     for root, _, names in os.walk(folder):
         for n in names:
+            if n == ".lock":  # hpcjobs' own lock file, rewritten with the holder's pid by every lock
+                continue
             p = os.path.join(root, n)
             if os.path.isfile(p) and not os.path.islink(p):
                 with open(p, "rb") as f:
@@ -270,3 +273,79 @@ def test_a_refused_train_leaves_no_empty_run_dir(tmp_path, capsys):
     _refused(capsys, ["train", QUICKSTART, "--run-dir", run, "--set", "model.arch=ResNet50",
                       "--set", "model.weights=/nowhere.h5"], words=["nowhere.h5"])
     assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """The quickstart for one epoch (checkpoints every 10 steps): export and evaluate read it."""
+    run = tmp_path_factory.mktemp("hostile") / "run"
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(run), "--set", "training.epochs=1",
+                     "--set", "checkpoint.every_steps=10", "--set", "checkpoint.max_to_keep=10"]) == 0
+    return run
+
+
+def _users_folder(path, names=("labels.txt", "model_card.md", "SHA256SUMS", "metrics.json")):
+    path.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (path / n).write_text(f"my own {n}\n")
+    return path
+
+
+def test_export_and_evaluate_never_write_over_a_users_folder(one_epoch_run, tmp_path, capsys):
+    """Items 4 and 5: --output onto a folder of the user's own files, onto the run itself,
+    onto its checkpoints/ or onto a file is one line, and nothing there changes."""
+    mine = _users_folder(tmp_path / "mine")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine\n")
+    run_before = _hashes(one_epoch_run)
+    for out in (mine, one_epoch_run, one_epoch_run / "checkpoints"):
+        before = _hashes(out)
+        _refused(capsys, ["export", one_epoch_run, "--output", out], words=[out, "not empty"])
+        _refused(capsys, ["evaluate", one_epoch_run, "--output", out], words=[out, "not empty"])
+        assert _hashes(out) == before
+    for cmd in ("export", "evaluate"):
+        _refused(capsys, [cmd, one_epoch_run, "--output", a_file], words=[a_file, "is a file"])
+    assert a_file.read_text() == "mine\n"
+    assert _hashes(one_epoch_run) == run_before
+
+
+def test_export_and_evaluate_write_again_into_their_own_output(one_epoch_run, tmp_path, capsys):
+    """The rule's other side: a new folder, then the same folder again, is accepted."""
+    for cmd in ("export", "evaluate"):
+        out = tmp_path / cmd
+        for _ in range(2):
+            assert cli.main([cmd, str(one_epoch_run), "--output", str(out)]) == 0
+        assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "export" / "preprocessing.json").is_file()
+    assert (tmp_path / "evaluate" / "metrics.json").is_file()
+
+
+def _copy_run(run, dest):
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("export", "evaluation", "tensorboard"))
+    return dest
+
+
+def test_a_lost_checkpoint_state_file_resumes_from_the_checkpoint_files(one_epoch_run, tmp_path, capsys):
+    """Item 6: without checkpoints/checkpoint, the next session resumes from the newest
+    ckpt-N found by its files, says so, and leaves every earlier checkpoint as it was."""
+    run = _copy_run(one_epoch_run, tmp_path / "run")
+    os.remove(run / "checkpoints" / "checkpoint")
+    step = json.loads((run / "run.json").read_text())["step"]
+    ckpts = {k: v for k, v in _hashes(run / "checkpoints").items() if k.startswith("ckpt-")}
+    assert len(ckpts) >= 4
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(run), "--set", "training.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "found" in out and f"resuming from {run / 'checkpoints' / f'ckpt-{step}'} (step {step})" in out, out
+    after = _hashes(run / "checkpoints")
+    assert all(after.get(k) == v for k, v in ckpts.items())
+
+
+def test_a_run_without_its_checkpoints_is_not_restarted_from_scratch(one_epoch_run, tmp_path, capsys):
+    """Item 6: run.json says step N, no checkpoint is left: one line, nothing rewritten."""
+    run = _copy_run(one_epoch_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")
+    os.mkdir(run / "checkpoints")
+    before = _hashes(run)
+    _refused(capsys, ["train", QUICKSTART, "--run-dir", run, "--set", "training.epochs=2"],
+             words=["no checkpoint", "says the run reached step", "--restart"])
+    assert _hashes(run) == before
