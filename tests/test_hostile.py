@@ -349,3 +349,145 @@ def test_a_run_without_its_checkpoints_is_not_restarted_from_scratch(one_epoch_r
     _refused(capsys, ["train", QUICKSTART, "--run-dir", run, "--set", "training.epochs=2"],
              words=["no checkpoint", "says the run reached step", "--restart"])
     assert _hashes(run) == before
+
+
+# --------------------------------------------------------------------------- items 7-12: bounded, never hung
+LIMIT_GIB = 4  # TensorFlow maps about 1.2 GiB of address space to import; 4 GiB leaves room for a run
+
+
+def _limited(argv, cwd, timeout=240):
+    """``python -m hpcjobs ARGV`` under RLIMIT_AS = LIMIT_GIB and a timeout: a read without end
+    or a decode too large dies of MemoryError (a traceback) or is killed, and a hang times out."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT_GIB << 30, LIMIT_GIB << 30))
+
+    return subprocess.run([sys.executable, "-m", "hpcjobs", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit, cwd=cwd)
+
+
+def _bad_files(tmp_path) -> dict:
+    """Made at run time, never committed: a FIFO, symlinks to devices."""
+    os.mkfifo(tmp_path / "fifo")
+    for dev in ("zero", "urandom"):
+        os.symlink(f"/dev/{dev}", tmp_path / dev)
+    return {"fifo": "a FIFO", "zero": "a character device", "urandom": "a character device"}
+
+
+def test_status_of_a_run_json_that_is_a_device_or_a_fifo_is_one_line(tmp_path):
+    """Items 7 and 8: run.json a symlink to /dev/zero (24 GB read) or a FIFO (a hang)."""
+    kinds = _bad_files(tmp_path)
+    for name, kind in kinds.items():
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        os.symlink(tmp_path / name, run / "run.json")
+        _one_line(_limited(["status", run], tmp_path, timeout=60), 2, f"{run / 'run.json'}: {kind}, not a regular file")
+
+
+def test_a_config_or_base_that_is_a_device_or_a_fifo_is_one_line(tmp_path):
+    """Items 7 and 8: a config, or its base:, is /dev/zero, /dev/urandom or a FIFO."""
+    kinds = _bad_files(tmp_path)
+    for name, kind in kinds.items():
+        r = _limited(["prepare", tmp_path / name, "--output", tmp_path / "s.h5"], tmp_path, timeout=60)
+        _one_line(r, 2, f"{tmp_path / name}: {kind}, not a regular file")
+        (tmp_path / f"c-{name}.yaml").write_text(f"base: {name}\n")
+        r = _limited(["prepare", tmp_path / f"c-{name}.yaml", "--output", tmp_path / "s.h5"], tmp_path, timeout=60)
+        _one_line(r, 2, f"{tmp_path / name}: {kind}, not a regular file")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_evaluate_data_that_is_a_device_or_a_fifo_is_one_line(one_epoch_run, tmp_path):
+    """Item 7: ``evaluate --data`` a listing, a config or an .npz that is a device or a FIFO."""
+    kinds = _bad_files(tmp_path)
+    for name, ext in (("fifo", ".csv"), ("fifo", ".yaml"), ("fifo", ".npz"), ("zero", ".csv"), ("urandom", ".yaml")):
+        link = tmp_path / f"{name}{ext}"
+        os.symlink(tmp_path / name, link)
+        r = _limited(["evaluate", one_epoch_run, "--data", link, "--output", tmp_path / "ev"], tmp_path)
+        _one_line(r, 2, f"{kinds[name]}, not a regular file")
+
+
+def _write_npz(path, images_shape, labels, chunk=64 << 20):
+    """An .npz written member by member: an images array of ``images_shape`` (zeros, deflated
+    as they are written, so a 3 GB array is a 13 MB file) and ``labels``."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("images.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": tuple(images_shape)})
+            left, zeros = int(np.prod(images_shape)), bytes(chunk)
+            while left > 0:
+                f.write(zeros[:min(left, chunk)])
+                left -= chunk
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels))
+    return path
+
+
+@pytest.fixture(scope="module")
+def npz_bomb(tmp_path_factory):
+    """13 MB that declares 3 GB of images: more than the limit leaves once Python is running."""
+    return _write_npz(tmp_path_factory.mktemp("bomb") / "bomb.npz", (3000, 1000, 1000), np.zeros(3000, np.int64))
+
+
+def test_an_npz_bomb_is_refused_by_prepare_and_infer(npz_bomb, one_epoch_run, tmp_path):
+    """Item 9: the declared shapes are checked before anything is decompressed."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {npz_bomb}\n")
+    _one_line(_limited(["prepare", cfg, "--output", tmp_path / "s.h5"], tmp_path), 2,
+              "declares 2.8 GiB of arrays (images (3000, 1000, 1000)")
+    r = _limited(["infer", "--model", one_epoch_run, "--input", npz_bomb, "--output", tmp_path / "p.csv"], tmp_path)
+    _one_line(r, 2, "declares 2.8 GiB of arrays (images (3000, 1000, 1000))")
+
+
+def test_an_npz_label_of_2_to_the_40_is_refused(tmp_path):
+    """Item 9: one class name per integer up to the largest label (24 GB) is never built."""
+    images = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "big.npz", images=images, labels=np.array([0, 1, 2, 2**40]))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: {tmp_path / 'big.npz'}\n")
+    _one_line(_limited(["prepare", cfg, "--output", tmp_path / "s.h5"], tmp_path), 2,
+              f"label {2**40}: labels without class_names must be 0 to 99,999")
+
+
+def test_a_batch_larger_than_the_training_split_is_one_line(tmp_path):
+    """Item 10: batch_size 10**9 on the quickstart's training split grew without end."""
+    r = _limited(["train", QUICKSTART, "--run-dir", tmp_path / "run", "--set", "training.batch_size=1000000000"],
+                 tmp_path)
+    _one_line(r, 2, "training.batch_size: 1,000,000,000 is larger than the training split (")
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_workers_are_capped_at_the_trials_and_cpus(tmp_path):
+    """Item 11: --workers 99999 forked a process per worker."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"base: {QUICKSTART}\ntraining: {{epochs: 1, steps_per_epoch: 2}}\n"
+                   "search: {method: random, trials: 1, epochs: 1, metric: val_accuracy,\n"
+                   "         space: {model.dropout: {uniform: [0.1, 0.2]}}}\n")
+    r = _limited(["search", cfg, "--workers", "99999", "--run-dir", tmp_path / "run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "--workers 99999: capped at 1 (search.trials 1," in r.stdout
+    assert os.listdir(tmp_path / "run" / "trials") == ["000"]
+
+
+def test_a_huge_png_does_not_kill_infer(one_epoch_run, tmp_path):
+    """Item 12: a valid 12000x12000 PNG (a few hundred KB) cost about 2.8 GB per decode
+    worker: with 4 workers under the limit it is skipped and named, the rest predicted."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (12000, 12000), (200, 30, 30)).save(folder / "huge.png")
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 60 * k, np.uint8)).save(folder / f"small{k}.png")
+    out = tmp_path / "p.csv"
+    r = _limited(["infer", "--model", one_epoch_run, "--input", folder, "--output", out,
+                  "--set", "infer.workers=4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    predicted = out.read_text()
+    assert all(f"small{k}.png" in predicted for k in range(3))
+    errors = (tmp_path / "p.errors.csv").read_text() if (tmp_path / "p.errors.csv").exists() else ""
+    assert "huge.png" in predicted or "huge.png" in errors, (predicted, errors)

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..cluster import cpu_count
 from ..config import AugmentConfig, parse_bytes
+from ..errors import UserError
 from .order import AUG_PARAMS, BlockPlan, Plan, augment_params, stratified_segments
 from .rows import RowReader, take_rows
 from .store import Prepared, Split
@@ -39,6 +40,10 @@ __all__ = ["AUG_PARAMS", "BlockPlan", "Feeder", "Plan", "apply_augment", "augmen
 
 BLOCK_ROWS = 1024  # the largest disk block
 GROUP_SAMPLES = 8192  # global samples per run of the training generator
+
+
+class BatchError(UserError, ValueError):
+    """A global batch the training split cannot fill, or the replicas cannot share (exit code 2)."""
 
 
 # --------------------------------------------------------------------------- resident rows
@@ -161,10 +166,13 @@ class Feeder:
                  global_batch: int = 128, worker: int = 0, workers: int = 1, local_replicas: int = 1,
                  cpus: int | None = None, device: str | None = None):
         if global_batch % (workers * local_replicas):
-            raise ValueError(f"training.batch_size {global_batch} must be divisible by the "
+            raise BatchError(f"training.batch_size {global_batch} must be divisible by the "
                              f"{workers * local_replicas} replicas")
         self.data = data
         self.train = train = data.splits["train"]
+        if global_batch > len(train):  # every batch would repeat the split, and memory grows with it
+            raise BatchError(f"training.batch_size: {global_batch:,} is larger than the training split "
+                             f"({len(train):,} samples); use at most {len(train):,}")
         budget = parse_bytes(memory_budget)
         self.feed = choose_feed(feed, train, budget)
         rows = segment_size(train, budget)

@@ -6,14 +6,17 @@ differs, area interpolation when shrinking and cubic when enlarging.
 """
 from __future__ import annotations
 
+import contextlib
 import io
-import os
+import math
 
 import numpy as np
 
 from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+MAX_FILE_BYTES = 256 << 20  # an image file larger than this is refused unread
+REDUCE_ABOVE = 4096 * 4096  # pixels: a larger image is box-reduced right after decoding
 
 
 class ImageError(UserError, ValueError):
@@ -24,30 +27,63 @@ class ImageError(UserError, ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def decode(path: str) -> np.ndarray:
-    """Read an image file into an array (H, W) or (H, W, C), keeping its bit depth."""
-    from PIL import Image, UnidentifiedImageError
+def _read(path: str) -> bytes:
+    from ..rundir import FileRefused, read_capped
 
     try:
-        size = os.path.getsize(path)
+        data = read_capped(path, MAX_FILE_BYTES, "image")
     except OSError as e:
         raise ImageError(path, f"cannot read ({e.strerror or e})") from None
-    if size == 0:
+    except FileRefused as e:
+        raise ImageError(path, str(e).removeprefix(f"{path}: ")) from None
+    if not data:
         raise ImageError(path, "empty file (0 bytes)")
+    return data
+
+
+def _decode_bytes(im) -> np.ndarray:
+    """A loaded PIL image as an array; one over REDUCE_ABOVE pixels box-reduced first."""
+    w, h = im.size
+    if w * h > REDUCE_ABOVE:
+        factor = math.ceil(math.sqrt(w * h / REDUCE_ABOVE))
+        with contextlib.suppress(ValueError):  # a mode reduce() does not take stays as it is
+            im = im.reduce(factor)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(im, dtype=np.uint16)
+    elif im.mode == "I":
+        return np.asarray(im, dtype=np.int32)
+    elif im.mode not in ("L", "RGB", "RGBA", "LA"):
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def decode(path: str) -> np.ndarray:
+    """Read an image file into an array (H, W) or (H, W, C), keeping its bit depth.
+
+    A file that is no regular file or is over MAX_FILE_BYTES is refused unread; a
+    full-size decode waits for its share of the memory (``limits.PIXELS``: decode
+    threads take turns, one image that alone would not fit is refused); an image over
+    REDUCE_ABOVE pixels is box-reduced by an integer factor at once, so what follows
+    (channels, padding, resizing) stays small.  Prepare and infer both decode here."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .limits import PIXELS
+
+    data = _read(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif im.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(im, dtype=np.uint16)
-            elif im.mode == "I":
-                return np.asarray(im, dtype=np.int32)
-            elif im.mode not in ("L", "RGB", "RGBA", "LA"):
-                im = im.convert("RGB")
-            return np.asarray(im)
+            w, h = im.size
+            nbytes = w * h * (16 if im.mode.startswith(("I", "F")) else 8)  # PIL's own buffer, then a copy
+            PIXELS.acquire(nbytes, path, ImageError)
+            try:
+                im.load()
+                return _decode_bytes(im)
+            finally:
+                PIXELS.release(nbytes)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:  # an Exception, not an OSError: a header claiming too many pixels

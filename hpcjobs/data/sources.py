@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import io
 import json
 import os
 import struct
@@ -21,7 +22,9 @@ import numpy as np
 
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, decode
+from .limits import check_npz_arrays
 
+MAX_LISTING_BYTES = 256 << 20  # a .csv/.json listing (about 3 million rows of paths)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -105,11 +108,15 @@ def listing_items(path: str, expected: str) -> list:
     """The raw entries of a listing: a ``.json`` file's list, or a ``.csv`` file's rows with
     their cells stripped (a blank line is an empty row).  ``expected`` names what the JSON
     list should hold, for the message when it is not a list."""
+    from ..rundir import FileRefused, read_capped
+
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if not path.lower().endswith(".json"):
-                return [[c.strip() for c in row] for row in csv.reader(f)]
-            data = json.load(f)
+        text = read_capped(path, MAX_LISTING_BYTES, "listing").decode("utf-8")
+        if not path.lower().endswith(".json"):
+            return [[c.strip() for c in row] for row in csv.reader(io.StringIO(text, newline=""))]
+        data = json.loads(text)
+    except FileRefused as e:
+        raise SourceError(str(e)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise SourceError(f"{path}: cannot read listing ({e})") from None
     if not isinstance(data, list):
@@ -125,9 +132,16 @@ def listing_path(listing: str, entry: str) -> str:
 @contextlib.contextmanager
 def open_npz(path: str):
     """The opened ``.npz`` (no pickles); a file numpy cannot read is a SourceError."""
+    from ..rundir import FileRefused, check_regular
+
     try:
+        check_regular(path, "npz")  # a FIFO would block the open, a device never end
         with np.load(path, allow_pickle=False) as z:
             yield z
+    except FileRefused as e:
+        raise SourceError(str(e)) from None
+    except SourceError:
+        raise
     except (OSError, ValueError) as e:
         raise SourceError(f"{path}: cannot read npz ({e})") from None
 
@@ -173,8 +187,8 @@ def read_idx_folder(folder: str, class_names: list[str] | None = None) -> Sample
     if not images:
         raise SourceError(f"{folder}: no IDX image files (*images-idx3-ubyte*)")
     y = np.concatenate(labels).astype(np.int64)
-    n_classes = int(y.max()) + 1
-    names = class_names if class_names and len(class_names) >= n_classes else [str(i) for i in range(n_classes)]
+    names = _numbered_classes(y, folder)
+    names = class_names if class_names and len(class_names) >= len(names) else names
     return Samples(_check_labels(y, len(names), folder), names, folder, arrays=np.concatenate(images))
 
 
@@ -225,6 +239,22 @@ def read_listing(path: str) -> Samples:
     return Samples(labels, classes, path, paths=paths)
 
 
+MAX_NUMBERED_CLASSES = 100_000
+
+
+def _numbered_classes(y: np.ndarray, origin: str) -> list[str]:
+    """Class names 0..max label for labels without names; a label that is no small
+    non-negative integer is refused before a name is made for every number below it."""
+    if y.size == 0 or not np.issubdtype(y.dtype, np.integer):
+        raise SourceError(f"{origin}: labels must be integers (got {y.dtype}, {y.size} values)")
+    lo, hi = int(np.min(y)), int(np.max(y))
+    if lo < 0 or hi >= MAX_NUMBERED_CLASSES:
+        bad = lo if lo < 0 else hi
+        raise SourceError(f"{origin}: label {bad}: labels without class_names must be 0 to "
+                          f"{MAX_NUMBERED_CLASSES - 1:,} (add a class_names array for other classes)")
+    return [str(i) for i in range(hi + 1)]
+
+
 def read_npz(path: str) -> Samples:
     """``images`` (or ``x``) and ``labels`` (or ``y``); optional ``class_names``."""
     with open_npz(path) as z:
@@ -233,12 +263,13 @@ def read_npz(path: str) -> Samples:
         yk = next((k for k in ("labels", "y", "y_train") if k in keys), None)
         if xk is None or yk is None:
             raise SourceError(f"{path}: needs arrays 'images' and 'labels' (found: {', '.join(sorted(keys))})")
+        check_npz_arrays(path, z, [k for k in (xk, yk, "class_names") if k in keys], SourceError)
         x, y = z[xk], z[yk]
         names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
     if len(x) != len(y):
         raise SourceError(f"{path}: {len(y)} labels for {len(x)} images")
     if names is None:
-        names = [str(i) for i in range(int(np.max(y)) + 1)]
+        names = _numbered_classes(y, path)
     return Samples(_check_labels(y, len(names), path), names, path, arrays=x)
 
 

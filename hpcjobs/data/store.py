@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RunFailure, UserError
-from ..rundir import fsync_dir, fsync_file, os_reason
+from ..rundir import FileRefused, check_regular, fsync_dir, fsync_file, os_reason
 from .images import ImageError, native_channels, to_model_image
 from .sources import Samples, SourceError
 
@@ -362,9 +362,12 @@ def open_store(path: str) -> Prepared:
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such store; create it with `hpcjobs prepare CONFIG`")
     try:
+        check_regular(path, "store")  # a FIFO would block the open
         f = h5py.File(path, "r")
         meta = json.loads(f.attrs["hpcjobs"])
         splits = {s: Split(f[s]["images"], f[s]["labels"][...], f[s]["source_index"][...]) for s in SPLITS}
+    except FileRefused as e:
+        raise SourceError(str(e)) from None
     except (OSError, KeyError, ValueError) as e:
         raise SourceError(f"{path}: not a readable hpcjobs store ({e})") from None
     return Prepared(splits, meta["class_names"], np.array(meta["mean"], np.float32),

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..data.images import IMAGE_EXTENSIONS, decode
+from ..data.limits import check_npz_arrays
 from ..data.sources import SourceError, image_files, listing_items, listing_path, open_npz
 
 
@@ -107,6 +108,8 @@ def _npz_inputs(path: str) -> Inputs:
     with open_npz(path) as z:
         keys = list(z.files)
         key = next((k for k in ("images", "x", "x_test", "x_train") if k in keys), None)
+        if key:
+            check_npz_arrays(path, z, [key], SourceError)
         arr = z[key] if key else None
     if arr is None:
         raise SourceError(f"{path}: needs an array 'images' (found: {', '.join(sorted(keys)) or 'none'})")
