@@ -459,17 +459,62 @@ def test_a_batch_larger_than_the_training_split_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_search_workers_are_capped_at_the_trials_and_cpus(tmp_path):
-    """Item 11: --workers 99999 forked a process per worker."""
+def _search_config(tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"base: {QUICKSTART}\ntraining: {{epochs: 1, steps_per_epoch: 2}}\n"
                    "search: {method: random, trials: 1, epochs: 1, metric: val_accuracy,\n"
                    "         space: {model.dropout: {uniform: [0.1, 0.2]}}}\n")
-    r = _limited(["search", cfg, "--workers", "99999", "--run-dir", tmp_path / "run"], tmp_path)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def small_search(tmp_path_factory):
+    """Item 11: ``search --workers 99999`` forked a process per worker; capped, it runs the
+    one trial here.  Returns (config, run, the command's output)."""
+    tmp_path = tmp_path_factory.mktemp("search")
+    cfg, run = _search_config(tmp_path), tmp_path / "run"
+    r = _limited(["search", cfg, "--workers", "99999", "--run-dir", run], tmp_path)
+    return cfg, run, r
+
+
+def test_search_workers_are_capped_at_the_trials_and_cpus(small_search):
+    _, run, r = small_search
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert "--workers 99999: capped at 1 (search.trials 1," in r.stdout
-    assert os.listdir(tmp_path / "run" / "trials") == ["000"]
+    assert os.listdir(run / "trials") == ["000"]
+
+
+def test_a_garbage_line_in_the_search_journal_is_one_line(small_search, tmp_path):
+    """One line, not a traceback: a line in the middle of the journal that is no record."""
+    cfg, run, _ = small_search
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    journal = copy / "search" / "journal.log"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:2] + ["garbage {\n"] + lines[2:]))
+    before = _hashes(copy / "trials")
+    r = _limited(["search", cfg, "--run-dir", copy], tmp_path)
+    _one_line(r, 2, f"{journal}: the search journal is damaged (line 3 is no journal record)")
+    assert _hashes(copy / "trials") == before
+
+
+def test_a_journal_deleted_or_cut_while_in_use_is_named(tmp_path):
+    """One line, not a traceback: the journal deleted (or cut) under a running search; here
+    through the journal backend the workers share, which notices at its next read or append."""
+    from hpcjobs.search import journal as jmod
+
+    path = str(tmp_path / "journal.log")
+    backend = jmod.LockedJournal(path)
+    backend.append_logs([{"op_code": 0, "worker_id": "w"}, {"op_code": 1, "worker_id": "w"}])
+    assert len(backend.read_logs(0)) == 2
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(jmod.JournalDamaged, match="cut while the search used it: 10 bytes, "):
+        backend.read_logs(2)
+    os.remove(path)
+    with pytest.raises(jmod.JournalDamaged, match="deleted, replaced or cut while the search used it"):
+        backend.append_logs([{"op_code": 2, "worker_id": "w"}])
 
 
 def test_a_huge_png_does_not_kill_infer(one_epoch_run, tmp_path):

@@ -61,6 +61,15 @@ def _lock(call, fd: int, op: int, path: str):
         raise
 
 
+class JournalDamaged(UserError, ValueError):
+    """The journal holds a line that is no record, or was cut or replaced while in use (exit 2)."""
+
+
+def _damaged(path: str, what: str) -> JournalDamaged:
+    return JournalDamaged(f"{path}: the search journal is damaged ({what}); the trials' run directories "
+                          f"are kept: move the journal aside to start the search's record afresh")
+
+
 class JournalWriteLost(OSError):
     """An append did not read back as written (a lost write on the shared file system)."""
 
@@ -98,10 +107,19 @@ class LockedJournal(BaseJournalBackend):
             with locked(path, exclusive=True):
                 pass
         self._offsets = {0: 0}  # log number -> byte offset of its line (lines read so far)
+        self._inode = os.stat(path).st_ino
+
+    def _check_same(self, fd: int):
+        """The file is the one read so far, and no shorter: else it was deleted, replaced or cut."""
+        st, known = os.fstat(fd), max(self._offsets.values())
+        if st.st_ino != self._inode or st.st_size < known:  # a new file may get the old inode number
+            raise _damaged(self.path, f"deleted, replaced or cut while the search used it: {st.st_size} bytes, "
+                                      f"{known} read before")
 
     def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
         known = max(n for n in self._offsets if n <= log_number_from)
         with locked(self.path, exclusive=False) as fd:
+            self._check_same(fd)
             data = _read_all(fd, self._offsets[known])
         logs, number, offset = [], known, self._offsets[known]
         for line in data.split(b"\n")[:-1]:  # the last piece is '' or a record cut short
@@ -109,12 +127,19 @@ class LockedJournal(BaseJournalBackend):
             number += 1
             self._offsets[number] = offset
             if number - 1 >= log_number_from:
-                logs.append(json.loads(line))
+                try:
+                    log = json.loads(line)
+                except ValueError:
+                    log = None
+                if not isinstance(log, dict) or "op_code" not in log:
+                    raise _damaged(self.path, f"line {number} is no journal record")
+                logs.append(log)
         return logs
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
         with locked(self.path, exclusive=True) as fd:
+            self._check_same(fd)
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer died mid-record: drop the piece
                 tail = _read_all(fd, max(0, size - (1 << 20)))
