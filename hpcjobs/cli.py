@@ -6,6 +6,7 @@ error (one line, no traceback); 1 anything else.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -194,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailure as e:
         what = "training" if args.command == "train" else args.command
         print(f"hpcjobs: {what} failed: {e}", file=sys.stderr)
+        return EX_FAILURE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = "training" if args.command == "train" else args.command
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"hpcjobs: {what} failed: {where}{os.strerror(e.errno)} ({first_line(e)})", file=sys.stderr)
         return EX_FAILURE
     except KeyboardInterrupt:
         print("hpcjobs: interrupted", file=sys.stderr)

@@ -156,15 +156,21 @@ def plan_for_run(model, run_dir, path: str, freeze: bool, class_names, resuming:
 
     saved = os.path.join(run_dir.path, PLAN_FILE)
     if resuming:
+        from .rundir import read_json_capped
+
         try:
-            with open(saved, encoding="utf-8") as f:
-                d = json.load(f)
+            d = read_json_capped(saved, 16 << 20, PLAN_FILE)
         except (OSError, ValueError):
             d = None
         if isinstance(d, dict) and d.get("init_from") == path and d.get("frozen") == freeze:
-            if freeze:
-                _freeze(model, d["layers"])
-            return InitPlan(d["path"], None, list(d["layers"]), freeze, d.get("note", ""))
+            layers = d.get("layers")
+            if isinstance(layers, list) and all(isinstance(n, str) for n in layers) \
+                    and isinstance(d.get("path"), str):
+                if freeze:
+                    _freeze(model, layers)
+                return InitPlan(d["path"], None, list(layers), freeze, str(d.get("note", "")))
+            print(f"warning: {saved} is damaged (no 'path' and 'layers' list); matching the layers of "
+                  f"{path} again", flush=True)
     plan = plan_init(model, path, freeze, class_names)
     if run_dir.writer:
         from .rundir import atomic_write

@@ -536,3 +536,67 @@ def test_a_huge_png_does_not_kill_infer(one_epoch_run, tmp_path):
     assert all(f"small{k}.png" in predicted for k in range(3))
     errors = (tmp_path / "p.errors.csv").read_text() if (tmp_path / "p.errors.csv").exists() else ""
     assert "huge.png" in predicted or "huge.png" in errors, (predicted, errors)
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+def _in_namespace(tmp_path, mount: str, target, *argv, timeout=240):
+    """``python -m hpcjobs ARGV`` with ``mount`` (a shell command on "$0" = target) done first
+    in a private mount namespace (unshare -m, as root)."""
+    if not _readonly_mount_works():
+        pytest.skip("cannot mount here (needs unshare -m as root)")
+    return subprocess.run(["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', str(target), sys.executable,
+                           "-m", "hpcjobs", *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path)
+
+
+@pytest.mark.parametrize("first", ["checkpoint", "best_weights"])
+def test_a_full_disk_during_training_is_one_line_and_marks_the_run(tmp_path, first):
+    """A 96 KiB file system fills at the first checkpoint (every 10 steps) or at the best
+    epoch's weights: exit 1, one line, run.json says failed (it still fits), no traceback
+    (before: two, then h5py crashed the interpreter at exit)."""
+    full = tmp_path / "full"
+    full.mkdir()
+    sets = ["--set", "checkpoint.every_steps=10"] if first == "checkpoint" else []
+    r = _in_namespace(tmp_path, 'mount -t tmpfs -o size=96k tmpfs "$0"', full, "train", QUICKSTART,
+                      "--run-dir", "full/run", "--set", "training.epochs=1", *sets)
+    words = "cannot write checkpoint" if first == "checkpoint" else "cannot write the best weights"
+    _one_line(r, 1, f"hpcjobs: training failed: {words}")
+    assert "No space left on device" in r.stderr
+
+
+def test_evaluate_on_a_readonly_run_is_one_line(one_epoch_run, tmp_path):
+    """`evaluate RUN` where RUN is mounted read-only: OSError 30 was a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    r = _in_namespace(tmp_path, 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"', run, "evaluate", run)
+    _one_line(r, 2, f"{run / 'evaluation'}: cannot write the evaluation there (Read-only file system)")
+
+
+def test_restart_of_a_run_whose_name_is_near_the_limit(tmp_path, capsys):
+    """`--restart` moved the run aside to a name 20 characters longer: ENAMETOOLONG. Here
+    the new config is refused once built, so the run is moved aside and put back."""
+    run = tmp_path / ("r" * 250)
+    run.mkdir()
+    (run / ".lock").write_text("")
+    (run / "run.json").write_text('{"status": "stopped", "step": 0}\n')
+    before = _hashes(run)
+    _refused(capsys, ["train", QUICKSTART, "--run-dir", run, "--restart", "--set", "model.arch=ResNet50",
+                      "--set", "model.weights=/nowhere.h5"], words=["nowhere.h5"])
+    assert _hashes(run) == before and sorted(os.listdir(tmp_path)) == [run.name]
+
+
+def test_a_damaged_init_from_json_is_said_and_planned_again(one_epoch_run, tmp_path, capsys):
+    """RUN/init_from.json without 'layers' was a KeyError traceback."""
+    run = tmp_path / "b"
+    argv = ["train", QUICKSTART, "--run-dir", str(run), "--init-weights", str(one_epoch_run),
+            "--set", "checkpoint.every_steps=10"]
+    assert cli.main(argv + ["--set", "training.epochs=1", "--set", "training.steps_per_epoch=10"]) == 0
+    saved = json.loads((run / "init_from.json").read_text())
+    del saved["layers"]
+    (run / "init_from.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert cli.main(argv + ["--set", "training.epochs=2", "--set", "training.steps_per_epoch=10"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert f"warning: {run / 'init_from.json'} is damaged (no 'path' and 'layers' list)" in out.out
+    assert "resuming from" in out.out

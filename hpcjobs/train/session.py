@@ -61,7 +61,10 @@ class RunRecord:
 
     def fail(self, e: BaseException):
         self.session.end, self.session.stopped_by = time.time(), f"error: {type(e).__name__}"
-        self.write(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        try:
+            self.write(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except OSError:  # a full disk: the error that failed the run is the one to tell
+            pass
 
 
 def run_session(trainer, from_checkpoint: str | None = None) -> int:
