@@ -132,13 +132,16 @@ JobRequeue=1
 MaxArraySize=100001
 MaxJobCount=100000
 ReturnToService=2
+# each node offers 4 CPUs whatever the host has (the tests' jobs mostly wait), so a test's
+# job arrays and other tests' jobs run side by side
+SlurmdParameters=config_overrides
 # keep finished jobs visible to squeue/scontrol for 10 minutes (there is no accounting)
 MinJobAge=600
 KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=node[1-${#NODES[@]}] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE_PORT-$(( NODE_PORT + ${#NODES[@]} - 1 )) CPUs=1 RealMemory=$(real_memory_mb) State=UNKNOWN
+NodeName=node[1-${#NODES[@]}] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE_PORT-$(( NODE_PORT + ${#NODES[@]} - 1 )) CPUs=4 RealMemory=$(real_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$tmp" "$CONF"

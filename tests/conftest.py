@@ -1,4 +1,5 @@
 import os
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HPCJOBS_NO_SQUEUE", "1") if "SLURM_JOB_ID" not in os.environ else None
@@ -35,3 +36,55 @@ def need_horovod():
         if os.environ.get("CI"):
             pytest.fail("Horovod missing in CI: bash slurm/install-horovod.sh")
         pytest.skip("Horovod not built here: bash slurm/install-horovod.sh")
+
+
+# --------------------------------------------------------------------------- the local Slurm cluster
+def pytest_configure(config):
+    # one id per pytest run, shared with pytest-xdist's workers (they inherit the environment)
+    if not hasattr(config, "workerinput"):
+        os.environ.setdefault("HPCJOBS_TEST_RUN", f"{os.getpid()}-{time.time_ns()}")
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller: after every worker has ended
+        from slurm_cluster import stop_if_started
+
+        stop_if_started(os.environ["HPCJOBS_TEST_RUN"])
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The local cluster (slurm/local-cluster.sh), started by the first test that needs it and
+    stopped at the end of the pytest run that started it."""
+    from slurm_cluster import ensure_cluster
+
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = ensure_cluster(os.environ["HPCJOBS_TEST_RUN"])
+    yield os.environ["SLURM_CONF"]
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
+
+
+@pytest.fixture
+def on_cluster(cluster, monkeypatch, tmp_path):
+    # the jobs inherit this environment (sbatch --export=ALL): let them ask squeue for their end time
+    monkeypatch.delenv("HPCJOBS_NO_SQUEUE", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.chdir(tmp_path)  # the jobs' working directory
+    return cluster
+
+
+# --------------------------------------------------------------------------- order
+# pytest-xdist (--dist loadscope) hands out whole modules in collection order: the modules that
+# mostly wait on Slurm's clock go first, so that their waits overlap the CPU-bound modules.
+FIRST = ["test_search_slurm.py", "test_slurm_jobs.py", "test_slurm.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a module stays

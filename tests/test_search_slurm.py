@@ -1,11 +1,12 @@
 """hpcjobs submit --search on the local Slurm cluster: a search that survives kills and time limits.
 
 A 12-trial random search on Fashion-MNIST (two short epochs per trial) as a 3-task job
-array.  Every task gets Slurm's warning signal a minute in (``--time 2``, margin 60 s)
-and requeues itself; one task's worker is SIGKILLed in the middle of a trial.  Every
+array.  One task's worker is SIGKILLed in the middle of a trial; then every task gets
+USR1, as from Slurm before a time limit, while a trial trains, and requeues itself.  Every
 trial must end exactly once, the killed and the stopped trials from their own
 checkpoints, with nothing left hanging.
 """
+import contextlib
 import glob
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import FASHION, need_fashion_mnist
 from hpcjobs import cli
-from test_slurm import TERMINAL, cluster, logs, on_cluster, squeue_states, wait_for  # noqa: F401 (fixtures)
+from slurm_cluster import TERMINAL, logs, squeue_states, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = f"""
@@ -74,6 +75,27 @@ def _kill_a_worker_mid_trial(run) -> str:
     pytest.fail("no trial was ever running with a checkpoint")
 
 
+def _signal_the_array_mid_trial(run, job: str, killed: str) -> str:
+    """USR1 to every task's batch shell (Slurm's warning before a time limit) while a trial
+    other than the killed one is in a session and has an epoch still to train (its first step
+    may still be ahead: a trial stopped while it builds stops at its start step)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for trial in sorted(glob.glob(os.path.join(run, "trials", "*"))):
+            st = _status(trial)
+            if trial == killed or st.get("status") != "running" or st["sessions"][-1]["end"] is not None:
+                continue
+            lines = 0
+            with contextlib.suppress(OSError), open(os.path.join(trial, "metrics.csv")) as f:
+                lines = len(f.read().strip().splitlines())
+            if lines > 1:  # a header and the first epoch's row: the last epoch may be ending
+                continue
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
+            return trial
+        time.sleep(0.1)
+    pytest.fail("no other trial was ever running")
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path):
@@ -82,12 +104,13 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
     cfg = tmp_path / "fmnist-search.yaml"
     cfg.write_text(textwrap.dedent(CONFIG))
     run = str(tmp_path / "search")
-    assert cli.main(["submit", str(cfg), "--search", "--array", "3", "--run-dir", run, "--time", "2",
-                     "--signal-margin", "60", "--max-requeues", "30"]) == 0
+    assert cli.main(["submit", str(cfg), "--search", "--array", "3", "--run-dir", run, "--time", "20",
+                     "--max-requeues", "30"]) == 0
     script = open(os.path.join(run, "slurm", "trials.sbatch")).read()
     assert "#SBATCH --array=0-2\n" in script and "--workers 1)" in script
     job = [j for j in json.load(open(os.path.join(run, "slurm", "jobs.json")))][-1]["job_id"]
     killed = _kill_a_worker_mid_trial(run)
+    _signal_the_array_mid_trial(run, job, killed)
 
     def done():
         states = squeue_states(job)

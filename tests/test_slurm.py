@@ -23,12 +23,11 @@ import pytest
 from hpcjobs import cli, config, slurm, units
 from hpcjobs.config import ConfigError
 
-from conftest import need_horovod
+from slurm_cluster import job_done, last_job, logs, squeue_states, status, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 DATA = os.path.join(REPO, "tests", "data")
-CLUSTER = os.path.join(REPO, "slurm", "local-cluster.sh")
 PY = "/opt/venv/bin/python"  # a fixed interpreter path keeps the reference output deterministic
 NASTY = ["a'; touch CANARY; echo '", "$(touch CANARY)", "`touch CANARY`", "x\"; touch CANARY; \"", "${HOME:?}",
          "a b & touch CANARY", "100%j"]
@@ -66,46 +65,47 @@ def test_dry_run_matches_reference(name, capsys, monkeypatch):
         assert out == f.read(), f"rendered output differs from {path} (HPCJOBS_UPDATE_REFERENCE=1 rewrites it)"
 
 
-@pytest.mark.slow
-def fresh_venv_seeing_this_environment(venv):
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory):
     """A fresh venv whose packages come first, then those of the environment running the
-    tests (a virtualenv's, the system's, the user's), with their .pth files processed.
+    tests (a virtualenv's, the system's, the user's), with their .pth files processed; made
+    without pip of its own (this environment's pip installs into it with --python).
 
     ``--system-site-packages`` would not do: from inside a virtualenv it reaches the *base*
     interpreter's site-packages, which need not hold the project's dependencies (submitit)."""
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    venv = tmp_path_factory.mktemp("fresh") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, check=True).stdout.strip()
     ours = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
     with open(os.path.join(own, "zz-outer-environment.pth"), "w", encoding="utf-8") as f:
         f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in ours) + "\n")
-    return python
+    return venv
 
 
-def test_a_fresh_venv_sees_this_environment_after_its_own(tmp_path):
-    python = fresh_venv_seeing_this_environment(tmp_path / "venv")
+def test_a_fresh_venv_sees_this_environment_after_its_own(fresh_venv, tmp_path):
+    python = str(fresh_venv / "bin" / "python")
     code = "import sys, submitit, yaml; print(sys.prefix); print(submitit.__file__)"
     r = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=""))
     prefix, where = r.stdout.split()
     import submitit
 
-    assert prefix == str(tmp_path / "venv") and where == submitit.__file__
+    assert prefix == str(fresh_venv) and where == submitit.__file__
 
 
-def test_a_wheel_install_renders_the_same_scripts(tmp_path):
+def test_a_wheel_install_renders_the_same_scripts(fresh_venv, tmp_path):
     """A non-editable install (a wheel in a fresh venv, run outside the repository)
     finds the templates it carries and renders exactly the pinned script."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "wheel")], check=True, cwd=tmp_path)
-    venv = tmp_path / "venv"
-    fresh_venv_seeing_this_environment(venv)
+    venv = fresh_venv
     wheel, = (tmp_path / "wheel").glob("hpcjobs-*.whl")
     # --ignore-installed: the hpcjobs the running environment has (editable, or an egg-info on
     # PYTHONPATH) is visible in the venv too, and must not stop the wheel's own install
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                    "--no-deps", "--ignore-installed", str(wheel)], check=True)
     name = "sbatch_bede_train.txt"
     argv = [a if not a.startswith("configs/") else os.path.join(REPO, a) for a in REFERENCES[name]]
     r = subprocess.run([str(venv / "bin" / "hpcjobs"), "submit", *argv, "--python", PY, "--dry-run"],
@@ -607,96 +607,6 @@ def test_inference_script_requeues_on_75_and_passes_usr1_on(stubbed):
 
 
 # --------------------------------------------------------------------------- the local cluster
-def _root_can_install() -> bool:
-    return os.geteuid() == 0 and shutil.which("apt-get") is not None
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    """The local cluster (slurm/local-cluster.sh); stopped at the end if this session started it."""
-    def unavailable(why):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"local Slurm cluster required in CI: {why}")
-        pytest.skip(f"local Slurm cluster unavailable: {why}")
-
-    have = all(shutil.which(b, path=os.environ["PATH"] + ":/usr/sbin:/sbin") for b in ("slurmctld", "slurmd", "munged"))
-    if not have and not _root_can_install():
-        unavailable("Slurm is not installed and this is not root with apt-get (apt-get install slurm-wlm munge)")
-    state = os.path.join(REPO, ".slurm-local")
-    was_running = subprocess.run(["bash", CLUSTER, "status"], capture_output=True).returncode == 0
-    try:
-        p = subprocess.run(["bash", CLUSTER, "start"], capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        unavailable("slurm/local-cluster.sh start took over 15 minutes")
-    if p.returncode != 0:
-        unavailable(f"slurm/local-cluster.sh start failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
-    saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = os.path.join(state, "slurm.conf")
-    yield os.environ["SLURM_CONF"]
-    if not was_running:
-        subprocess.run(["bash", CLUSTER, "stop"], capture_output=True, timeout=180)
-    if saved is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = saved
-
-
-@pytest.fixture
-def on_cluster(cluster, monkeypatch, tmp_path):
-    # the jobs inherit this environment (sbatch --export=ALL): let them ask squeue for their end time
-    monkeypatch.delenv("HPCJOBS_NO_SQUEUE", raising=False)
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    monkeypatch.chdir(tmp_path)  # the jobs' working directory
-    return cluster
-
-
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
-
-
-def squeue_states(job_id: str) -> list[str]:
-    p = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    return p.stdout.split() if p.returncode == 0 else []
-
-
-def status(run) -> dict:
-    try:
-        with open(os.path.join(run, "run.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def logs(run) -> str:
-    return "".join(open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(glob.escape(str(run)),
-                                                                                              "slurm", "*.out"))))
-
-
-def wait_for(predicate, timeout: float, what: str, job_id: str | None = None, run=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    detail = ""
-    if job_id:
-        detail += f"\nsqueue: {squeue_states(job_id)}"
-        subprocess.run(["scancel", job_id], capture_output=True)
-    if run is not None:
-        detail += f"\nrun.json: {status(run)}\nlogs:\n{logs(run)[-4000:]}"
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
-
-
-def job_done(job_id: str, n: int = 1):
-    states = squeue_states(job_id)
-    return len(states) >= n and all(s in TERMINAL for s in states) and states
-
-
-def last_job(run) -> str:
-    return slurm.read_jobs(str(run))[-1]["job_id"]
-
-
 def sbatch_sees(script: str, tmp_path) -> dict | None:
     """The options ``sbatch -vv --test-only`` reads from a script (its "defined options", without
     test-only and verbose); None when sbatch refuses the script outright."""
@@ -746,88 +656,6 @@ def test_sbatch_reads_what_the_parser_model_reads(value, cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_path):
-    run = tmp_path / "mw"
-    assert submit([QUICKSTART, "--run-dir", str(run), "--nodes", "2", "--time", "5",
-                   "--set", "distribute.strategy=multiworker", "--set", "training.epochs=1"]) == 0
-    job = last_job(run)
-    wait_for(lambda: job_done(job), 180, "the 2-node job", job, run)
-    text = logs(run)
-    assert squeue_states(job) == ["COMPLETED"], text[-4000:]
-    digests = dict(re.findall(r"worker (\d)/2 step \d+ weights sha256 (\w+)", text))
-    assert set(digests) == {"0", "1"}, text[-3000:]
-    assert digests["0"] == digests["1"] == status(run)["weights_sha256"]
-    st = status(run)
-    assert st["status"] == "finished" and st["strategy"] == "multiworker" and st["replicas"] == 2
-    assert f"job {job} (train): COMPLETED" in slurm.job_states(str(run))[0]
-
-
-@pytest.mark.slurm
-@pytest.mark.horovod
-def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weights(on_cluster, tmp_path):
-    # Open MPI's mpirun inside a 2-node allocation (its daemons started through Slurm, no PMI);
-    # the 2-minute limit's warning stops the ranks with a checkpoint, the job requeues itself
-    need_horovod()
-    sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=40",
-            "checkpoint.every_minutes=null", "training.log_every_steps=100000"]
-    set_args = [a for s in sets for a in ("--set", s)]
-    run = tmp_path / "hvd"
-    assert submit([QUICKSTART, "--run-dir", str(run), "--nodes", "2", "--launcher", "mpirun", "--time", "2",
-                   "--signal-margin", "70", "--max-requeues", "10", *set_args]) == 0
-    job = last_job(run)
-    wait_for(lambda: job_done(job), 900, "the requeued Horovod job to finish", job, run)
-    st, text = status(run), logs(run)
-    assert st.get("status") == "finished" and st["strategy"] == "horovod" and st["replicas"] == 2, text[-4000:]
-    assert "on node[1-2]" in text and "requeueing job" in text, text[-4000:]
-    assert "\x1b" not in text  # mpirun hands the ranks a pty, but the log is a file: lines, no progress bar
-    stops = [s["stopped_by"] for s in st["sessions"]]
-    assert len(stops) >= 2 and stops[-1] == "finished", stops
-    assert all(s in ("SIGUSR1", "SIGTERM", "time_budget") for s in stops[:-1]), stops
-    # the last step's weights on each rank (a progress line may run into the line: no \n)
-    ranks = re.findall(rf"worker (\d)/2 step {st['total_steps']} weights sha256 (\w+) on (\S+)", text)
-    assert sorted(ranks) == [("0", st["weights_sha256"], "node1"), ("1", st["weights_sha256"], "node2")], ranks
-    # the reference: the same training by mpirun on this one host, outside Slurm, uninterrupted
-    reference = tmp_path / "reference"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    ref = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2",
-                          sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
-                          *set_args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
-    assert status(reference)["sessions"][0]["stopped_by"] == "finished"
-    assert st["weights_sha256"] == status(reference)["weights_sha256"]
-
-
-@pytest.mark.slurm
-def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(on_cluster, tmp_path):
-    # a few minutes of training (more while the reference run shares the cores) under a 1-minute
-    # limit: only Slurm's warning signal (or the job's own end time) can stop the sessions
-    sets = ["training.epochs=250", "training.deterministic=true", "checkpoint.every_minutes=null",
-            "training.log_every_steps=100000"]
-    set_args = [a for s in sets for a in ("--set", s)]
-    reference = tmp_path / "reference"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    ref = subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
-                            *set_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    run = tmp_path / "requeue"
-    assert submit([QUICKSTART, "--run-dir", str(run), "--time", "1", "--signal-margin", "45",
-                   "--max-requeues", "20", *set_args]) == 0
-    job = last_job(run)
-    assert "#SBATCH --signal=B:USR1@45" in (run / "slurm" / "train.sbatch").read_text()
-    wait_for(lambda: job_done(job), 900, "the requeued job to finish", job, run)
-    st = status(run)
-    text = logs(run)
-    assert st.get("status") == "finished", text[-4000:]
-    stops = [s["stopped_by"] for s in st["sessions"]]
-    assert len(stops) >= 3 and stops[-1] == "finished", stops
-    assert all(s in ("SIGUSR1", "SIGTERM", "time_budget") for s in stops[:-1]), stops
-    assert "SIGUSR1" in stops, stops  # Slurm's own warning signal stopped a session
-    assert text.count("requeueing job") >= 2 and "restart 2," in text
-    assert ref.wait(timeout=240) == 0, ref.stderr.read()[-2000:]
-    assert st["weights_sha256"] == status(reference)["weights_sha256"]
-    assert status(reference)["sessions"][0]["stopped_by"] == "finished"
-
-
-@pytest.mark.slurm
 def test_folds_run_as_an_array_and_the_parent_sums_them_up(on_cluster, tmp_path, capsys):
     run = tmp_path / "cv"
     assert submit([QUICKSTART, "--run-dir", str(run), "--folds", "--time", "5", "--set", "data.folds=3",
@@ -865,23 +693,6 @@ def test_job_array_of_four_with_hostile_names(on_cluster, tmp_path):
     assert len(states) == 1 and states[0].count("COMPLETED") == 4, states
     shown = subprocess.run(["scontrol", "show", "job", f"{job}_0"], capture_output=True, text=True).stdout
     assert f"JobName={hostile}" in shown
-
-
-@pytest.mark.slurm
-def test_submitit_api_runs_checkpointable_training_and_requeues(on_cluster, tmp_path):
-    run = tmp_path / "submitit"
-    cfg = config.load(QUICKSTART, ["training.epochs=30", "checkpoint.every_minutes=null"])
-    job = slurm.submit(cfg, str(run), time="5", signal_margin=30)
-    wait_for(lambda: status(run).get("status") == "running" or job_done(job.job_id), 120, "the job to start",
-             job.job_id, run)
-    # submitit's timeout signal (USR2): the training checkpoints, submitit requeues the callable
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], capture_output=True)
-    wait_for(lambda: job_done(job.job_id), 180, "the submitit job", job.job_id)
-    st = status(run)
-    assert st["status"] == "finished"
-    assert [s["stopped_by"] for s in st["sessions"]] == ["SIGUSR1", "finished"]
-    assert job.result() == 0  # the result file exists: result() does not poll
-    assert slurm.read_jobs(str(run))[0]["kind"] == "submitit"
 
 
 @pytest.mark.slurm
