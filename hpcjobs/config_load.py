@@ -206,6 +206,8 @@ def _type_name(tp) -> str:
         return "a list"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # the form a user writes, not the class's name
+        return "{" + ", ".join(f"{yaml_key(f.name)}: ..." for f in dataclasses.fields(tp)) + "}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -266,6 +268,8 @@ def _convert(value: Any, tp, where: str, key: str):
         for a in args:
             if a is type(None):
                 continue
+            if isinstance(value, dict) and dataclasses.is_dataclass(a):
+                return _convert(value, a, where, key)  # a mapping is that form: its own error names the rule
             try:
                 return _convert(value, a, where, key)
             except _BadNumber:

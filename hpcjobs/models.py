@@ -154,18 +154,29 @@ def code_objects(path: str) -> list[str]:
     return sorted(set(found))
 
 
-def load_exported(path: str, unsafe: bool = False):
+UNSAFE_HINT = "Pass --unsafe only for a model from a source you trust"
+
+
+def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HINT):
     """Load a ``.keras`` file with safe_mode=True (no code from the file runs): a model
     holding a Lambda layer or another class from outside Keras is refused in one line,
-    unless ``unsafe`` (``--unsafe``: the file's code runs)."""
+    unless ``unsafe`` (``--unsafe``: the file's code runs); ``unsafe_hint`` says what to
+    do instead (a command without ``--unsafe`` has its own).  A file that is no complete
+    ``.keras`` archive (truncated, or a ``.weights.h5``) is said to be one."""
+    import zipfile
+
     import keras
 
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        what = "a weights file, which holds no model" if path.endswith(".h5") else "truncated or damaged"
+        raise ModelError(f"{path}: not a readable .keras model ({what}); give a model.keras, an export "
+                         "folder or a run directory")
     code = code_objects(path)
     if code and not unsafe:
         raise ModelError(f"{path}: holds {', '.join(code)}, code that would run on loading; refused "
-                         "(safe mode). Pass --unsafe only for a model from a source you trust")
+                         f"(safe mode). {unsafe_hint}")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as e:  # keras raises many types for a bad file

@@ -112,7 +112,8 @@ def plan_init(model, path: str, freeze: bool = False, class_names=None) -> InitP
     from .export import model_file as resolve
 
     model_file = resolve(path)
-    source = load_exported(model_file)
+    source = load_exported(model_file, unsafe_hint="model.init_from never runs a model's code: export the "
+                                                   "source without its Lambda layer")
     src = {layer.name: layer for layer in source.layers}
     names, differ, note = [], [], ""
     theirs = _class_names(model_file)

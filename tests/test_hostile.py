@@ -600,3 +600,54 @@ def test_a_damaged_init_from_json_is_said_and_planned_again(one_epoch_run, tmp_p
     assert "Traceback" not in out.out + out.err
     assert f"warning: {run / 'init_from.json'} is damaged (no 'path' and 'layers' list)" in out.out
     assert "resuming from" in out.out
+
+
+# --------------------------------------------------------------------------- misleading or leaking lines
+def test_a_config_that_is_a_password_file_is_not_echoed(tmp_path, capsys):
+    """A config symlinked to a file like /etc/shadow printed its first line as a key."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$y$j9T$s3cr3tHash:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    os.symlink(secret, tmp_path / "c.yaml")
+    err = _refused(capsys, ["prepare", tmp_path / "c.yaml", "--output", tmp_path / "s.h5"],
+                   words=[tmp_path / "c.yaml", "a key that is no config key name (not shown"])
+    assert "s3cr3t" not in err and "19000" not in err
+
+
+def test_a_look_alike_letter_in_a_key_is_pointed_at(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tr\u0430ining:\n  epochs: 1\n", encoding="utf-8")
+    err = _refused(capsys, ["prepare", cfg, "--output", tmp_path / "s.h5"],
+                   words=["character 3 is CYRILLIC SMALL LETTER A (U+0430), not ASCII"])
+    assert "did you mean" not in err
+
+
+def test_a_stage_of_zero_top_blocks_names_the_rule(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  stages:\n    - {epochs: 1, trainable: {top_blocks: 0}}\n")
+    err = _refused(capsys, ["prepare", cfg, "--output", tmp_path / "s.h5"],
+                   words=["training.stages[0].trainable.top_blocks: must be >= 1"])
+    assert "TopBlocks" not in err
+
+
+def test_init_weights_that_are_no_usable_model_say_what_is_accepted(one_epoch_run, tmp_path, capsys):
+    """A truncated model.keras ("File not found" for a file that exists), a .weights.h5
+    (Keras' "No model config found"), and a model with a Lambda (which suggested --unsafe,
+    a flag train does not have)."""
+    import keras
+
+    truncated = tmp_path / "cut" / "model.keras"
+    truncated.parent.mkdir()
+    data = (one_epoch_run / "export" / "model.keras").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    weights = next((one_epoch_run / "checkpoints" / "best").glob("epoch-*.weights.h5"))
+    lam = tmp_path / "lam" / "model.keras"
+    lam.parent.mkdir()
+    inp = keras.Input((8, 8, 1))
+    keras.Model(inp, keras.layers.Lambda(lambda x: x * 2)(inp)).save(lam)
+    for source, words in ((truncated, "not a readable .keras model (truncated or damaged)"),
+                          (weights, "not a readable .keras model (a weights file, which holds no model)"),
+                          (lam, "model.init_from never runs a model's code")):
+        err = _refused(capsys, ["train", QUICKSTART, "--run-dir", tmp_path / "run", "--init-weights", source],
+                       words=[source, words])
+        assert "--unsafe" not in err and "File not found" not in err
+        assert not (tmp_path / "run").exists()
