@@ -18,7 +18,7 @@ import urllib.request
 
 from . import backbones
 from .errors import UserError
-from .rundir import atomic_path
+from .rundir import atomic_path, os_reason
 
 
 class WeightsError(UserError):
@@ -31,6 +31,24 @@ def _digest(path: str, algorithm: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+MAX_BYTES = 2 << 30  # the largest keras.applications file (ConvNeXtXLarge with its top) is about 1.4 GB
+
+
+def _copy_capped(response, out, url: str):
+    """The response into ``out``, never more than its Content-Length (when it gives one) or
+    MAX_BYTES: a mirror serving an endless file does not fill the cache's disk."""
+    length = response.headers.get("Content-Length")
+    cap = min(int(length), MAX_BYTES) if length and length.isdigit() else MAX_BYTES
+    size = 0
+    for block in iter(lambda: response.read(1 << 20), b""):
+        size += len(block)
+        if size > cap:
+            raise WeightsError(f"{url}: sends more than {cap:,} bytes "
+                               f"({'its Content-Length' if cap < MAX_BYTES else 'no weights file is that large'}); "
+                               "nothing was written")
+        out.write(block)
 
 
 def fetch(arch: str, cache: str | None = None, base_url: str | None = None, include_top: bool = False,
@@ -55,10 +73,12 @@ def fetch(arch: str, cache: str | None = None, base_url: str | None = None, incl
         return path
     try:
         os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f"--cache {folder}: cannot be the cache folder ({os_reason(e, folder)})") from None
+    try:
         with atomic_path(path) as tmp:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
+                _copy_capped(response, out, url)
             if expected and _digest(tmp, algorithm) != expected:
                 raise WeightsError(f"{url}: {algorithm} {_digest(tmp, algorithm)} is not the {expected} Keras "
                                    "publishes for it; nothing was written")

@@ -651,3 +651,43 @@ def test_init_weights_that_are_no_usable_model_say_what_is_accepted(one_epoch_ru
                        words=[source, words])
         assert "--unsafe" not in err and "File not found" not in err
         assert not (tmp_path / "run").exists()
+
+
+def test_weights_fetch_onto_a_cache_that_is_a_file_blames_the_cache(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.write_text("mine\n")
+    _refused(capsys, ["weights", "fetch", "ResNet50", "--cache", cache, "--base-url", "http://127.0.0.1:9"],
+             words=[f"--cache {cache}: cannot be the cache folder", "is a file"])
+    assert cache.read_text() == "mine\n"
+
+
+def test_weights_fetch_from_an_endless_mirror_stops_at_the_cap(tmp_path, capsys, monkeypatch):
+    """A mirror that never stops sending (and gives no Content-Length) filled the disk."""
+    import http.server
+    import threading
+
+    from hpcjobs import weights
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(weights, "MAX_BYTES", 4 << 20)  # the real cap is 2 GiB
+    try:
+        _refused(capsys, ["weights", "fetch", "ResNet50", "--cache", tmp_path / "cache", "--base-url",
+                          f"http://127.0.0.1:{server.server_address[1]}"],
+                 words=["sends more than 4,194,304 bytes (no weights file is that large); nothing was written"])
+    finally:
+        server.shutdown()
+    assert os.listdir(tmp_path / "cache") == []
