@@ -691,3 +691,21 @@ def test_weights_fetch_from_an_endless_mirror_stops_at_the_cap(tmp_path, capsys,
     finally:
         server.shutdown()
     assert os.listdir(tmp_path / "cache") == []
+
+
+def test_run_json_follows_a_running_session_at_each_checkpoint(tmp_path):
+    """`status` during a session showed step 0: run.json was written only at its start and end."""
+    from hpcjobs import config
+    from hpcjobs.train import Hook, train
+
+    seen = []
+
+    class Peek(Hook):  # what `hpcjobs status` would read, after each call of steps
+        def after_steps(self, loop, step, sums, seconds):
+            seen.append((step, json.loads((tmp_path / "run" / "run.json").read_text())["step"]))
+
+    cfg = config.load(QUICKSTART, ["training.epochs=1", "training.steps_per_epoch=30", "checkpoint.every_steps=10"])
+    assert train(cfg, str(tmp_path / "run"), hooks=[Peek()], verbose=False) == 0
+    assert seen == [(10, 0), (20, 10), (30, 20)]
+    assert subprocess.run([sys.executable, "-m", "hpcjobs", "status", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=60).stdout.startswith("run quickstart: finished, step 30/30")

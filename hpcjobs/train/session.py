@@ -21,7 +21,7 @@ from ..errors import EX_OK, EX_TEMPFAIL, UserError
 from ..rundir import RunDir, RunDirError, atomic_write, os_reason
 from ..signals import StopFlag
 from ..units import parse_duration
-from .hooks import is_final
+from .hooks import Hook, is_final
 from .loop import Loop
 
 
@@ -53,7 +53,7 @@ class RunRecord:
     def start(self, step: int, **fields):
         self.session.start_step = step
         self.status.pop("error", None)
-        self.write(status="running", **fields)
+        self.write(status="running", step=step, **fields)
 
     def end(self, step: int, reason: str, state: str, **fields):
         self.session.end, self.session.end_step, self.session.stopped_by = time.time(), step, reason
@@ -65,6 +65,17 @@ class RunRecord:
             self.write(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         except OSError:  # a full disk: the error that failed the run is the one to tell
             pass
+
+
+class _Progress(Hook):
+    """run.json's step (and last epoch) brought up to date, atomically, at every checkpoint,
+    so ``hpcjobs status`` shows how far a running session is (it holds no state)."""
+
+    def __init__(self, record: RunRecord):
+        self.record = record
+
+    def saved(self, loop, saved, stopping: bool):
+        self.record.write(step=loop.step, **({"last": loop.history[-1]} if loop.history else {}))
 
 
 def run_session(trainer, from_checkpoint: str | None = None) -> int:
@@ -79,7 +90,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     stop.install()
     try:
         origin = trainer.restore(from_checkpoint)
-        loop = Loop(trainer, trainer.hooks, stop)
+        loop = Loop(trainer, [*trainer.hooks, _Progress(record)], stop)
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas)
