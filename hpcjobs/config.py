@@ -90,6 +90,9 @@ class DataConfig:
             raise ValueError("epochs_per_segment: must be >= 1")
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ValueError("max_per_class: must be >= 1 or null")
+        twice = next((c for i, c in enumerate(self.classes) if c in self.classes[:i]), None)
+        if twice is not None:  # [1, 1] would train a "2-class" model of one class
+            raise ValueError(f"classes: {twice!r} is listed twice")
         if self.folds is not None and self.folds < 2:
             raise ValueError("folds: must be >= 2 or null")
         if self.fold is not None and (self.folds is None or not 0 <= self.fold < self.folds):

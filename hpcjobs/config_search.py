@@ -48,6 +48,9 @@ class ParamSpec:
         kind = given[0]
         if kind == "choice" and not self.choice:
             raise ValueError("choice: give at least one value")
+        twice = next((v for i, v in enumerate(self.choice or ()) if v in self.choice[:i]), None)
+        if twice is not None:  # a grid would run the same point twice
+            raise ValueError(f"choice: {twice!r} is given twice")
         if kind != "choice":
             lo, hi = getattr(self, kind)
             if not lo < hi:

@@ -198,6 +198,7 @@ class TrainingConfig:
             raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
         if self.time_budget is not None:
             try:
-                parse_duration(self.time_budget)
+                if parse_duration(self.time_budget) <= 0:
+                    raise ValueError(f"{self.time_budget!r}: must be more than 0")
             except ValueError as e:
                 raise ValueError(f"time_budget: {e}")

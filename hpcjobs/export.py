@@ -52,7 +52,11 @@ def save(model, info: dict, folder: str):
 def find(path: str) -> str:
     """The export folder of a run directory, an export folder, or a model.keras file: the
     one place a run dir or an export dir is resolved (infer, export.load, model.init_from)."""
-    for folder in (os.path.join(path, "export"), path, os.path.dirname(path)):
+    if not os.path.exists(path):  # EXPORT/model.onnx that is not there is no way to EXPORT/model.keras
+        raise ExportError(f"{path}: no such file or folder")
+    folders = [os.path.dirname(path)] if os.path.isfile(path) and path.endswith(".keras") else \
+        [os.path.join(path, "export"), path]
+    for folder in folders:
         if os.path.isfile(os.path.join(folder, "model.keras")):
             return folder
     raise ExportError(f"{path}: no export/model.keras there (train a run first)")

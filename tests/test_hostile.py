@@ -709,3 +709,43 @@ def test_run_json_follows_a_running_session_at_each_checkpoint(tmp_path):
     assert seen == [(10, 0), (20, 10), (30, 20)]
     assert subprocess.run([sys.executable, "-m", "hpcjobs", "status", str(tmp_path / "run")], capture_output=True,
                           text=True, timeout=60).stdout.startswith("run quickstart: finished, step 30/30")
+
+
+# --------------------------------------------------------------------------- surprising successes
+@pytest.mark.parametrize("argv, words", [
+    (["train", QUICKSTART, "--time-budget", "0"], "--time-budget: '0': must be more than 0"),
+    (["train", QUICKSTART, "--set", "training.time_budget=0s"], "training.time_budget: '0s': must be more than 0"),
+    (["train", QUICKSTART, "--set", "data.classes=['1', '1']"], "data.classes: '1' is listed twice"),
+    (["submit", QUICKSTART, "--dry-run", "--search", "training.batch_size=32,32"],
+     "search.space.training.batch_size.choice: 32 is given twice"),
+])
+def test_settings_that_did_nothing_or_one_thing_twice_are_refused(tmp_path, capsys, argv, words):
+    _refused(capsys, [*argv, "--run-dir", tmp_path / "run"], words=[words])
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_folds_than_samples_is_refused_and_than_a_class_is_warned(tmp_path, capsys):
+    """500 folds over 1,618 digits is fine for the total but not for any class (about 160
+    each): a warning; 5,000 folds leave folds with nothing to validate on: exit 2."""
+    run = tmp_path / "run"
+    _refused(capsys, ["train", QUICKSTART, "--run-dir", run, "--set", "data.folds=5000", "--set", "data.fold=0"],
+             words=["data.folds: 5000 folds over 1618 train + validation samples"])
+    assert not run.exists()
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(run), "--set", "data.folds=500", "--set", "data.fold=0",
+                     "--set", "training.epochs=1", "--set", "training.steps_per_epoch=1"]) == 0
+    assert "warning: data.folds 500 is more than the samples of class(es) 0 (" in capsys.readouterr().out
+
+
+def test_infer_with_a_missing_format_file_or_an_unusable_listing_is_one_line(one_epoch_run, tmp_path, capsys):
+    """`--model EXPORT/model.onnx` that is not there ran model.keras; a listing whose first
+    column is no path (foo,bar) ran with nothing predicted and exit 0."""
+    listing = tmp_path / "l.csv"
+    listing.write_text("foo,bar\nbaz,qux\n")
+    good = tmp_path / "good.csv"
+    good.write_text(f"{one_epoch_run / 'plots' / 'training.png'}\n")
+    onnx = one_epoch_run / "export" / "model.onnx"
+    _refused(capsys, ["infer", "--model", onnx, "--input", good, "--output", tmp_path / "p.csv"],
+             words=[f"{onnx}: no such file or folder"])
+    _refused(capsys, ["infer", "--model", one_epoch_run, "--input", listing, "--output", tmp_path / "p.csv"],
+             words=[f"{listing}: none of its 2 entries is an existing file", "'foo'"])
+    assert not (tmp_path / "p.csv").exists()

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from .sources import SourceError
 from .store import Prepared, Split, stratified_order
 
 
@@ -38,12 +39,27 @@ def _stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.where(std < 1e-3, 1.0, std).astype(np.float32)
 
 
+def _check_folds(labels: np.ndarray, k: int, class_names):
+    """K folds need K samples at least (else a fold validates on nothing: exit 2); a class
+    with fewer than K samples is missing from some folds' validation (a warning)."""
+    if k > len(labels):
+        raise SourceError(f"data.folds: {k} folds over {len(labels)} train + validation samples would leave "
+                          f"folds with nothing to validate on; use at most {len(labels)}")
+    counts = np.bincount(labels, minlength=len(class_names))
+    small = [(str(class_names[c]), int(n)) for c, n in enumerate(counts) if 0 < n < k]
+    if small:
+        shown = ", ".join(f"{name} ({n})" for name, n in small[:5]) + (" ..." if len(small) > 5 else "")
+        print(f"warning: data.folds {k} is more than the samples of class(es) {shown}: some folds validate "
+              "without them", flush=True)
+
+
 def apply_fold(data: Prepared, k: int, fold: int, seed: int) -> Prepared:
     """``data`` with train and val replaced by fold ``fold`` of ``k`` (test unchanged).
     A store's images are read into memory (cross-validation is for small data)."""
     tr, va = data.splits["train"], data.splits["val"]
-    images = np.concatenate([np.asarray(tr.images[:]), np.asarray(va.images[:])])
     labels = np.concatenate([tr.labels, va.labels]).astype(np.int32)
+    _check_folds(labels, k, data.class_names)
+    images = np.concatenate([np.asarray(tr.images[:]), np.asarray(va.images[:])])
     origin = np.concatenate([tr.source_index, va.source_index])
     folds = fold_indices(labels, k, seed)
     rng = np.random.default_rng(seed + 1 + fold)
@@ -76,7 +92,6 @@ def limit_per_class(data: Prepared, n: int, seed: int) -> Prepared:
 def select_classes(data: Prepared, names: tuple[str, ...]) -> Prepared:
     """``data`` with only the classes ``names`` (``data.classes``), relabelled 0..n-1 in
     that order, in every split; the statistics are the new training split's."""
-    from .sources import SourceError
 
     missing = [n for n in names if n not in data.class_names]
     if missing:

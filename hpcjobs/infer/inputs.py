@@ -80,6 +80,9 @@ def _listing_inputs(path: str) -> Inputs:
     if not entries:
         raise SourceError(f"{path}: the listing is empty")
     full = [listing_path(path, p) for p in entries]
+    if not any(os.path.isfile(p) for p in full):  # e.g. foo,bar: nothing to predict is no success
+        raise SourceError(f"{path}: none of its {len(full)} entries is an existing file (the first column "
+                          f"must be the image path; the first entry is {entries[0][:80]!r})")
     return Inputs(path, entries, lambda i: decode(full[i]), _digest(full))
 
 

@@ -242,7 +242,8 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_weights))
     if time_budget is not None:
         try:
-            parse_duration(time_budget)
+            if parse_duration(time_budget) <= 0:  # stopped at once, it requeued itself for ever
+                raise ValueError(f"{time_budget!r}: must be more than 0")
         except ValueError as e:
             raise ConfigError("--time-budget", "", str(e)) from None
     bundle.check_available(cfg.export.formats)  # before any training, not at its end
