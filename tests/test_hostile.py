@@ -749,3 +749,17 @@ def test_infer_with_a_missing_format_file_or_an_unusable_listing_is_one_line(one
     _refused(capsys, ["infer", "--model", one_epoch_run, "--input", listing, "--output", tmp_path / "p.csv"],
              words=[f"{listing}: none of its 2 entries is an existing file", "'foo'"])
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_class_folder_added_between_sessions_is_said_to_be_a_data_change(tmp_path, capsys):
+    """It said "no readable checkpoint among 2"; now it names the class that came."""
+    cfg = _folder_with(tmp_path, [])
+    run = tmp_path / "run"
+    argv = ["train", str(cfg), "--run-dir", str(run), "--set", "training.batch_size=4",
+            "--set", "training.steps_per_epoch=2"]
+    assert cli.main(argv + ["--set", "training.epochs=1"]) == 0
+    shutil.copytree(tmp_path / "imgs" / "b", tmp_path / "imgs" / "c")
+    before = _hashes(run)
+    _refused(capsys, argv + ["--set", "training.epochs=2"],
+             words=[run / "run.json", "the data's classes changed since this run was trained (added c)", "--restart"])
+    assert _hashes(run) == before

@@ -83,6 +83,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     cfg, rd = trainer.cfg, trainer.run_dir
     if rd.writer:
         _refuse_lost_progress(rd)
+        _refuse_changed_classes(rd, trainer.data.class_names)
         os.makedirs(rd.path, exist_ok=True)
         atomic_write(rd.config_yaml, dump(cfg))
     record = RunRecord(rd, trainer.info.job_id)
@@ -93,7 +94,8 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         loop = Loop(trainer, [*trainer.hooks, _Progress(record)], stop)
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
-                     strategy=trainer.rt.kind, replicas=trainer.rt.replicas)
+                     strategy=trainer.rt.kind, replicas=trainer.rt.replicas,
+                     class_names=[str(c) for c in trainer.data.class_names])
         _announce(trainer, origin, loop.step)
         reason = loop.run()
         return _finish(trainer, loop, reason, record)
@@ -113,6 +115,20 @@ def _refuse_lost_progress(rd: RunDir):
         raise CheckpointError(f"{rd.checkpoints}: no checkpoint, but {rd.run_json} says the run reached step "
                               f"{step}; put the checkpoints back, or pass --restart to move the run aside and "
                               "start over")
+
+
+def _refuse_changed_classes(rd: RunDir, class_names):
+    """A run whose data now has other classes than it was trained on (a class folder added
+    or removed) cannot continue from its checkpoints: said as such, not as unreadable ones."""
+    before = rd.read_status().get("class_names")
+    now = [str(c) for c in class_names]
+    if not isinstance(before, list) or before == now or not checkpoint_candidates(rd.checkpoints):
+        return
+    added, gone = [c for c in now if c not in before], [c for c in before if c not in now]
+    what = "; ".join(x for x in (f"added {', '.join(added[:5])}" if added else "",
+                                 f"gone {', '.join(map(str, gone[:5]))}" if gone else "") if x) or "reordered"
+    raise ConfigError(rd.run_json, "class_names", f"the data's classes changed since this run was trained "
+                      f"({what}); start a new run (--run-dir) or pass --restart to move this one aside")
 
 
 def _announce(trainer, origin: str, step: int):
