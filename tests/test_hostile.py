@@ -763,3 +763,16 @@ def test_a_class_folder_added_between_sessions_is_said_to_be_a_data_change(tmp_p
     _refused(capsys, argv + ["--set", "training.epochs=2"],
              words=[run / "run.json", "the data's classes changed since this run was trained (added c)", "--restart"])
     assert _hashes(run) == before
+
+
+def test_an_export_that_no_longer_matches_its_sums_is_warned(one_epoch_run, tmp_path, capsys):
+    export = tmp_path / "export"
+    shutil.copytree(one_epoch_run / "export", export)
+    listing = tmp_path / "l.csv"
+    listing.write_text(f"{one_epoch_run / 'plots' / 'training.png'}\n")
+    assert cli.main(["infer", "--model", str(export), "--input", str(listing), "--output", str(tmp_path / "a.csv")]) == 0
+    assert "SHA256SUMS" not in capsys.readouterr().out
+    with open(export / "preprocessing.json", "a") as f:
+        f.write("\n")  # still the same JSON, no longer the same bytes
+    assert cli.main(["infer", "--model", str(export), "--input", str(listing), "--output", str(tmp_path / "b.csv")]) == 0
+    assert f"warning: {export}: preprocessing.json no longer match SHA256SUMS" in capsys.readouterr().out

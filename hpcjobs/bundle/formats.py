@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from .. import export
+from .. import compat, export
+from ..errors import UserError
 from ..export import ExportError
 from ..rundir import atomic_path
 
@@ -76,7 +77,7 @@ def write_saved_model(model, path: str):
     archive.track(model)
     archive.add_endpoint("serve", serve)
     with atomic_dir(path) as tmp:
-        archive.write_out(tmp, verbose=False)
+        compat.write_export_archive(archive, tmp)
 
 
 def write_tflite(saved_model: str, path: str, int8: bool = False):
@@ -257,6 +258,33 @@ def _onnx(path, info, unsafe):
 _OPEN = {"keras": _keras, "saved_model": _saved_model, "tflite": _tflite, "onnx": _onnx}
 
 
+def check_sums(folder: str, files: list[str]) -> list[str]:
+    """Warn about each of ``files`` that no longer matches the export's SHA256SUMS (changed
+    since it was exported); the files that differ.  An export without SHA256SUMS is not checked."""
+    import hashlib
+
+    try:
+        with open(os.path.join(folder, "SHA256SUMS"), encoding="utf-8") as f:
+            sums = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f if "  " in line)
+    except (OSError, ValueError):
+        return []
+    differ = []
+    for path in files:
+        rel = os.path.relpath(path, folder)
+        if rel not in sums:
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != sums[rel]:
+            differ.append(rel)
+    if differ:
+        print(f"warning: {folder}: {', '.join(differ)} no longer match SHA256SUMS (changed since the export)",
+              flush=True)
+    return differ
+
+
 def open_runner(path: str, unsafe: bool = False) -> Runner:
     """A Runner for any export format (see ``locate``); the Keras model loads with
     safe_mode unless ``unsafe``.  The output width must match the class names."""
@@ -266,12 +294,13 @@ def open_runner(path: str, unsafe: bool = False) -> Runner:
         check_available(["onnx"])
     try:
         predict_batch, call, model = _OPEN[kind](model_path, info, unsafe)
-    except ExportError:
+    except UserError:  # already one line: a missing file, code refused, another stack's model.keras
         raise
     except Exception as e:  # a damaged file: TF, TFLite and ONNX Runtime raise their own types
         raise ExportError(f"{model_path}: cannot load the {kind} model ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:200]})") from None
     files = [os.path.join(folder, "preprocessing.json")] + _tree_files(model_path)
+    check_sums(folder, files)
     runner = Runner(kind, model_path, folder, info, predict_batch, call, model, files)
     if kind != "keras":
         probe = runner.predict_batch(np.zeros((1, *info["input_shape"]), np.uint8))
