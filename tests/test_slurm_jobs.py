@@ -46,7 +46,7 @@ def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weig
     # Open MPI's mpirun inside a 2-node allocation (its daemons started through Slurm, no PMI);
     # USR1 to the batch shell stops the ranks with a checkpoint, twice, and the job requeues itself
     need_horovod()
-    sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=40",
+    sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=12",
             "checkpoint.every_minutes=null", "training.log_every_steps=100000"]
     set_args = [a for s in sets for a in ("--set", s)]
     run = tmp_path / "hvd"

@@ -18,7 +18,7 @@ import submitit.helpers
 from .. import compat
 from ..config import SlurmConfig, dump, to_dict
 from ..errors import EX_TEMPFAIL
-from ..rundir import atomic_write
+from ..rundir import RunDir, atomic_write
 from ..units import format_slurm_mem, slurm_seconds
 from .command import slurm_section
 from .jobs import _record, _sbatch_binary
@@ -111,6 +111,7 @@ def submit(config, run_dir: str, **slurm_overrides):
     params = template_params(cfg, s, "train", run_dir, os.path.join(run_dir, "config.yaml"))
     render("train", **params)  # the same validation as hpcjobs submit
     _sbatch_binary()
+    RunDir(run_dir).claim()  # new, empty or hpcjobs' own, as for hpcjobs submit
     folder = os.path.join(run_dir, "slurm", "submitit")
     os.makedirs(folder, exist_ok=True)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=s.max_requeues,
