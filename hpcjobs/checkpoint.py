@@ -36,9 +36,8 @@ class CheckpointWriteError(RunFailure):
 
 
 def seed_variables(model) -> list:
-    """The seed-generator states of a Keras model's random layers (that the model's own
-    checkpoint dependencies do not reach)."""
-    return compat.seed_variables(model)
+    """The seed-generator states of a Keras model's random layers."""
+    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
 
 
 def weights_digest(model) -> str:
