@@ -36,8 +36,9 @@ class CheckpointWriteError(RunFailure):
 
 
 def seed_variables(model) -> list:
-    """The seed-generator states of a Keras model's random layers."""
-    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+    """The seed-generator states of a Keras model's random layers (that the model's own
+    checkpoint dependencies do not reach)."""
+    return compat.seed_variables(model)
 
 
 def weights_digest(model) -> str:
@@ -171,12 +172,9 @@ class Checkpoints:
             self.write_seconds.append(time.monotonic() - start)
             self._written_path = path
 
-        # fresh options each time: CheckpointManager appends its own callback to the list
-        options = self.tf.train.CheckpointOptions(enable_async=self.cfg.async_write,
-                                                  experimental_write_callbacks=[written])
         try:
             with signals.held():  # the writer thread starts inside the first save: no stop signals there
-                path = self.manager.save(checkpoint_number=step, options=options)
+                path = compat.save_checkpoint(self.manager, step, self.cfg.async_write, written)
         except (OSError, self.tf.errors.OpError) as e:
             raise CheckpointWriteError(f"cannot write checkpoint ckpt-{step} in {self.directory} "
                                        f"({first_line(e)})") from None

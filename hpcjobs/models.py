@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from .compat import stack
 from .config import ModelConfig
 from .config_checks import BUILTIN_ARCHS as BUILTIN
 from .errors import UserError
@@ -173,6 +174,9 @@ def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HIN
         what = "a weights file, which holds no model" if path.endswith(".h5") else "truncated or damaged"
         raise ModelError(f"{path}: not a readable .keras model ({what}); give a model.keras, an export "
                          "folder or a run directory")
+    other_stack = stack.keras_file_refusal(path)  # saved by the other Keras major
+    if other_stack:
+        raise ModelError(other_stack)
     code = code_objects(path)
     if code and not unsafe:
         raise ModelError(f"{path}: holds {', '.join(code)}, code that would run on loading; refused "

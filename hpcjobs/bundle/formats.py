@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from .. import export
+from .. import compat, export
+from ..errors import UserError
 from ..export import ExportError
 from ..rundir import atomic_path
 
@@ -76,7 +77,7 @@ def write_saved_model(model, path: str):
     archive.track(model)
     archive.add_endpoint("serve", serve)
     with atomic_dir(path) as tmp:
-        archive.write_out(tmp, verbose=False)
+        compat.write_export_archive(archive, tmp)
 
 
 def write_tflite(saved_model: str, path: str, int8: bool = False):
@@ -293,7 +294,7 @@ def open_runner(path: str, unsafe: bool = False) -> Runner:
         check_available(["onnx"])
     try:
         predict_batch, call, model = _OPEN[kind](model_path, info, unsafe)
-    except ExportError:
+    except UserError:  # already one line: a missing file, code refused, another stack's model.keras
         raise
     except Exception as e:  # a damaged file: TF, TFLite and ONNX Runtime raise their own types
         raise ExportError(f"{model_path}: cannot load the {kind} model ({type(e).__name__}: "

@@ -30,9 +30,12 @@ def fix_keras_async_checkpoint():
     new ``tf.Variable`` on *every* call, which tf.function refuses from the second
     save on ("tf.function only supports singleton tf.Variables").  The Keras variable
     is a wrapper whose checkpoint value is its inner ``tf.Variable``'s, so its twin
-    can simply be the inner variable's twin, which TF refreshes on each save."""
+    can simply be the inner variable's twin, which TF refreshes on each save.
+
+    Keras 2.14 (TF 2.14.1): nothing to do, its variables are ``tf.Variable``s (checked:
+    three async saves through one checkpoint, restored)."""
     global _keras_async_fixed
-    if _keras_async_fixed:
+    if _keras_async_fixed or not is_keras3():
         return
     try:
         from keras.src.backend.tensorflow.core import Variable
@@ -163,6 +166,45 @@ def take_async_checkpoint_error(ckpt) -> BaseException | None:
     return error
 
 
+def save_checkpoint(manager, number: int, enable_async: bool, on_written):
+    """``manager.save(checkpoint_number=number)`` (a ``tf.train.CheckpointManager``), with
+    ``on_written(path)`` called once the files are written and before the manager's
+    state file names the checkpoint (in the writer thread when ``enable_async``).
+
+    Checked against TF 2.21 (``CheckpointOptions(experimental_write_callbacks=[...])``,
+    to which the manager appends its own callback) and TF 2.14.1, whose options have no
+    callbacks: there the checkpoint's ``_write(prefix, options, write_done_callback)``,
+    which the manager calls with its own callback, is wrapped for this one save so
+    ``on_written`` runs first."""
+    import tensorflow as tf
+
+    try:
+        options = tf.train.CheckpointOptions(enable_async=enable_async, experimental_write_callbacks=[on_written])
+    except TypeError:  # TF 2.14
+        options = None
+    if options is not None:
+        return manager.save(checkpoint_number=number, options=options)
+    ckpt = manager._checkpoint
+    original = getattr(ckpt, "_write", None)
+    if original is None:
+        raise CompatError("tf.train.Checkpoint has no _write (checked with TF 2.14.1): "
+                          "this TensorFlow offers no write callback")
+
+    def write(prefix, options=None, write_done_callback=None):
+        def done(path):
+            on_written(path)
+            if write_done_callback is not None:
+                write_done_callback(path)
+
+        return original(prefix, options=options, write_done_callback=done)
+
+    object.__setattr__(ckpt, "_write", write)
+    try:
+        return manager.save(checkpoint_number=number, options=tf.train.CheckpointOptions(enable_async=enable_async))
+    finally:
+        object.__delattr__(ckpt, "_write")
+
+
 # --------------------------------------------------------------------------- submitit
 def submitit_signal() -> tuple[signal.Signals | None, object]:
     """(the signal submitit sends before the time limit, its current handler), or
@@ -194,3 +236,9 @@ def submitit_requeue_handler():
     except AttributeError as e:
         raise CompatError("submitit's SignalHandler.checkpoint_and_try_requeue is gone "
                           "(checked with submitit 1.5.4)") from e
+
+
+# --------------------------------------------------------------------------- Keras 2 and 3
+from .keras_api import (is_keras3, is_loss_scaled, keras_major, loss_scale, loss_scale_optimizer, ops,  # noqa: E402
+                        optimizer_options, scale_loss, seed_variables, set_random_seed, tf_variables, to_numpy,
+                        unscale_gradients, write_export_archive)

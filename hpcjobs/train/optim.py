@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 
+from .. import compat
 from ..config import OptimizerConfig
 
 
 @functools.cache
 def _warmup_class():
     import keras
-    import keras.ops as ops
+
+    ops = compat.ops()
 
     class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
         """Linear warm-up from 0 to the schedule's value over ``warmup_steps``."""
@@ -38,7 +40,8 @@ def _warmup_class():
 @functools.cache
 def _cyclic_class():
     import keras
-    import keras.ops as ops
+
+    ops = compat.ops()
 
     class Cyclic(keras.optimizers.schedules.LearningRateSchedule):
         """Smith's cyclical learning rate: triangular, or triangular2 (the amplitude halves
@@ -65,7 +68,8 @@ def _cyclic_class():
 @functools.cache
 def _one_cycle_class():
     import keras
-    import keras.ops as ops
+
+    ops = compat.ops()
 
     class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         """One cycle over ``total`` steps: cosine up from peak/div to ``peak`` for the first
@@ -95,7 +99,8 @@ def _one_cycle_class():
 @functools.cache
 def _scaled_class():
     import keras
-    import keras.ops as ops
+
+    ops = compat.ops()
 
     class Scaled(keras.optimizers.schedules.LearningRateSchedule):
         """A schedule times a checkpointed factor (lowered by reduce-on-plateau)."""
@@ -145,7 +150,7 @@ def make_optimizer(cfg: OptimizerConfig, lr: float, total_steps: int = 0, lr_fac
     sched = make_schedule(keras, cfg, lr, total_steps)
     if lr_factor is not None:
         sched = _scaled_class()(sched, lr_factor)
-    common = dict(clipnorm=cfg.clipnorm, global_clipnorm=cfg.global_clipnorm)
+    common = dict(clipnorm=cfg.clipnorm, global_clipnorm=cfg.global_clipnorm, **compat.optimizer_options())
     if cfg.name != "adamw":
         common["weight_decay"] = cfg.weight_decay or None
     if cfg.name == "sgd":

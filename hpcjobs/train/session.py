@@ -21,6 +21,7 @@ from ..errors import EX_OK, EX_TEMPFAIL, UserError
 from ..rundir import RunDir, RunDirError, atomic_write, os_reason
 from ..signals import StopFlag
 from ..units import parse_duration
+from . import environment
 from .hooks import Hook, is_final
 from .loop import Loop
 
@@ -81,11 +82,13 @@ class _Progress(Hook):
 def run_session(trainer, from_checkpoint: str | None = None) -> int:
     """Restore, train, and finish; 0 when the run is finished, 75 when stopped with more to do."""
     cfg, rd = trainer.cfg, trainer.run_dir
+    stack = environment.check(rd, trainer.say)  # another Keras major's checkpoints: refused
     if rd.writer:
         _refuse_lost_progress(rd)
         _refuse_changed_classes(rd, trainer.data.class_names)
         os.makedirs(rd.path, exist_ok=True)
         atomic_write(rd.config_yaml, dump(cfg))
+        environment.write(rd, stack)
     record = RunRecord(rd, trainer.info.job_id)
     stop = StopFlag()
     stop.install()
@@ -94,7 +97,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         loop = Loop(trainer, [*trainer.hooks, _Progress(record)], stop)
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
-                     strategy=trainer.rt.kind, replicas=trainer.rt.replicas,
+                     strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
                      class_names=[str(c) for c in trainer.data.class_names])
         _announce(trainer, origin, loop.step)
         reason = loop.run()

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import compat
+
 
 @dataclass(frozen=True)
 class Steps:
@@ -74,7 +76,7 @@ def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weig
     # Horovod averages gradients over ranks, tf.distribute sums them over replicas:
     # either way the update is the gradient of the global-batch mean loss.
     scale = float(hvd.size()) if hvd is not None else 1.0
-    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    loss_scaled = compat.is_loss_scaled(optimizer)
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -87,14 +89,16 @@ def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weig
                 loss += tf.add_n(model.losses) / replicas
             loss *= scale
             if loss_scaled:
-                loss = optimizer.scale_loss(loss)
+                loss = compat.scale_loss(optimizer, loss)
         variables = model.trainable_variables
         if hvd is not None:
             # Keras 3 variables have no .ref(): Horovod gets the tf.Variables behind them
             tape = hvd.DistributedGradientTape(tape, compression=runtime.compression or hvd.Compression.none)
-            grads = tape.gradient(loss, [v.value for v in variables])
+            grads = tape.gradient(loss, compat.tf_variables(variables))
         else:
             grads = tape.gradient(loss, variables)
+        if loss_scaled:
+            grads = compat.unscale_gradients(optimizer, grads)
         optimizer.apply_gradients(zip(grads, variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return tf.stack([tf.reduce_sum(per_example), correct, tf.cast(tf.size(y), tf.float32)])

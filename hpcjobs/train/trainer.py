@@ -70,7 +70,7 @@ class Trainer:
         self.info = info or cluster_mod.detect()
         self.rt = runtime or distribute.setup(cfg.distribute, self.info)
         t = cfg.training
-        keras.utils.set_random_seed(t.seed)
+        compat.set_random_seed(t.seed)
         compat.set_op_determinism(t.deterministic)
         self.run_dir = RunDir(run_dir, writer=self.rt.is_chief)
         self.verbose = verbose and self.rt.is_chief
@@ -143,8 +143,7 @@ class Trainer:
             lr = self.rt.scale_lr(base_lr, cfg.optimizer.scale_lr_with_workers)
             opt = make_optimizer(cfg.optimizer, lr, steps, self.lr_factor)
             if cfg.training.precision == "mixed_float16":  # its dynamic scale is checkpointed with it
-                opt = self.keras.optimizers.LossScaleOptimizer(
-                    opt, dynamic_growth_steps=cfg.training.loss_scale_growth_steps)
+                opt = compat.loss_scale_optimizer(opt, cfg.training.loss_scale_growth_steps)
             opt.build(self.model.trainable_variables)
             out.append(opt)
         if cfg.training.stages:
@@ -203,7 +202,7 @@ class Trainer:
         return metrics.from_sums(sums, self.data.class_names)
 
     def learning_rate(self) -> float:
-        return float(self.keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        return float(compat.to_numpy(self.optimizer.learning_rate))
 
     # -- restore ------------------------------------------------------------------------
     def restore(self, from_checkpoint: str | None = None) -> str:
@@ -213,7 +212,7 @@ class Trainer:
         hvd = self.rt.hvd
         if hvd is not None:
             keras_vars = list(self.model.variables) + list(self.optimizer.variables)
-            hvd.broadcast_variables([v.value for v in keras_vars] + list(self.state.values()), root_rank=0)
+            hvd.broadcast_variables(compat.tf_variables(keras_vars) + list(self.state.values()), root_rank=0)
         return origin
 
     def _restore(self, from_checkpoint) -> str:
