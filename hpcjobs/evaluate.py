@@ -161,5 +161,8 @@ def cmd_evaluate(args) -> int:
     print(f"{runner.kind} model {runner.path} on {data.about}"
           + (f" ({data.skipped} unreadable image(s) skipped)" if data.skipped else ""))
     print(metrics.text_table(report))
+    if report.absent:
+        print(f"macro averages over the {report.num_classes - len(report.absent)} classes present; absent from "
+              f"the data: {', '.join(report.absent[:20])}{' ...' if len(report.absent) > 20 else ''}")
     print(f"written: {out}/ (metrics.json, per_class.csv, confusion_matrix.csv, confusion_matrix.png)")
     return 0

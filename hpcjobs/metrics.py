@@ -4,7 +4,8 @@ One :class:`Report` holds a split's confusion matrix (rows: true class, columns:
 predicted class), its top-k hit counts and its loss sum.  Per-class precision, recall,
 F1 and support, their macro and weighted averages, accuracy and top-k accuracy are
 computed from it exactly as ``sklearn.metrics.classification_report`` does with
-``labels=range(C)`` and ``zero_division=0`` (a class never predicted has precision 0).
+``labels=range(C)`` and ``zero_division=0`` (a class never predicted has precision 0),
+except that macro averages are over the classes present in the true labels only.
 
 A report comes from the compiled evaluation (``from_sums``: training, every worker)
 or from predicted probabilities (``from_predictions``: ``hpcjobs evaluate``, the export);
@@ -72,10 +73,18 @@ class Report:
         return {"precision": precision, "recall": recall,
                 "f1": _ratio(2 * precision * recall, precision + recall), "support": support}
 
+    @property
+    def absent(self) -> list[str]:
+        """Classes with no sample among the true labels (``evaluate --data`` on a subset)."""
+        return [name for name, n in zip(self.class_names, self.confusion.sum(1)) if n == 0]
+
     def averages(self) -> dict[str, dict[str, float]]:
+        """Macro: the mean over the classes present (support > 0), so a subset of the classes
+        is not averaged with zeros for the rest; weighted: by support."""
         pc = self.per_class()
+        present = pc["support"] > 0 if pc["support"].any() else np.ones(len(pc["support"]), bool)
         weights = pc["support"] / max(pc["support"].sum(), 1)
-        return {kind: {m: float(np.mean(pc[m]) if kind == "macro" else np.sum(pc[m] * weights))
+        return {kind: {m: float(np.mean(pc[m][present]) if kind == "macro" else np.sum(pc[m] * weights))
                        for m in ("precision", "recall", "f1")} for kind in ("macro", "weighted")}
 
     @property
@@ -93,7 +102,7 @@ class Report:
                 "top_k": self.top_k(), "averages": self.averages(),
                 "per_class": [{"class": name, **{m: float(pc[m][i]) for m in ("precision", "recall", "f1")},
                                "support": int(pc["support"][i])} for i, name in enumerate(self.class_names)],
-                "class_names": list(self.class_names),
+                "class_names": list(self.class_names), "absent_classes": self.absent,
                 "confusion_matrix": self.confusion.tolist() if confusion else "evaluation/confusion_matrix.csv"}
 
 
