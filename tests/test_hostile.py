@@ -796,3 +796,11 @@ def test_evaluate_on_a_subset_of_the_classes_averages_over_those_present(one_epo
     assert m["absent_classes"] == [str(i) for i in range(2, 10)]
     present = [row["f1"] for row in m["per_class"] if row["support"] > 0]
     assert len(present) == 2 and m["macro_f1"] == pytest.approx(sum(present) / 2)
+
+
+def test_a_head_only_first_stage_from_scratch_is_warned(tmp_path, capsys):
+    """It trained frozen random features without a word."""
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(tmp_path / "run"), "--set", "training.steps_per_epoch=2",
+                     "--set", "training.stages=[{epochs: 1, trainable: head}]"]) == 0
+    assert "warning: training.stages[0] trains only the head over a backbone that starts random" \
+        in capsys.readouterr().out

@@ -138,6 +138,10 @@ def _announce(trainer, origin: str, step: int):
     if not trainer.verbose:
         return
     d, cfg = trainer.data, trainer.cfg
+    stages = cfg.training.stages
+    if origin == "scratch" and stages and stages[0].trainable == "head" and cfg.model.weights is None:
+        trainer.say("warning: training.stages[0] trains only the head over a backbone that starts random "
+                    "(no model.weights, model.init_from or --from): its features stay random for that stage")
     trainer.say(f"training {cfg.name}: {len(d.splits['train'])} train / {len(d.splits['val'])} val / "
                 f"{len(d.splits['test'])} test images {d.image_shape}, {d.num_classes} classes, feed "
                 f"{trainer.feeder.feed}, strategy {trainer.rt.kind} x{trainer.rt.replicas}, start {origin} "
