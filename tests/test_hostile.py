@@ -804,3 +804,18 @@ def test_a_head_only_first_stage_from_scratch_is_warned(tmp_path, capsys):
                      "--set", "training.stages=[{epochs: 1, trainable: head}]"]) == 0
     assert "warning: training.stages[0] trains only the head over a backbone that starts random" \
         in capsys.readouterr().out
+
+
+def test_a_deleted_trial_dir_is_said_in_the_results(small_search, tmp_path):
+    """A deleted trial dir showed a 'complete' trial with a blank value and no word."""
+    cfg, run, _ = small_search
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "trials" / "000")
+    r = _limited(["search", cfg, "--run-dir", copy], tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    import csv
+
+    (row,) = list(csv.DictReader(open(copy / "search" / "results.csv")))
+    assert row["status"] == "complete" and row["value"] != ""
+    assert f"{copy / 'trials' / '000'} is missing (deleted?)" in row["error"]

@@ -64,6 +64,10 @@ def rows(study, cfg: Config, paths) -> list[dict]:
                    sessions=len(status.get("sessions", [])), signs=";".join(signs(history, status, cfg)))
         row.update({k: t.params.get(k) for k in cfg.search.space})
         row["error"] = t.user_attrs.get("error", "")
+        if not os.path.isdir(rd.path) and t.state.is_finished():  # say what was damaged, keep what the journal knows
+            row["value"] = row["value"] if row["value"] is not None else t.value
+            row["error"] = f"{rd.path} is missing (deleted?): its metrics and checkpoints are lost" \
+                + (f"; {row['error']}" if row["error"] else "")
         row["history"] = history
         out.append(row)
     return out
