@@ -194,7 +194,7 @@ def _hashes(folder) -> dict:
     out = {}
     for root, _, names in os.walk(folder):
         for n in names:
-            if n == ".lock":  # hpcjobs' own lock file, rewritten with the holder's pid by every lock
+            if n in (".lock", ".claim"):  # hpcjobs' own lock files, rewritten with the holder's pid by every lock
                 continue
             p = os.path.join(root, n)
             if os.path.isfile(p) and not os.path.islink(p):
@@ -819,3 +819,21 @@ def test_a_deleted_trial_dir_is_said_in_the_results(small_search, tmp_path):
     (row,) = list(csv.DictReader(open(copy / "search" / "results.csv")))
     assert row["status"] == "complete" and row["value"] != ""
     assert f"{copy / 'trials' / '000'} is missing (deleted?)" in row["error"]
+
+
+def test_a_cut_journal_tail_is_said_to_be_a_lost_record(small_search, tmp_path):
+    """The journal cut before trial 0's records: the new trial 0 met a trained folder and
+    was marked failed with a config-mismatch message; now the message says the journal lost it."""
+    cfg, run, _ = small_search
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    journal = copy / "search" / "journal.log"
+    lines = journal.read_text().splitlines(keepends=True)
+    first_trial = next(i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4)
+    journal.write_text("".join(lines[:first_trial]))
+    before = _hashes(copy / "trials")
+    r = _limited(["search", cfg, "--run-dir", copy], tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert "the journal lost records (cut or damaged?)" in r.stdout
+    assert "trained with another config" not in r.stdout
+    assert _hashes(copy / "trials") == before

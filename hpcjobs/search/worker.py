@@ -86,6 +86,12 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool, stop=None) -> int:
     from ..train import train
     from .prune import PruneHook
 
+    if not c.adopted and os.path.exists(os.path.join(c.run_dir, "run.json")):  # a new trial, an old dir
+        error = (f"{c.run_dir} was trained before, but the journal knew nothing of trial {c.number}: the journal "
+                 "lost records (cut or damaged?); move the trial's folder aside to run it again")
+        tell(study, c.trial_id, state=optuna.trial.TrialState.FAIL, error=error)
+        print(f"search: trial {c.number} failed: {error}", flush=True)
+        return EX_OK
     tcfg = trial_config(cfg, c.params, c.number)
     what = "resuming" if c.adopted else "starting"
     print(f"search: {what} trial {c.number} ({c.run_dir}): "
