@@ -837,3 +837,15 @@ def test_a_cut_journal_tail_is_said_to_be_a_lost_record(small_search, tmp_path):
     assert "the journal lost records (cut or damaged?)" in r.stdout
     assert "trained with another config" not in r.stdout
     assert _hashes(copy / "trials") == before
+
+
+def test_infer_where_no_input_is_usable_is_exit_2(one_epoch_run, tmp_path, capsys):
+    """A folder of nothing but broken images exited 0 with nothing predicted."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in IMAGES:
+        shutil.copy(os.path.join(HOSTILE, name), folder / os.path.basename(name))
+    out = tmp_path / "p.csv"
+    _refused(capsys, ["infer", "--model", one_epoch_run, "--input", folder, "--output", out],
+             words=[f"{folder}: no input was usable: {len(IMAGES)} skipped as unreadable", "p.errors.csv"])
+    assert len((tmp_path / "p.errors.csv").read_text().splitlines()) == len(IMAGES) + 1

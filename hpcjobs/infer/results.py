@@ -277,13 +277,14 @@ def part_attrs(path: str) -> dict:
 
 
 def finish(outs: Outputs, pieces: Iterable[Piece], class_names: list[str], k: int, attrs: dict, log):
-    """Write the outputs of the whole input (an unsharded run, or the merge)."""
+    """Write the outputs of the whole input (an unsharded run, or the merge); (rows, skipped)."""
     attrs = {key: v for key, v in attrs.items() if key not in ("shard", "num_shards")}
     rows, skipped = write_results(pieces, class_names, k, attrs, h5=outs.h5, csv_path=outs.csv,
                                   errors_csv=outs.errors, submission=outs.submission,
                                   submission_csv=outs.submission_csv)
     log(f"{rows + skipped} inputs: {rows} predicted, {skipped} skipped as unreadable"
         + (f" (listed in {outs.errors})" if skipped else "") + f"; results: {', '.join(outs.files)}")
+    return rows, skipped
 
 
 # --------------------------------------------------------------------------- merge

@@ -154,7 +154,11 @@ def _run_shard(job: _Job, predictor: Predictor, inputs: Inputs, stop: StopFlag) 
         return reason
 
     if shard.count == 1:
-        finish(outs, chunks.pieces(), predictor.class_names, k, attrs, log)
+        rows, skipped = finish(outs, chunks.pieces(), predictor.class_names, k, attrs, log)
+        if not rows:  # nothing predicted is no success
+            chunks.remove()
+            raise InferError(f"{cfg.input}: no input was usable: {skipped} skipped as unreadable (listed in "
+                             f"{outs.errors})")
     else:
         rows, skipped = write_results(chunks.pieces(), predictor.class_names, k, attrs, h5=outs.part(shard))
         log(f"shard {shard}: done, {rows} rows, {skipped} skipped: {outs.part(shard)}")
