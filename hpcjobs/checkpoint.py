@@ -176,6 +176,7 @@ class Checkpoints:
             with signals.held():  # the writer thread starts inside the first save: no stop signals there
                 path = compat.save_checkpoint(self.manager, step, self.cfg.async_write, written)
         except (OSError, self.tf.errors.OpError) as e:
+            self._remove_partial()
             raise CheckpointWriteError(f"cannot write checkpoint ckpt-{step} in {self.directory} "
                                        f"({first_line(e)})") from None
         self._pending = path
@@ -186,6 +187,11 @@ class Checkpoints:
         self.last_save_time = time.monotonic()
         self.last_save_step = step
         return Saved(path, seconds)
+
+    def _remove_partial(self):
+        """After a failed write (a full disk): its ``ckpt-N_temp`` goes at once, not at the next session."""
+        if self.writer and os.path.isdir(self.directory):
+            _remove_partial_writes(self.directory)
 
     def wait(self):
         """Block until the last save is on disk; raise CheckpointWriteError if it failed."""
@@ -209,6 +215,7 @@ class Checkpoints:
         if self._written_path != path:
             error = compat.take_async_checkpoint_error(self.ckpt) if self.cfg.async_write else None
             why = f" ({first_line(error)})" if error else ""
+            self._remove_partial()
             raise CheckpointWriteError(f"cannot write checkpoint {path}{why}")
         if self.writer:
             _fsync_state(self.directory)

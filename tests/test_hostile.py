@@ -539,12 +539,14 @@ def test_a_huge_png_does_not_kill_infer(one_epoch_run, tmp_path):
 
 
 # --------------------------------------------------------------------------- one line, not a traceback
-def _in_namespace(tmp_path, mount: str, target, *argv, timeout=240):
+def _in_namespace(tmp_path, mount: str, target, *argv, after: str = "", timeout=240):
     """``python -m hpcjobs ARGV`` with ``mount`` (a shell command on "$0" = target) done first
-    in a private mount namespace (unshare -m, as root)."""
+    in a private mount namespace (unshare -m, as root); ``after``: shell commands run there
+    after it (its exit code kept)."""
     if not _readonly_mount_works():
         pytest.skip("cannot mount here (needs unshare -m as root)")
-    return subprocess.run(["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', str(target), sys.executable,
+    then = f'"$@"; rc=$?; {after}; exit $rc' if after else 'exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && {then}", str(target), sys.executable,
                            "-m", "hpcjobs", *map(str, argv)], capture_output=True, text=True, timeout=timeout,
                           cwd=tmp_path)
 
@@ -552,16 +554,21 @@ def _in_namespace(tmp_path, mount: str, target, *argv, timeout=240):
 @pytest.mark.parametrize("first", ["checkpoint", "best_weights"])
 def test_a_full_disk_during_training_is_one_line_and_marks_the_run(tmp_path, first):
     """A 96 KiB file system fills at the first checkpoint (every 10 steps) or at the best
-    epoch's weights: exit 1, one line, run.json says failed (it still fits), no traceback
-    (before: two, then h5py crashed the interpreter at exit)."""
+    epoch's weights: exit 1, one line, no traceback (before: two, then h5py crashed the
+    interpreter at exit), run.json says failed (it still fits) and no ckpt-N_temp is left.
+    The file system lives only in the namespace: what is left is listed there."""
     full = tmp_path / "full"
     full.mkdir()
     sets = ["--set", "checkpoint.every_steps=10"] if first == "checkpoint" else []
-    r = _in_namespace(tmp_path, 'mount -t tmpfs -o size=96k tmpfs "$0"', full, "train", QUICKSTART,
-                      "--run-dir", "full/run", "--set", "training.epochs=1", *sets)
+    r = _in_namespace(tmp_path, 'mount -t tmpfs -o size=96k tmpfs "$0"', full, "train", QUICKSTART, "--run-dir",
+                      "full/run", "--set", "training.epochs=1", *sets,
+                      after='echo LEFT $(ls "$0/run/checkpoints"); grep \'"status"\' "$0/run/run.json"')
     words = "cannot write checkpoint" if first == "checkpoint" else "cannot write the best weights"
     _one_line(r, 1, f"hpcjobs: training failed: {words}")
     assert "No space left on device" in r.stderr
+    assert '"status": "failed"' in r.stdout
+    left = next(line for line in r.stdout.splitlines() if line.startswith("LEFT"))
+    assert "_temp" not in left, left
 
 
 def test_evaluate_on_a_readonly_run_is_one_line(one_epoch_run, tmp_path):
