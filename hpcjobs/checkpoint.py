@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from . import compat, signals
 from .config import CheckpointConfig
 from .errors import RunFailure, UserError, first_line
-from .rundir import fsync_dir, fsync_file
+from .rundir import atomic_path, fsync_dir, fsync_file
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -259,6 +259,40 @@ def checkpoint_candidates(folder: str, log=None) -> list[str]:
         log(f"warning: {folder}/checkpoint (the list of checkpoints) is missing or unreadable; "
             f"found {len(found)} checkpoint(s) by their files, the newest {os.path.basename(found[0])}")
     return found
+
+
+def save_weights(model, path: str):
+    """``model``'s weights into ``path`` atomically.  A full disk (or quota) is a
+    CheckpointWriteError, one line: said before writing when the file system has less
+    room than the weights (HDF5 crashes the process at exit over a file it could not
+    write); should the disk fill meanwhile, the half-written file is let go here, with
+    h5py's complaint from its destructor silenced."""
+    import contextlib
+    import gc
+    import io
+    import sys
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    need = sum(int(v.numpy().nbytes) for v in model.weights) + (1 << 20)  # and HDF5's own structure
+    st = os.statvfs(folder)
+    if st.f_bavail * st.f_frsize < need:
+        raise CheckpointWriteError(f"cannot write the best weights {path}: {st.f_bavail * st.f_frsize:,} bytes "
+                                   f"free there, about {need:,} needed (No space left on device)")
+    try:
+        with atomic_path(path) as tmp:
+            model.save_weights(tmp)
+        return
+    except (OSError, RuntimeError) as e:
+        reason, failed = first_line(e), e
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            del failed  # its frames hold the open file
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise CheckpointWriteError(f"cannot write the best weights {path} ({reason})")
 
 
 def find_checkpoint(path: str) -> str:

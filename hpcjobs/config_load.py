@@ -24,6 +24,7 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from typing import Any, Literal
 
 import yaml
@@ -306,16 +307,13 @@ def yaml_key(name: str) -> str:
 
 
 def _unknown_key(k, prefix: str, names: list[str], where: str):
-    """An unknown key, said without echoing what is no key name (the first line of a file
-    that is no config, e.g. a password file), and with a look-alike letter pointed at."""
+    """An unknown key; what is no key name (a password file's line) is not echoed, a look-alike letter is named."""
     text = str(k)
     key = f"{prefix}.{text}" if prefix else text
     if not re.fullmatch(r"\w{1,64}", text):
         raise ConfigError(where, prefix, "a key that is no config key name (not shown; is this file a config?)")
     odd = next(((i, c) for i, c in enumerate(text) if not c.isascii()), None)
     if odd is not None:
-        import unicodedata
-
         i, c = odd
         raise ConfigError(where, key.encode("ascii", "backslashreplace").decode(),
                           f"unknown key: character {i + 1} is {unicodedata.name(c, 'a non-ASCII character')} "

@@ -34,46 +34,11 @@ import os
 import time
 
 from .. import report
-from ..checkpoint import CheckpointWriteError
+from ..checkpoint import save_weights
 from ..config import direction
-from ..errors import first_line
-from ..rundir import atomic_path
-
-
-def _save_weights(model, path: str):
-    """``model``'s weights into ``path`` atomically.  A full disk (or quota) is a
-    CheckpointWriteError, one line: said before writing when the file system has less
-    room than the weights (HDF5 crashes the process at exit over a file it could not
-    write); should the disk fill meanwhile, the half-written file is let go here, with
-    h5py's complaint from its destructor silenced."""
-    import contextlib
-    import gc
-    import io
-    import sys
-
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    need = sum(int(v.numpy().nbytes) for v in model.weights) + (1 << 20)  # and HDF5's own structure
-    st = os.statvfs(folder)
-    if st.f_bavail * st.f_frsize < need:
-        raise CheckpointWriteError(f"cannot write the best weights {path}: {st.f_bavail * st.f_frsize:,} bytes "
-                                   f"free there, about {need:,} needed (No space left on device)")
-    try:
-        with atomic_path(path) as tmp:
-            model.save_weights(tmp)
-        return
-    except (OSError, RuntimeError) as e:
-        reason, failed = first_line(e), e
-    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            del failed  # its frames hold the open file
-            gc.collect()
-    finally:
-        sys.unraisablehook = hook
-    raise CheckpointWriteError(f"cannot write the best weights {path} ({reason})")
 
 BEST_EPOCH_KEY = "best_epoch/.ATTRIBUTES/VARIABLE_VALUE"  # BestMetric's variable in a checkpoint
+
 
 def is_final(reason: str) -> bool:
     """Whether the loop's ``reason`` ends the run for good (else it stopped with more to do)."""
@@ -203,7 +168,7 @@ class BestMetric(Hook):
             self.best_epoch.assign(row["epoch"])
             self.wait.assign(0)
             if t.run_dir.writer:
-                _save_weights(t.model, best_weights_path(t.run_dir, row["epoch"]))
+                save_weights(t.model, best_weights_path(t.run_dir, row["epoch"]))
             return None
         self.wait.assign_add(1)
         if es.patience is not None and int(self.wait.numpy()) >= es.patience:
