@@ -115,6 +115,7 @@ def test_lr_center_takes_the_range_from_lr_find(tmp_path, capsys):
     assert cli.main(["search", path, "--run-dir", str(run)]) == 2
     assert "search.lr_center: no valley in" in capsys.readouterr().err
     run.mkdir()
+    (run / ".lock").write_text("")  # the mark of a run directory hpcjobs made (lr-find writes it)
     (run / "lr_find.json").write_text(json.dumps({"valley": 2e-3, "suggestion": 2e-3}))
     cfg, _ = worker.prepare(config.load(path), str(run), path)
     assert cfg.search.space["optimizer.learning_rate"].log_uniform == (5e-4, 8e-3)
@@ -420,7 +421,7 @@ def test_lr_find_suggests_within_10x_of_the_best_grid_learning_rate(tmp_path):
     assert {"suggestion", "valley", "steepest", "min_div10"} <= set(info)
     assert (run / "lr_find.csv").read_text().startswith("step,lr,loss,smoothed\n")
     assert (run / "plots" / "lr_find.png").stat().st_size > 1000
-    assert sorted(os.listdir(run)) == ["lr_find.csv", "lr_find.json", "plots"]  # no weights, no checkpoints
+    assert sorted(os.listdir(run)) == [".lock", "lr_find.csv", "lr_find.json", "plots"]  # no weights, checkpoints
     grid = _config(tmp_path, """
         search:
           method: grid

@@ -77,7 +77,7 @@ def cmd_search(args) -> int:
     if args.workers < 1:
         raise UserError("--workers: must be >= 1")
     run = _run_dir(args, cfg)
-    RunDir(run).claim()
+    RunDir(run).check_usable()  # marked as a run (claimed) once prepare's checks pass
     args.workers = _cap_workers(args.workers, cfg)
     from .worker import prepare, work
 

@@ -29,6 +29,7 @@ import tempfile
 import numpy as np
 
 from ..config import Config, PlateauConfig, ScheduleConfig
+from ..errors import UserError
 from ..rundir import RunDir, atomic_path, atomic_write
 
 
@@ -136,10 +137,17 @@ def lr_find(cfg: Config, run_dir: str, verbose: bool = True) -> dict:
     from ..train.trainer import Trainer
 
     run_dir = os.path.abspath(run_dir)
-    RunDir(run_dir).claim()
+    rd = RunDir(run_dir)
+    created = rd.claim()
     scratch = tempfile.mkdtemp(prefix=".lr-find-", dir=run_dir)
     try:
-        trainer = Trainer(sweep_config(cfg), scratch, verbose=False)
+        try:
+            trainer = Trainer(sweep_config(cfg), scratch, verbose=False)
+        except UserError:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if created:
+                rd.discard()  # a refused lr-find leaves no run directory behind
+            raise
         rows = sweep(trainer, cfg.search.lr_find)
         trainer.checkpoints.close()
         chief = trainer.rt.is_chief

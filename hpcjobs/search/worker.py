@@ -31,6 +31,7 @@ def prepare(cfg: Config, run: str, where: str) -> tuple[Config, Paths]:
         raise ConfigError(where, "search.metric", f"{cfg.search.metric} needs a validation split "
                                                   "(data.validation_split > 0)")
     paths = Paths(os.path.abspath(run))
+    RunDir(run).claim()  # new, empty or hpcjobs' own (a search, an lr-find)
     os.makedirs(paths.search, exist_ok=True)
     with journal.exclusive(paths.ask_lock):
         if os.path.exists(paths.config):
