@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from . import compat
 from .compat import stack
 from .config import ModelConfig
 from .config_checks import BUILTIN_ARCHS as BUILTIN
@@ -126,7 +127,9 @@ def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize:
         outputs = _head(keras, x, cfg, num_classes)
     else:  # the backbone's own preprocessing, not the run's normalisation
         outputs = _application(keras, inputs, cfg, input_shape, num_classes)
-    return keras.Model(inputs, outputs, name=cfg.arch)
+    model = keras.Model(inputs, outputs, name=cfg.arch)
+    compat.init_random_layers(model)  # their generator states exist before a checkpoint is made
+    return model
 
 
 def code_objects(path: str) -> list[str]:

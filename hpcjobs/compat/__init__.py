@@ -12,9 +12,7 @@ import importlib.util
 import os
 import signal
 
-
-class CompatError(RuntimeError):
-    """A private API hpcjobs relies on is missing from the installed package."""
+from .keras_api import CompatError
 
 
 # --------------------------------------------------------------------------- Keras
@@ -91,11 +89,16 @@ def keras_weights_request(constructor, **kwargs) -> dict:
 
     Checked against Keras 3.15: the constructors call
     ``keras.src.utils.file_utils.get_file(fname, origin, cache_subdir=..., file_hash=...)``
-    once for the weights; that call is intercepted and abandoned."""
+    once for the weights; that call is intercepted and abandoned.  Keras 2.14 calls the
+    same function as ``keras.src.utils.data_utils.get_file``."""
     try:
-        from keras.src.utils import file_utils
+        if is_keras3():
+            from keras.src.utils import file_utils
+        else:
+            from keras.src.utils import data_utils as file_utils
     except ImportError as e:
-        raise CompatError("keras.src.utils.file_utils is gone (checked with Keras 3.15)") from e
+        raise CompatError("keras.src.utils.file_utils (data_utils in Keras 2.14) is gone "
+                          "(checked with Keras 3.15 and 2.14)") from e
     original = getattr(file_utils, "get_file", None)
     if original is None:
         raise CompatError("keras.src.utils.file_utils.get_file is gone (checked with Keras 3.15)")
@@ -239,6 +242,6 @@ def submitit_requeue_handler():
 
 
 # --------------------------------------------------------------------------- Keras 2 and 3
-from .keras_api import (is_keras3, is_loss_scaled, keras_major, loss_scale, loss_scale_optimizer, ops,  # noqa: E402
+from .keras_api import (init_random_layers, is_keras3, is_loss_scaled, keras_major, loss_scale, loss_scale_optimizer, ops,  # noqa: E402
                         optimizer_options, scale_loss, seed_variables, set_random_seed, tf_variables, to_numpy,
                         unscale_gradients, write_export_archive)

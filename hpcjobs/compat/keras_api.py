@@ -14,6 +14,10 @@ import functools
 import types
 
 
+class CompatError(RuntimeError):
+    """A private API hpcjobs relies on is missing from the installed package."""
+
+
 @functools.cache
 def keras_major() -> int:
     """3 for Keras 3, 2 for Keras 2 (``tf.keras``).  Checked with Keras 3.15.1 and 2.14.0."""
@@ -72,13 +76,41 @@ def set_random_seed(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
+def _random_generators(model) -> list:
+    """Keras 2.14: the ``keras.backend.RandomGenerator`` of every random layer (Dropout,
+    the Random* layers), nested models included (private: ``_random_generator``)."""
+    out, stack = [], list(model.layers)
+    while stack:
+        layer = stack.pop(0)
+        stack.extend(getattr(layer, "layers", []) or [])
+        gen = getattr(layer, "_random_generator", None)
+        if gen is not None:
+            if not hasattr(gen, "_maybe_init"):
+                raise CompatError("Keras' RandomGenerator has no _maybe_init (checked with Keras 2.14.0)")
+            out.append(gen)
+    return out
+
+
+def init_random_layers(model) -> None:
+    """Make the random layers' generator state exist now, in the strategy scope the model
+    is built in, before a checkpoint is made of it.  Keras 3: nothing to do (a layer's
+    SeedGenerator is made with the layer).  Keras 2.14: each random layer makes its
+    ``tf.random.Generator`` at its first call; made here instead.  Checked with Keras
+    3.15.1 and 2.14.0."""
+    if is_keras3():
+        return
+    for gen in _random_generators(model):
+        gen._maybe_init()
+
+
 def seed_variables(model) -> list:
-    """The random layers' generator states that a ``tf.train.Checkpoint`` of the model
+    """The random layers' generator states, which a ``tf.train.Checkpoint`` of the model
     does not reach by itself.  Keras 3: the SeedGenerator states (named
-    ``seed_generator_state``).  Keras 2.14: none, as the layers' ``tf.random.Generator``s
-    are tracked by the model.  Checked with Keras 3.15.1 and 2.14.0."""
+    ``seed_generator_state``).  Keras 2.14: the state of each layer's
+    ``tf.random.Generator`` (``init_random_layers`` made them; the model does not track
+    them).  Checked with Keras 3.15.1 and 2.14.0."""
     if not is_keras3():
-        return []
+        return [g._generator.state for g in _random_generators(model) if getattr(g, "_generator", None) is not None]
     return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
 
 
