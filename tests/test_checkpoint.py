@@ -58,8 +58,8 @@ SCHEDULE_STATE = {  # learning-rate state that must resume exactly too
 }
 
 
-@pytest.mark.parametrize("feed", ["memory", "disk", "hybrid", "memory-async", "memory-plateau", "memory-cyclic",
-                                  "memory-fp16"])
+@pytest.mark.parametrize("feed", [pytest.param("memory", marks=pytest.mark.tf214), "disk", "hybrid", "memory-async",
+                                  "memory-plateau", "memory-cyclic", "memory-fp16"])
 def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store, feed):
     if feed == "memory-async":  # asynchronous writes, several per session
         feed, feed_sets = "memory", ["checkpoint.async_write=true", "checkpoint.every_steps=5"]

@@ -10,6 +10,8 @@ from hpcjobs.config import ConfigError
 
 from conftest import QUICKSTART
 
+pytestmark = pytest.mark.tf214  # also run on TensorFlow 2.14 + Keras 2 (tests/tf214.sh)
+
 
 def write(tmp_path, text, name="c.yaml"):
     p = tmp_path / name

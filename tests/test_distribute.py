@@ -121,6 +121,7 @@ def test_mirrored_two_logical_cpus_matches_single_process(tmp_path, single):
     assert_close(metrics(run), metrics(single[0]))
 
 
+@pytest.mark.tf214
 @pytest.mark.multiprocess
 def test_multiworker_two_processes(tmp_path, single):
     run = tmp_path / "mw"

@@ -17,6 +17,8 @@ from hpcjobs import cli
 
 from conftest import QUICKSTART, REPO
 
+pytestmark = pytest.mark.tf214  # also run on TensorFlow 2.14 + Keras 2 (tests/tf214.sh)
+
 HOSTILE = os.path.join(REPO, "tests", "data", "hostile")
 _spec = importlib.util.spec_from_file_location("make_corpus", os.path.join(HOSTILE, "make_corpus.py"))
 corpus = importlib.util.module_from_spec(_spec)
