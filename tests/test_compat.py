@@ -6,22 +6,26 @@ import pytest
 
 from hpcjobs import compat
 
+pytestmark = pytest.mark.tf214  # also run on TensorFlow 2.14 + Keras 2 (tests/tf214.sh)
+
 
 def test_keras_async_checkpoint_twice(tmp_path):
     import keras
     import tensorflow as tf
 
     compat.fix_keras_async_checkpoint()
-    v = keras.Variable(np.zeros(3, np.float32))
+    layer = keras.layers.Dense(3, use_bias=False)
+    layer.build((None, 1))
+    v = layer.kernel  # a Keras variable on either Keras
     ckpt = tf.train.Checkpoint(v=v)
     options = tf.train.CheckpointOptions(enable_async=True)
     for i in range(2):  # the second async save is the one Keras 3 breaks without the fix
-        v.assign(np.full(3, i + 1, np.float32))
+        v.assign(np.full((1, 3), i + 1, np.float32))
         path = ckpt.save(str(tmp_path / "c"), options=options)
         ckpt.sync()
-    v.assign(np.zeros(3, np.float32))
+    v.assign(np.zeros((1, 3), np.float32))
     ckpt.restore(path).assert_existing_objects_matched()
-    assert v.numpy().tolist() == [2.0, 2.0, 2.0]
+    assert v.numpy().tolist() == [[2.0, 2.0, 2.0]]
     assert compat.take_async_checkpoint_error(ckpt) is None
 
 
