@@ -10,7 +10,7 @@ import json
 import os
 
 from .errors import UserError
-from .rundir import atomic_path, atomic_write, read_json_capped
+from .rundir import FileRefused, atomic_path, atomic_write, read_json_capped
 
 FORMAT = "hpcjobs-preprocessing/1"
 
@@ -71,12 +71,15 @@ def read_info(folder: str) -> dict:
     """An export folder's preprocessing.json, checked to be one."""
     pp = os.path.join(folder, "preprocessing.json")
     try:
-        with open(pp, encoding="utf-8") as f:
-            info = json.load(f)
+        info = read_json_capped(pp, 16 << 20, "preprocessing.json")
     except OSError:
         raise ExportError(f"{pp}: missing; an export needs model.keras and preprocessing.json") from None
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{pp}: not valid JSON ({e})") from None
+    except FileRefused as e:
+        raise ExportError(str(e)) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ExportError(f"{pp}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(info, dict):
+        raise ExportError(f"{pp}: not a JSON object")
     if info.get("format") != FORMAT:
         raise ExportError(f"{pp}: format {info.get('format')!r}, expected {FORMAT!r}")
     return info

@@ -291,8 +291,4 @@ def cmd_submit(args) -> int:
 
 
 def _finished(run_dir: str) -> bool:
-    try:
-        with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
-            return json.load(f).get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return RunDir(run_dir).read_status().get("status") == "finished"
