@@ -17,12 +17,13 @@ import numpy as np
 import yaml
 
 from .. import metrics
+from ..compat import keras_major
 from ..config_load import to_dict
 from ..rundir import atomic_write
 from .formats import FILES
 
 SPLIT_WORDS = {"train": "train", "val": "validation", "test": "test"}
-DESCRIBED = {"keras": "Keras 3 (`keras.saving.load_model`, safe_mode)",
+DESCRIBED = {"keras": "Keras {major} (`keras.saving.load_model`, safe_mode; loads on Keras {major} only)",
              "saved_model": "TensorFlow SavedModel (TF Serving), `serving_default`",
              "tflite": "TensorFlow Lite, float32", "tflite_int8": "TensorFlow Lite, dynamic-range int8 weights",
              "onnx": "ONNX (tf2onnx), ONNX Runtime"}
@@ -139,7 +140,8 @@ def formats_section(folder, formats, parity, split, failed) -> str:
     lines = ["## Formats and parity", "",
              "| file | format | size | top-1 agreement with model.keras | largest probability difference |",
              "|---|---|---:|---:|---:|",
-             f"| `model.keras` | {DESCRIBED['keras']} | {_size(os.path.join(folder, 'model.keras'))} | reference | "
+             f"| `model.keras` | {DESCRIBED['keras'].format(major=keras_major())} | "
+             f"{_size(os.path.join(folder, 'model.keras'))} | reference | "
              "reference |"]
     for fmt in formats:
         if fmt == "keras":
