@@ -16,7 +16,7 @@ never sees half a file where a good one was.
 
 What may be a run directory (``RunDir.claim``): a folder that does not exist yet, an
 empty one, or one hpcjobs made, which holds hpcjobs' ``.lock`` file (every command that
-writes a run creates it first).  Anything else is refused in one line naming it, so
+writes a run creates it first) or its run record (run.json with a status and sessions).  Anything else is refused in one line naming it, so
 a user's files are never overwritten.  Output folders (``export --output``,
 ``evaluate --output``) follow the same rule with their own mark
 (:func:`check_output_folder`).  A user's file (a config, run.json, a listing) is
@@ -234,12 +234,18 @@ class RunDir:
                           "give a new or empty folder with --run-dir")
 
     def made_by_hpcjobs(self) -> bool:
-        """The folder holds hpcjobs' ``.lock`` (empty, or ``pid N on HOST``)."""
+        """The folder holds hpcjobs' ``.lock`` (empty, or ``pid N on HOST``), or a run.json
+        that is hpcjobs' run record (a status and a list of sessions: a run copied without
+        its hidden files)."""
         try:
             text = read_capped(self.sub(".lock"), 4096, "lock file")
+            if text == b"" or text.startswith(b"pid "):
+                return True
         except (OSError, FileRefused):
-            return False
-        return text == b"" or text.startswith(b"pid ")
+            pass
+        status = self.read_status()
+        return status.get("status") in ("running", "stopped", "finished", "failed") \
+            and isinstance(status.get("sessions"), list)
 
     def claim(self) -> bool:
         """Check the rule, create the folder and hpcjobs' ``.lock`` in it (the mark of a run

@@ -257,6 +257,14 @@ def test_a_run_dir_holding_someone_elses_files_is_refused(tmp_path, capsys, thei
     assert _hashes(d) == before and os.listdir(d) == [theirs]  # no .lock left behind either
 
 
+def test_a_run_copied_without_its_hidden_files_is_still_a_run(one_epoch_run, tmp_path, capsys):
+    """Its run.json (a status and sessions) marks it as hpcjobs' when .lock was not copied."""
+    copy = tmp_path / "copy"
+    shutil.copytree(one_epoch_run, copy, ignore=shutil.ignore_patterns(".lock"))
+    assert cli.main(["export", str(copy), "--output", str(tmp_path / "exp")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["..", ".", ".hidden"])
 def test_a_config_name_of_dots_is_refused(tmp_path, capsys, monkeypatch, name):
     """Item 3: ``--set name=..`` made the current folder (or its parent) the run dir."""
