@@ -866,3 +866,24 @@ def test_infer_where_no_input_is_usable_is_exit_2(one_epoch_run, tmp_path, capsy
     _refused(capsys, ["infer", "--model", one_epoch_run, "--input", folder, "--output", out],
              words=[f"{folder}: no input was usable: {len(IMAGES)} skipped as unreadable", "p.errors.csv"])
     assert len((tmp_path / "p.errors.csv").read_text().splitlines()) == len(IMAGES) + 1
+
+
+def test_an_idx_folder_with_a_fifo_or_a_header_bomb_is_one_line(tmp_path):
+    """Item 7-9's MNIST-style source: a FIFO hung the whole read, a header declaring 4 TB was read to its end."""
+    import struct
+
+    for kind in ("fifo", "bomb"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        labels = folder / "train-labels-idx1-ubyte"
+        labels.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 2) + bytes([0, 1]))
+        images = folder / "train-images-idx3-ubyte"
+        if kind == "fifo":
+            os.mkfifo(images)
+        else:
+            images.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4_000_000, 1000, 1000) + bytes(1 << 20))
+        cfg = tmp_path / f"{kind}.yaml"
+        cfg.write_text(f"data:\n  source: {folder}\n")
+        r = _limited(["prepare", cfg, "--output", tmp_path / "s.h5"], tmp_path, timeout=60)
+        words = "a FIFO, not a regular file" if kind == "fifo" else "declares 4,000,000,000,000 bytes"
+        _one_line(r, 2, f"{images}: {words}")

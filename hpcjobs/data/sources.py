@@ -149,19 +149,32 @@ def open_npz(path: str):
 # --------------------------------------------------------------------------- files
 def read_idx(path: str) -> np.ndarray:
     """An MNIST-style IDX file (optionally .gz) as an array."""
+    from ..rundir import FileRefused, check_regular
+    from .limits import memory_available
+
     opener = gzip.open if path.endswith(".gz") else open
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     try:
+        check_regular(path, "dataset file (IDX)")
         with opener(path, "rb") as f:
-            data = f.read()
+            data = f.read(4)
+            if len(data) < 4 or data[0] != 0 or data[1] != 0:
+                raise SourceError(f"{path}: not an IDX file (bad magic number)")
+            if data[2] not in dtypes:
+                raise SourceError(f"{path}: unknown IDX element type {data[2]:#x}")
+            data += f.read(4 * data[3])
+            shape = struct.unpack(f">{data[3]}I", data[4:].ljust(4 * data[3], b"\0"))
+            size = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtypes[data[2]]).itemsize
+            if size > memory_available() / 2:  # read no more than the header declares, and only if it fits
+                raise SourceError(f"{path}: declares {size:,} bytes, more than this process may use")
+            data += f.read(size)
+    except FileRefused as e:
+        raise SourceError(str(e)) from None
     except (OSError, EOFError) as e:
         raise SourceError(f"{path}: cannot read IDX file ({e})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise SourceError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if data[2] not in dtypes:
-        raise SourceError(f"{path}: unknown IDX element type {data[2]:#x}")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    if len(data) < 4 + 4 * ndim:
+        raise SourceError(f"{path}: truncated IDX file (its header)")
     body = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise SourceError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(shape))} values)")
