@@ -491,7 +491,7 @@ def test_search_workers_are_capped_at_the_trials_and_cpus(small_search):
     _, run, r = small_search
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
-    assert "--workers 99999: capped at 1 (search.trials 1," in r.stdout
+    assert "--workers 99999: capped at 1 (1 trial(s) left of search.trials 1," in r.stdout
     assert os.listdir(run / "trials") == ["000"]
 
 

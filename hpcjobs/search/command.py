@@ -57,16 +57,20 @@ def _children(args, run: str) -> int:
     return max(codes) if any(codes) else EX_OK
 
 
-def _cap_workers(asked: int, cfg) -> int:
-    """At most one worker per trial of the budget and per CPU here: more only fork idle
-    processes (and can exhaust the process limit)."""
+def _cap_workers(asked: int, cfg, run: str) -> int:
+    """At most one worker per trial left (of the budget, less those finished) and per CPU
+    here: more only fork idle processes (and can exhaust the process limit)."""
     from ..cluster import cpu_count
     from .space import total_trials
 
-    trials, cpus = total_trials(cfg.search), cpu_count()
-    workers = max(1, min(asked, trials, cpus))
+    trials = os.path.join(run, "trials")
+    done = sum(RunDir(os.path.join(trials, t)).read_status().get("status") == "finished"
+               for t in (os.listdir(trials) if os.path.isdir(trials) else ()))
+    left, cpus = max(0, total_trials(cfg.search) - done), cpu_count()
+    workers = max(1, min(asked, left, cpus))
     if workers < asked:
-        print(f"--workers {asked}: capped at {workers} (search.trials {trials}, {cpus} CPU(s) here)", flush=True)
+        print(f"--workers {asked}: capped at {workers} ({left} trial(s) left of search.trials "
+              f"{total_trials(cfg.search)}, {cpus} CPU(s) here)", flush=True)
     return workers
 
 
@@ -78,7 +82,7 @@ def cmd_search(args) -> int:
         raise UserError("--workers: must be >= 1")
     run = _run_dir(args, cfg)
     RunDir(run).check_usable()  # marked as a run (claimed) once prepare's checks pass
-    args.workers = _cap_workers(args.workers, cfg)
+    args.workers = _cap_workers(args.workers, cfg, run)
     from .worker import prepare, work
 
     if args.worker or args.workers == 1:
