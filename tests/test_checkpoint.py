@@ -290,6 +290,7 @@ def test_failed_session_keeps_the_earlier_sessions(tmp_path):
 def test_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_path, async_write):
     run = tmp_path / "nowrite"
     (run / "checkpoints").mkdir(parents=True)
+    (run / ".lock").write_text("")  # a run directory hpcjobs made (the run-dir rule)
     (run / "checkpoints" / "ckpt-5_temp").write_text("")  # a file where TF writes its temporary folder
     r = subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
                         *sets("training.epochs=1", "checkpoint.every_steps=5",

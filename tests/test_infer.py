@@ -353,7 +353,7 @@ def test_a_bad_export_is_a_clear_error_before_any_work(run_dir, photos, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("hpcjobs: error:") and len(err.splitlines()) == 1
     assert {"missing": "preprocessing.json: missing", "shape": "does not match the model",
-            "classes": "5 class names", "no_export": "no export/model.keras"}[damage] in err
+            "classes": "5 class names", "no_export": f"{export}: no such file or folder"}[damage] in err
     assert not (tmp_path / "out").exists()
 
 
