@@ -17,7 +17,7 @@ from hpcjobs import cli
 
 from conftest import QUICKSTART, REPO
 
-pytestmark = pytest.mark.tf214  # also run on TensorFlow 2.14 + Keras 2 (tests/tf214.sh)
+CORPUS = pytest.mark.tf214  # the committed corpus also runs on TensorFlow 2.14 + Keras 2 (tests/tf214.sh)
 
 HOSTILE = os.path.join(REPO, "tests", "data", "hostile")
 _spec = importlib.util.spec_from_file_location("make_corpus", os.path.join(HOSTILE, "make_corpus.py"))
@@ -72,6 +72,7 @@ SLOW_IF_BROKEN = {"deep_list.yaml", "deep_map.yaml", "alias_bomb.yaml", "alias_b
 IMAGES = sorted(n for n in corpus.IMAGES)
 
 
+@CORPUS
 def test_the_committed_corpus_is_what_the_generator_writes(tmp_path):
     corpus.write(str(tmp_path))
     for name, data in corpus.corpus().items():
@@ -95,6 +96,7 @@ def _check_one_line(code, out, err, name):
     assert len(line) < 400, line
 
 
+@CORPUS
 @pytest.mark.parametrize("name", sorted(set(EXPECT) - SLOW_IF_BROKEN))
 def test_a_hostile_config_is_exit_2_in_one_line(tmp_path, capsys, name):
     code = cli.main(["prepare", os.path.join(HOSTILE, name), "--output", str(tmp_path / "s.h5")])
@@ -103,6 +105,7 @@ def test_a_hostile_config_is_exit_2_in_one_line(tmp_path, capsys, name):
     assert not os.listdir(tmp_path)
 
 
+@CORPUS
 @pytest.mark.parametrize("name", sorted(SLOW_IF_BROKEN))
 def test_deep_and_alias_bomb_configs_are_refused_at_once(tmp_path, name):
     """In a subprocess with a time limit: a regression would hang or eat the memory."""
@@ -128,6 +131,7 @@ def _folder_with(tmp_path, hostile: list[str]):
     return cfg
 
 
+@CORPUS
 def test_hostile_images_are_skipped_and_listed(tmp_path, capsys):
     cfg = _folder_with(tmp_path, IMAGES)
     assert cli.main(["prepare", str(cfg), "--output", str(tmp_path / "s.h5")]) == 0
@@ -138,6 +142,7 @@ def test_hostile_images_are_skipped_and_listed(tmp_path, capsys):
         assert any(os.path.basename(name) + ":" in line for line in out.out.splitlines()), (name, out.out)
 
 
+@CORPUS
 @pytest.mark.parametrize("name", IMAGES)
 def test_a_hostile_image_fails_strict_prepare_in_one_line(tmp_path, capsys, name):
     cfg = _folder_with(tmp_path, [name])
