@@ -70,9 +70,9 @@ def make_photos(folder: str, count: int, seed: int = 0) -> list[str]:
 
 
 def make_export(folder: str, arch: str, size: int, classes: int = 10) -> None:
-    from hpcjobs import export
+    from hpcjobs.export import model as export
     from hpcjobs.config import ModelConfig
-    from hpcjobs.models import build
+    from hpcjobs.models.build import build
 
     shape = (size, size, 3)
     mean, std = [120.0] * 3, [64.0] * 3

@@ -30,7 +30,7 @@ def main():
     from hpcjobs import config
     from hpcjobs.data import load_data
     from hpcjobs.train import Trainer, make_optimizer
-    from hpcjobs.models import build
+    from hpcjobs.models.build import build
 
     source = "fashion-mnist" if os.path.isdir("/usr/share/datasets/fashion-mnist") else "digits"
     cfg = config.from_dict({"name": "bench", "data": {"source": source, "feed": "memory"},

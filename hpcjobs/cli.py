@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
         return train_folds(cfg, _run_dir(args, cfg), train, **kwargs)
     rc = train(cfg, _run_dir(args, cfg), **kwargs)
     if cfg.data.folds:  # one fold of a K-fold run (a task of submit --folds): the parent's summary
-        from .cluster import detect
+        from .cluster.info import detect
         from .train.folds import parent_of_fold, record_folds
 
         parent = parent_of_fold(_run_dir(args, cfg), cfg)
@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _delegate(sub, "infer", "batch inference with an exported model", "infer", "cmd_infer", common, config=False)
     _delegate(sub, "submit", "submit training (or inference) to Slurm", "slurm", "cmd_submit", common)
-    _delegate(sub, "evaluate", "per-class metrics of an exported model on labelled images", "evaluate",
+    _delegate(sub, "evaluate", "per-class metrics of an exported model on labelled images", "evaluation.command",
               "cmd_evaluate", common, config=False)
-    _delegate(sub, "export", "write a run's export bundle (formats, model card, parity checks)", "bundle.command",
+    _delegate(sub, "export", "write a run's export bundle (formats, model card, parity checks)", "export.command",
               "cmd_export", common, config=False)
 
     from . import search  # hpcjobs search and lr-find (imports neither Optuna nor TensorFlow)
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     lf.set_defaults(func=lambda a: search.cmd_lr_find(a))
 
     wt = sub.add_parser("weights", help="pretrained backbone weights (on a login node)")
-    from . import weights
+    from .models import weights
 
     weights.add_arguments(wt)
     wt.set_defaults(func=lambda a: weights.cmd_weights(a))

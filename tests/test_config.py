@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from hpcjobs import cli, config, config_load, units
+from hpcjobs import cli, config, units
+from hpcjobs.config import loader as config_load
 from hpcjobs.config import ConfigError
 
 from conftest import QUICKSTART

@@ -558,7 +558,7 @@ def test_hybrid_reads_the_segments_it_cannot_map(digits_store, tmp_path):
 
 
 def test_parallel_calls_follow_the_jobs_cpus(digits_store):
-    from hpcjobs import cluster
+    from hpcjobs.cluster import info as cluster
 
     allowed = len(os.sched_getaffinity(0))
     assert cluster.cpu_count({}) == allowed

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from hpcjobs import cluster
-from hpcjobs.cluster import ClusterError
+from hpcjobs.cluster import info as cluster
+from hpcjobs.cluster.info import ClusterError
 
 from conftest import QUICKSTART, REPO, need_horovod
 
@@ -104,7 +104,7 @@ def test_cluster_info_from_launchers():
 
 
 def test_slurm_tf_config_without_gpus():
-    from hpcjobs.distribute import _tf_config_from_slurm
+    from hpcjobs.cluster.distribute import _tf_config_from_slurm
 
     info = cluster.ClusterInfo(launcher="slurm", rank=1, world_size=2, nodes=("node1", "node2"))
     cfg = _tf_config_from_slurm(info, 23456)

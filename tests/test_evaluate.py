@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from hpcjobs import cli, config, metrics
-from hpcjobs.bundle.formats import open_runner
+from hpcjobs import cli, config
+from hpcjobs.evaluation import metrics
+from hpcjobs.export.formats import open_runner
 from hpcjobs.data import prepare_store
 
 from bundle_runs import DATASETS, status, test_split, train

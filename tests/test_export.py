@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from hpcjobs import cli, config
-from hpcjobs.bundle import formats
+from hpcjobs.export import formats
 from hpcjobs.data import load_data
 
 from bundle_runs import DATASETS, status, test_split, train
@@ -153,7 +153,7 @@ def test_hpcjobs_export_another_format_from_the_latest_checkpoint(run, tmp_path,
     import keras
     import tensorflow as tf
 
-    from hpcjobs import models
+    from hpcjobs.models import build as models
 
     cfg = config.load(str(run / "config.yaml"))
     data = load_data(cfg)
@@ -180,7 +180,7 @@ def test_hpcjobs_export_from_a_checkpoint_prefix_and_a_bad_format(run, tmp_path,
 
 
 def test_a_format_below_the_agreement_fails_naming_it(run, tmp_path, capsys, monkeypatch):
-    import hpcjobs.bundle as bundle
+    import hpcjobs.export as bundle
 
     real = bundle.parity
 

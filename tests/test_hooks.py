@@ -65,7 +65,7 @@ def test_hook_state_is_checkpointed_and_resumes(tmp_path):
 
 def test_compiled_step_imports_alone_and_runs_without_data(tmp_path):
     code = ("import hpcjobs.train.step as s, sys; import keras, numpy as np, tensorflow as tf;"
-            "from hpcjobs import cluster, distribute, config;"
+            "from hpcjobs.cluster import info as cluster, distribute; from hpcjobs import config;"
             "rt = distribute.setup(config.DistributeConfig(), cluster.detect({}));"
             "m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation='softmax')]);"
             "o = keras.optimizers.SGD(0.1); o.build(m.trainable_variables);"

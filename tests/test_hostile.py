@@ -688,7 +688,7 @@ def test_weights_fetch_from_an_endless_mirror_stops_at_the_cap(tmp_path, capsys,
     import http.server
     import threading
 
-    from hpcjobs import weights
+    from hpcjobs.models import weights
 
     class Endless(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hpcjobs import cli, infer
-from hpcjobs.cluster import ClusterInfo
+from hpcjobs.cluster.info import ClusterInfo
 from hpcjobs.data import images, store
 from hpcjobs.data.images import decode
 from hpcjobs.data.sources import SourceError, read_folder

@@ -173,7 +173,7 @@ def test_an_array_over_max_array_size_is_lowered_or_refused(tmp_path, capsys, mo
 
 
 def test_packed_workers_get_one_gpu_each():
-    from hpcjobs.cluster import split_gpus
+    from hpcjobs.cluster.info import split_gpus
 
     assert split_gpus(4, {"CUDA_VISIBLE_DEVICES": "2,3,5,7"}) == [{"CUDA_VISIBLE_DEVICES": d} for d in "2357"]
     assert split_gpus(2, {"SLURM_GPUS_ON_NODE": "2"}) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
@@ -398,7 +398,7 @@ def test_a_stop_signal_just_before_a_trial_trains_stops_it_at_once(tmp_path):
     from hpcjobs import config
     from hpcjobs.rundir import RunDir
     from hpcjobs.search import study as study_mod, worker
-    from hpcjobs.signals import StopFlag
+    from hpcjobs.cluster.signals import StopFlag
 
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=1)))
     cfg, paths = worker.prepare(cfg, str(tmp_path / "run"), "test")

@@ -52,7 +52,8 @@ def test_export_on_raw_pixels_equals_preprocess_input_then_backbone(tmp_path, ar
 
     import keras
 
-    from hpcjobs import config, models
+    from hpcjobs import config
+    from hpcjobs.models import build as models
 
     cfg = config.load(QUICKSTART, [f"model.arch={arch}", "data.channels=3"]).model
     model = models.build(cfg, (32, 32, 3), 4, None, None)
@@ -82,7 +83,7 @@ def mirror(tmp_path):
 
 
 def test_weights_fetch_from_a_mirror_and_a_wrong_hash(tmp_path, mirror, capsys):
-    from hpcjobs import backbones
+    from hpcjobs.models import backbones
 
     folder, url = mirror
     cache = tmp_path / "cache"
@@ -102,7 +103,7 @@ def test_weights_fetch_from_a_mirror_and_a_wrong_hash(tmp_path, mirror, capsys):
 
 
 def test_imagenet_weights_from_the_cache_and_no_network_in_training(tmp_path, monkeypatch, capsys):
-    from hpcjobs import backbones
+    from hpcjobs.models import backbones
 
     cache = tmp_path / "cache"
     cache.mkdir()

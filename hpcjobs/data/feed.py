@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from ..cluster import cpu_count
+from ..cluster.info import cpu_count
 from ..config import AugmentConfig, parse_bytes
 from ..errors import UserError
 from .order import AUG_PARAMS, BlockPlan, Plan, augment_params, stratified_segments

@@ -29,7 +29,7 @@ from __future__ import annotations
 from ..data.images import to_model_image
 from ..errors import EX_TEMPFAIL
 from .chunks import ChunkDir
-from .cli import add_arguments, cmd_infer
+from .command import add_arguments, cmd_infer
 from .errors import InferError
 from .inputs import Inputs, open_inputs
 from .predictor import Predictor

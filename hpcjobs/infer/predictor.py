@@ -27,8 +27,8 @@ class Predictor:
     def __init__(self, model_path: str, info=None, devices: Optional[list[str]] = None, unsafe: bool = False):
         import tensorflow as tf
 
-        from .. import distribute
-        from ..bundle.formats import locate, open_runner
+        from ..cluster import distribute
+        from ..export.formats import locate, open_runner
 
         self.tf = tf
         # model.keras runs on every replica; a SavedModel, TFLite or ONNX file (``--model

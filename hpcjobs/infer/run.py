@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import InferConfig
 from ..errors import EX_TEMPFAIL
-from ..signals import StopFlag
+from ..cluster.signals import StopFlag
 from ..units import parse_duration
 from .chunks import ChunkDir
 from .errors import InferError
@@ -224,7 +224,7 @@ def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None,
         raise InferError("infer.model: required (--model RUN_DIR or EXPORT_DIR)")
     t0 = time.monotonic()
     if info is None:
-        from ..cluster import detect
+        from ..cluster.info import detect
 
         info = detect()
     shard, why = choose_shard(cfg.shard, info)

@@ -37,7 +37,7 @@ def status_lines(run: str) -> list[str]:
 def _children(args, run: str) -> int:
     sets = [a for s in args.set for a in ("--set", s)]
     argv = [sys.executable, "-m", "hpcjobs", "search", args.config, "--worker", "--run-dir", run, *sets]
-    from ..cluster import split_gpus
+    from ..cluster.info import split_gpus
 
     procs = [subprocess.Popen(argv, env={**os.environ, **gpus}) for gpus in split_gpus(args.workers)]
 

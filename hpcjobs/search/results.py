@@ -133,7 +133,7 @@ def read_csv(path: str) -> list[dict]:
 
 def status_lines(run: str) -> list[str]:
     """``hpcjobs status RUN`` of a search: the table from results.csv, best first."""
-    from ..config_load import read_yaml
+    from ..config.loader import read_yaml
     from ..config import from_dict
 
     search_dir = os.path.join(run, "search")

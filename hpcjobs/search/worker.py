@@ -13,7 +13,7 @@ import time
 from ..config import Config, ConfigError, dump, to_dict
 from ..errors import EX_OK, EX_TEMPFAIL, first_line
 from ..rundir import RunDir, RunDirError, atomic_write
-from ..signals import StopFlag
+from ..cluster.signals import StopFlag
 from . import journal, results
 from .space import centre_lr, check_space, trial_config
 from .study import Claim, Paths, _lost_sessions, claim, open_study, tell
@@ -35,7 +35,7 @@ def prepare(cfg: Config, run: str, where: str) -> tuple[Config, Paths]:
     os.makedirs(paths.search, exist_ok=True)
     with journal.exclusive(paths.ask_lock):
         if os.path.exists(paths.config):
-            from ..config_load import read_yaml
+            from ..config.loader import read_yaml
 
             before, now = read_yaml(paths.config), to_dict(cfg)
             for d in (before, now):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..checkpoint import checkpoint_candidates
+from .checkpoint import checkpoint_candidates
 from ..compat import stack
 from ..errors import UserError
 from ..rundir import RunDir, atomic_write

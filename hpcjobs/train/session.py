@@ -13,13 +13,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from .. import cluster as cluster_mod
-from .. import bundle, metrics, report, signals
-from ..checkpoint import CheckpointError, checkpoint_candidates, weights_digest
+from ..cluster import info as cluster_mod
+from .. import export as bundle
+from ..evaluation import metrics, files as report
+from ..cluster import signals
+from .checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from ..config import Config, ConfigError, dump, to_dict
 from ..errors import EX_OK, EX_TEMPFAIL, UserError
 from ..rundir import RunDir, RunDirError, atomic_write, os_reason
-from ..signals import StopFlag
+from ..cluster.signals import StopFlag
 from ..units import parse_duration
 from . import environment
 from .hooks import Hook, is_final
@@ -296,7 +298,7 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
         finally:
             rd.unlock()
     if rc == EX_OK and rd.writer and (cfg.transfer.compare_scratch_epochs or cfg.transfer.baseline):
-        from ..transfer import check_negative_transfer
+        from ..models.transfer import check_negative_transfer
 
         check_negative_transfer(cfg, run_dir, train, verbose)
     return rc

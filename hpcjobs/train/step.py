@@ -128,7 +128,7 @@ def class_counts(probs, predicted, y, w, num_classes: int):
     """Weighted top-k hits (k of ``metrics.top_ks``) and the confusion matrix, flat (float32)."""
     import tensorflow as tf
 
-    from ..metrics import top_ks
+    from ..evaluation.metrics import top_ks
 
     hits = [tf.reduce_sum(tf.cast(tf.math.in_top_k(y, probs, k), tf.float32) * w) for k in top_ks(num_classes)]
     confusion = tf.math.confusion_matrix(y, predicted, num_classes=num_classes, weights=w, dtype=tf.float32)

@@ -10,9 +10,12 @@ import time
 
 import numpy as np
 
-from .. import cluster as cluster_mod
-from .. import compat, distribute, metrics, models, transfer
-from ..checkpoint import Checkpoints, checkpoint_candidates, find_checkpoint, seed_variables
+from ..cluster import info as cluster_mod
+from .. import compat
+from ..cluster import distribute
+from ..evaluation import metrics
+from ..models import build as models, transfer
+from .checkpoint import Checkpoints, checkpoint_candidates, find_checkpoint, seed_variables
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.feed import Feeder

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .cluster import ClusterError, ClusterInfo
-from .config import DistributeConfig
+from .info import ClusterError, ClusterInfo
+from ..config import DistributeConfig
 
 DEFAULT_PORT = 23456
 

@@ -26,9 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from .. import compat, export
+from .. import compat
+from . import model as export
 from ..errors import UserError
-from ..export import ExportError
+from .model import ExportError
 from ..rundir import atomic_path
 
 FILES = {"keras": "model.keras", "saved_model": "saved_model", "tflite": "model.tflite",

@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 
 from . import backbones
-from .errors import UserError
-from .rundir import atomic_path, os_reason
+from ..errors import UserError
+from ..rundir import atomic_path, os_reason
 
 
 class WeightsError(UserError):
@@ -54,7 +54,7 @@ def _copy_capped(response, out, url: str):
 def fetch(arch: str, cache: str | None = None, base_url: str | None = None, include_top: bool = False,
           image_size: int = 224, log=print) -> str:
     """Download ``arch``'s imagenet weights into the cache; returns the file's path."""
-    from .config_checks import check_arch
+    from ..config.checks import check_arch
 
     try:
         check_arch(arch)

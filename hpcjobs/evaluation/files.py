@@ -85,7 +85,7 @@ def plot_training(rows: list[dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .rundir import atomic_path
+    from ..rundir import atomic_path
 
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -123,7 +123,7 @@ def plot_confusion(confusion, class_names, path: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .rundir import atomic_path
+    from ..rundir import atomic_path
 
     cm = np.asarray(confusion)
     n = len(cm)

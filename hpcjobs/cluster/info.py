@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class ClusterError(UserError, RuntimeError):

@@ -16,9 +16,9 @@ import platform
 import numpy as np
 import yaml
 
-from .. import metrics
+from ..evaluation import metrics
 from ..compat import keras_major
-from ..config_load import to_dict
+from ..config.loader import to_dict
 from ..rundir import atomic_write
 from .formats import FILES
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Literal, Optional, Union
 
-from .config_load import section as _frozen
-from .config_transfer import StageConfig
-from .units import parse_duration
+from .loader import section as _frozen
+from .transfer import StageConfig
+from ..units import parse_duration
 
 SEED_MAX = 2**32 - 1  # numpy's and Keras' global seeds are 32-bit
 

@@ -20,7 +20,7 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 def application_names() -> frozenset[str] | None:
     """keras.applications' model names, or None if they cannot be read here (then the
     model build, which has Keras imported, is where an unknown name is refused)."""
-    from .compat import CompatError, keras_application_names
+    from ..compat import CompatError, keras_application_names
 
     try:
         return keras_application_names()

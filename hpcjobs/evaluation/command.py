@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .rundir import check_output_folder, os_reason
+from ..errors import UserError
+from ..rundir import check_output_folder, os_reason
 
 
 class EvaluateError(UserError, ValueError):
@@ -73,15 +73,15 @@ def _from_split(data, split: str, where: str) -> Labelled:
 
 
 def _from_config(path: str, split: str, overrides) -> Labelled:
-    from . import config
-    from .data import load_data
+    from .. import config
+    from ..data import load_data
 
     return _from_split(load_data(config.load(path, overrides)), split, path)
 
 
 def _from_source(path: str, shape) -> Labelled:
-    from .data.images import ImageError, to_model_image
-    from .data.sources import open_source
+    from ..data.images import ImageError, to_model_image
+    from ..data.sources import open_source
 
     samples = open_source(path)
     h, w, c = shape
@@ -109,7 +109,7 @@ def labelled(args, folder: str, shape) -> Labelled:
     if data.lower().endswith((".yaml", ".yml")):
         return _from_config(data, args.split, args.set)
     if data.lower().endswith((".h5", ".hdf5")):
-        from .data import open_store
+        from ..data import open_store
 
         return _from_split(open_store(data), args.split, data)
     return _from_source(data, shape)
@@ -135,14 +135,14 @@ def _fit(images, shape):
     """Images of another size or channel count (a store prepared otherwise) as the model's input."""
     if tuple(images.shape[1:]) == tuple(shape):
         return images
-    from .data.images import to_model_image
+    from ..data.images import to_model_image
 
     return np.stack([to_model_image(np.asarray(img), tuple(shape[:2]), shape[2]) for img in images])
 
 
 def cmd_evaluate(args) -> int:
     from . import metrics
-    from .bundle.formats import open_runner
+    from ..export.formats import open_runner
 
     runner = open_runner(args.model, unsafe=args.unsafe)
     names = [str(n) for n in runner.info["class_names"]]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import backbones
-from .models import ModelError, load_exported
+from .build import ModelError, load_exported
 
 FIXED = ("image", "gray_to_rgb", "resize_to_backbone")  # no weights worth copying or training
 
@@ -109,7 +109,7 @@ def plan_init(model, path: str, freeze: bool = False, class_names=None) -> InitP
     head is built (and the note says so).  Any other layer of the same name with other shapes, or no
     match at all, is a ModelError naming the layers.  With ``freeze`` the copied
     backbone layers are made non-trainable now, before an optimizer is built."""
-    from .export import model_file as resolve
+    from ..export.model import model_file as resolve
 
     model_file = resolve(path)
     source = load_exported(model_file, unsafe_hint="model.init_from never runs a model's code: export the "
@@ -157,7 +157,7 @@ def plan_for_run(model, run_dir, path: str, freeze: bool, class_names, resuming:
 
     saved = os.path.join(run_dir.path, PLAN_FILE)
     if resuming:
-        from .rundir import read_json_capped
+        from ..rundir import read_json_capped
 
         try:
             d = read_json_capped(saved, 16 << 20, PLAN_FILE)
@@ -174,7 +174,7 @@ def plan_for_run(model, run_dir, path: str, freeze: bool, class_names, resuming:
                   f"{path} again", flush=True)
     plan = plan_init(model, path, freeze, class_names)
     if run_dir.writer:
-        from .rundir import atomic_write
+        from ..rundir import atomic_write
 
         os.makedirs(run_dir.path, exist_ok=True)
         atomic_write(saved, json.dumps(dict(init_from=path, path=plan.path, layers=plan.layers, frozen=freeze,
@@ -195,7 +195,7 @@ def config_differs(path: str, cfg) -> str | None:
 
     import yaml
 
-    from .config import to_dict
+    from ..config import to_dict
 
     for candidate in (os.path.join(path, "config.yaml"), os.path.join(os.path.dirname(path), "..", "config.yaml")):
         if os.path.isfile(candidate):
@@ -240,7 +240,7 @@ def scratch_config(cfg, epochs: int):
     """``cfg`` from scratch: no pretrained or copied weights, one stage of ``epochs``."""
     import dataclasses
 
-    from .config_transfer import TransferConfig
+    from ..config.transfer import TransferConfig
 
     model = dataclasses.replace(cfg.model, init_from=None, weights=None, freeze_backbone=False)
     training = dataclasses.replace(cfg.training, epochs=epochs, stages=())
@@ -254,7 +254,7 @@ def check_negative_transfer(cfg, run_dir: str, train, verbose: bool = True) -> d
     warning is printed when the transferred model is behind."""
     import os
 
-    from .rundir import RunDir
+    from ..rundir import RunDir
 
     rd = RunDir(run_dir)
     mine = rd.read_metrics()

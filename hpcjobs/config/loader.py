@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
-from .rundir import FileRefused, read_capped
+from ..errors import UserError
+from ..rundir import FileRefused, read_capped
 
 MAX_DEPTH = 64  # a config is 4 levels deep; lists inside it add one or two
 MAX_NODES = 100_000  # values once aliases are expanded

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from ..config import EXPORT_FORMATS
-from ..export import ExportError
+from .model import ExportError
 
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -42,7 +42,7 @@ def load_weights(model, rd, source: str, monitor: str, fallback: bool = False) -
     ``fallback``: when no best weights were kept (``best`` by default only), the latest."""
     import tensorflow as tf
 
-    from ..checkpoint import find_checkpoint
+    from ..train.checkpoint import find_checkpoint
     from ..train.hooks import BEST_EPOCH_KEY, best_weights_path
 
     prefix = find_checkpoint(rd.path if source in ("best", "latest") else source)
@@ -69,7 +69,10 @@ def load_weights(model, rd, source: str, monitor: str, fallback: bool = False) -
 
 def export_run(run: str, overrides=(), wanted=None, source=None, output=None) -> dict:
     """Export run ``run`` (see the module docstring); the parity figures."""
-    from .. import config, export, metrics, models
+    from .. import config
+    from . import model as export
+    from ..evaluation import metrics
+    from ..models import build as models
     from ..data import load_data
     from ..rundir import RunDir, check_output_folder, os_reason
     from . import check_available, formats, parity_split, write
@@ -118,7 +121,7 @@ def cmd_export(args) -> int:
         else f"step {t['step']}"
     print(f"exported {which} to {done['folder']}")
     if done["report"] is not None:
-        from ..metrics import summary_line
+        from ..evaluation.metrics import summary_line
 
         print(f"test: {summary_line(done['report'])}")
     for fmt, p in done["parity"].items():

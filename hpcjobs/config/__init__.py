@@ -16,16 +16,16 @@ import re
 from dataclasses import field
 from typing import Literal, Optional
 
-from .config_checks import check_across, check_model
-from .config_load import ConfigError, apply_overrides, build, read_with_base
-from .config_load import section as _frozen
-from .config_load import dump, read_yaml, to_dict  # noqa: F401  (still hpcjobs.config's names)
-from .config_search import SearchConfig
-from .config_transfer import HeadConfig, StageConfig, TopBlocks, TransferConfig  # noqa: F401
-from .config_train import SEED_MAX, OptimizerConfig, TrainingConfig
-from .config_train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
-                           ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
-from .units import SLURM_MEM, parse_bytes, parse_duration, parse_shard, slurm_seconds
+from .checks import check_across, check_model
+from .loader import ConfigError, apply_overrides, build, read_with_base
+from .loader import section as _frozen
+from .loader import dump, read_yaml, to_dict  # noqa: F401  (still hpcjobs.config's names)
+from .search import SearchConfig
+from .transfer import HeadConfig, StageConfig, TopBlocks, TransferConfig  # noqa: F401
+from .train import SEED_MAX, OptimizerConfig, TrainingConfig
+from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
+                    ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
+from ..units import SLURM_MEM, parse_bytes, parse_duration, parse_shard, slurm_seconds
 
 
 # --------------------------------------------------------------------------- sections

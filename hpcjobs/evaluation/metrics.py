@@ -218,8 +218,8 @@ def is_evaluation(metrics_json: str) -> bool:
 def write(report: Report, folder: str, about: dict | None = None):
     """``metrics.json`` (with ``about``: what was evaluated), ``per_class.csv``,
     ``confusion_matrix.csv`` and ``confusion_matrix.png`` in ``folder``, each atomically."""
-    from .report import plot_confusion
-    from .rundir import atomic_write
+    from .files import plot_confusion
+    from ..rundir import atomic_write
 
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, "metrics.json"),

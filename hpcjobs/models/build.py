@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
-from . import compat
-from .compat import stack
-from .config import ModelConfig
-from .config_checks import BUILTIN_ARCHS as BUILTIN
-from .errors import UserError
+from .. import compat
+from ..compat import stack
+from ..config import ModelConfig
+from ..config.checks import BUILTIN_ARCHS as BUILTIN
+from ..errors import UserError
 
 
 class ModelError(UserError, ValueError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import UserError
-from .rundir import FileRefused, atomic_path, atomic_write, read_json_capped
+from ..errors import UserError
+from ..rundir import FileRefused, atomic_path, atomic_write, read_json_capped
 
 FORMAT = "hpcjobs-preprocessing/1"
 
@@ -88,7 +88,7 @@ def read_info(folder: str) -> dict:
 def load(path: str, unsafe: bool = False):
     """(model, preprocessing info) from an export; checks the two match.  The model
     loads in safe mode: one holding code (a Lambda layer) is refused unless ``unsafe``."""
-    from .models import load_exported
+    from ..models.build import load_exported
 
     folder = find(path)
     info = read_info(folder)

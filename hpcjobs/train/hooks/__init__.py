@@ -33,9 +33,9 @@ import math
 import os
 import time
 
-from .. import report
+from ...evaluation import files as report
 from ..checkpoint import save_weights
-from ..config import direction
+from ...config import direction
 
 BEST_EPOCH_KEY = "best_epoch/.ATTRIBUTES/VARIABLE_VALUE"  # BestMetric's variable in a checkpoint
 

@@ -25,7 +25,7 @@ import shutil
 
 import numpy as np
 
-from .. import export
+from . import model as export
 from ..errors import RunFailure
 from ..rundir import atomic_write
 from . import card, formats

@@ -21,10 +21,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import compat, signals
-from .config import CheckpointConfig
-from .errors import RunFailure, UserError, first_line
-from .rundir import atomic_path, fsync_dir, fsync_file
+from .. import compat
+from ..cluster import signals
+from ..config import CheckpointConfig
+from ..errors import RunFailure, UserError, first_line
+from ..rundir import atomic_path, fsync_dir, fsync_file
 
 
 class CheckpointError(UserError, RuntimeError):

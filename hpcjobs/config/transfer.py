@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from .config_load import section as _frozen
+from .loader import section as _frozen
 
 
 @_frozen

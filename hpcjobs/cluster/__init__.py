@@ -1,0 +1,1 @@
+"""The cluster: the launcher's environment (info), strategies and Horovod (distribute), stop signals."""

@@ -1,0 +1,1 @@
+"""Evaluation: per-class metrics, their files (tables, CSV, PNG), and the evaluate command."""

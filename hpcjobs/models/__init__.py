@@ -1,0 +1,1 @@
+"""Models: the built-in nets, backbones (keras.applications), weights and transfer."""
