@@ -73,7 +73,7 @@ def cmd_status(args) -> int:
     from .rundir import RunDir, RunDirError
 
     if os.path.isfile(os.path.join(args.run, "search", "results.csv")):  # a search: its table
-        from .search import status_lines
+        from .search.command import status_lines
 
         print("\n".join(status_lines(args.run)))
         return 0
@@ -155,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the store even over its source or over a file that is not an hpcjobs store")
     pr.set_defaults(func=cmd_prepare)
 
-    _delegate(sub, "infer", "batch inference with an exported model", "infer", "cmd_infer", common, config=False)
-    _delegate(sub, "submit", "submit training (or inference) to Slurm", "slurm", "cmd_submit", common)
+    _delegate(sub, "infer", "batch inference with an exported model", "infer.command", "cmd_infer", common, config=False)
+    _delegate(sub, "submit", "submit training (or inference) to Slurm", "slurm.command", "cmd_submit", common)
     _delegate(sub, "evaluate", "per-class metrics of an exported model on labelled images", "evaluation.command",
               "cmd_evaluate", common, config=False)
     _delegate(sub, "export", "write a run's export bundle (formats, model card, parity checks)", "export.command",
               "cmd_export", common, config=False)
 
-    from . import search  # hpcjobs search and lr-find (imports neither Optuna nor TensorFlow)
+    from .search import command as search  # hpcjobs search and lr-find (imports neither Optuna nor TensorFlow)
 
     se = sub.add_parser("search", help="hyperparameter search here, no Slurm (the config's search: section)")
     common(se)

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .. import compat
+from . import loading
 from . import model as export
 from ..errors import UserError
 from .model import ExportError
@@ -199,7 +200,7 @@ def model_runner(model, info: dict) -> Runner:
 
 
 def _keras(path, info, unsafe):
-    model = export.load(os.path.dirname(path), unsafe=unsafe)[0]
+    model = loading.load(os.path.dirname(path), unsafe=unsafe)[0]
     return (*keras_calls(model), model)
 
 

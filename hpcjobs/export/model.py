@@ -83,21 +83,3 @@ def read_info(folder: str) -> dict:
     if info.get("format") != FORMAT:
         raise ExportError(f"{pp}: format {info.get('format')!r}, expected {FORMAT!r}")
     return info
-
-
-def load(path: str, unsafe: bool = False):
-    """(model, preprocessing info) from an export; checks the two match.  The model
-    loads in safe mode: one holding code (a Lambda layer) is refused unless ``unsafe``."""
-    from ..models.build import load_exported
-
-    folder = find(path)
-    info = read_info(folder)
-    pp = os.path.join(folder, "preprocessing.json")
-    model = load_exported(os.path.join(folder, "model.keras"), unsafe=unsafe)
-    shape = list(model.input_shape[1:])
-    if shape != list(info["input_shape"]):
-        raise ExportError(f"{pp}: input_shape {info['input_shape']} does not match the model's {shape}")
-    if model.output_shape[-1] != len(info["class_names"]):
-        raise ExportError(f"{pp}: {len(info['class_names'])} class names for a model with "
-                          f"{model.output_shape[-1]} outputs")
-    return model, info

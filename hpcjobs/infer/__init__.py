@@ -22,14 +22,13 @@ The path of the data, one module a step:
    extension (``.h5``/``.hdf5``, ``.csv``), or ``infer.format: h5 | csv | both``.  Results
    never replace their input, nor an existing file that infer did not write.
 
-``run`` runs one process's shard; ``cli`` holds the command's arguments.
+``run`` runs one process's shard; ``command`` is the command (the CLI's table imports it).
 """
 from __future__ import annotations
 
 from ..data.images import to_model_image
 from ..errors import EX_TEMPFAIL
 from .chunks import ChunkDir
-from .command import add_arguments, cmd_infer
 from .errors import InferError
 from .inputs import Inputs, open_inputs
 from .predictor import Predictor
@@ -38,5 +37,5 @@ from .run import infer
 from .shards import Shard, choose_shard, parse_shard
 
 __all__ = ["EX_TEMPFAIL", "FORMAT", "ChunkDir", "InferError", "Inputs", "Outputs", "Piece", "Predictor", "Shard",
-           "add_arguments", "check_outputs", "choose_shard", "cmd_infer", "infer", "merge", "open_inputs",
+           "check_outputs", "choose_shard", "infer", "merge", "open_inputs",
            "outputs_for", "parse_shard", "read_part", "to_model_image", "write_results"]

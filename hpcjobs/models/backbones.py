@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 
 from .. import compat
+from .errors import ModelError
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -106,7 +107,6 @@ def weights_request(arch: str, input_shape, include_top: bool = False) -> dict:
 def resolve_weights(arch: str, setting: str | None, cache: str | None, input_shape, include_top: bool):
     """A local weights file for ``model.weights`` (None: random); never downloads.
     A missing file raises ModelError naming it and the command that fetches it."""
-    from .build import ModelError
 
     if setting is None:
         return None

@@ -7,19 +7,12 @@ exported model needs nothing but the geometric preprocessing in preprocessing.js
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .. import compat
-from ..compat import stack
 from ..config import ModelConfig
 from ..config.checks import BUILTIN_ARCHS as BUILTIN
-from ..errors import UserError
-
-
-class ModelError(UserError, ValueError):
-    """A model that cannot be built or loaded as configured (exit code 2)."""
+from .errors import ModelError
 
 
 def _normalizer(keras, normalize: str, mean, std):
@@ -130,61 +123,3 @@ def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize:
     model = keras.Model(inputs, outputs, name=cfg.arch)
     compat.init_random_layers(model)  # their generator states exist before a checkpoint is made
     return model
-
-
-def code_objects(path: str) -> list[str]:
-    """What in a ``.keras`` file's config would run Python code from the file or from
-    outside Keras when loaded: Lambda layers (serialized lambdas) and foreign classes."""
-    import json
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            stack = [json.loads(z.read("config.json"))]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return []  # load_model says what is wrong with the file
-    found = []
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            cls, module, conf = node.get("class_name"), node.get("module"), node.get("config")
-            if cls == "Lambda":
-                found.append(f"a Lambda layer ({conf.get('name') if isinstance(conf, dict) else 'unnamed'})")
-            elif cls == "__lambda__" or isinstance(module, str) and module.split(".")[0] not in ("keras", "builtins"):
-                found.append(f"Python code ({module or ''}.{cls})" if cls != "__lambda__" else "a Python lambda")
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return sorted(set(found))
-
-
-UNSAFE_HINT = "Pass --unsafe only for a model from a source you trust"
-
-
-def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HINT):
-    """Load a ``.keras`` file with safe_mode=True (no code from the file runs): a model
-    holding a Lambda layer or another class from outside Keras is refused in one line,
-    unless ``unsafe`` (``--unsafe``: the file's code runs); ``unsafe_hint`` says what to
-    do instead (a command without ``--unsafe`` has its own).  A file that is no complete
-    ``.keras`` archive (truncated, or a ``.weights.h5``) is said to be one."""
-    import zipfile
-
-    import keras
-
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such model file")
-    if not zipfile.is_zipfile(path):
-        what = "a weights file, which holds no model" if path.endswith(".h5") else "truncated or damaged"
-        raise ModelError(f"{path}: not a readable .keras model ({what}); give a model.keras, an export "
-                         "folder or a run directory")
-    other_stack = stack.keras_file_refusal(path)  # saved by the other Keras major
-    if other_stack:
-        raise ModelError(other_stack)
-    code = code_objects(path)
-    if code and not unsafe:
-        raise ModelError(f"{path}: holds {', '.join(code)}, code that would run on loading; refused "
-                         f"(safe mode). {unsafe_hint}")
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
-    except Exception as e:  # keras raises many types for a bad file
-        raise ModelError(f"{path}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

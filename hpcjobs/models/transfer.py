@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import backbones
-from .build import ModelError, load_exported
+from ..export.loading import load_exported
+from .errors import ModelError
 
 FIXED = ("image", "gray_to_rgb", "resize_to_backbone")  # no weights worth copying or training
 

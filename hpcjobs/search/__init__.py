@@ -7,10 +7,7 @@
 * :mod:`.worker`: a worker's pull loop (``hpcjobs search``, and each Slurm array task);
 * :mod:`.results`, :mod:`.plots`: results.csv, best.yaml, plots, TensorBoard HParams;
 * :mod:`.lr_find`: ``hpcjobs lr-find``;
-* :mod:`.command`: the two commands' arguments.
+* :mod:`.command`: the two commands (the CLI's table imports it).
 
-Importing this package imports neither Optuna nor TensorFlow.
+Importing this package, or its command, imports neither Optuna nor TensorFlow.
 """
-from .command import add_arguments, cmd_lr_find, cmd_search, status_lines
-
-__all__ = ["add_arguments", "cmd_lr_find", "cmd_search", "status_lines"]

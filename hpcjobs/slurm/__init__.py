@@ -3,8 +3,8 @@
 * :mod:`.render`: the templates in ``slurm/*.sbatch`` are data, filled by one function,
   :func:`render`, which validates and quotes every value (``template_params`` and
   ``trials`` turn a config into its parameters).
-* :mod:`.command`: ``hpcjobs submit CONFIG``, whose flags come from ``SlurmConfig``'s
-  fields; it writes the script and the resolved config into ``RUN/`` and ``RUN/slurm/``,
+* :mod:`.options`: ``SlurmConfig``'s fields as flags, and the section with them on top.
+* :mod:`.command`: ``hpcjobs submit CONFIG`` (the CLI's table imports it); it writes the script and the resolved config into ``RUN/`` and ``RUN/slurm/``,
   calls sbatch and records the job.
 * :mod:`.jobs`: sbatch, the record ``RUN/slurm/jobs.json``, and :func:`job_states` from
   squeue or sacct.
@@ -16,9 +16,9 @@
 from .render import (SRUN_WAIT, TEMPLATE_DIR, TEMPLATES, read_template, render, slurm_arguments, template_params,
                      trials)
 from .jobs import _sbatch, _sbatch_binary, job_states, read_jobs
-from .command import add_arguments, cmd_submit, slot_begins, slurm_section
+from .options import slot_begins, slurm_section
 from .python_api import TrainCall, submit
 
-__all__ = ["SRUN_WAIT", "TEMPLATE_DIR", "TEMPLATES", "TrainCall", "add_arguments", "cmd_submit", "job_states",
+__all__ = ["SRUN_WAIT", "TEMPLATE_DIR", "TEMPLATES", "TrainCall", "job_states",
            "read_jobs", "read_template", "render", "slot_begins", "slurm_arguments", "slurm_section", "submit",
            "template_params", "trials"]

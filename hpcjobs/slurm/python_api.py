@@ -20,7 +20,7 @@ from ..config import SlurmConfig, dump, to_dict
 from ..errors import EX_TEMPFAIL
 from ..rundir import RunDir, atomic_write
 from ..units import format_slurm_mem, slurm_seconds
-from .command import slurm_section
+from .options import slurm_section
 from .jobs import _record, _sbatch_binary
 from .render import _error, _option, _setup_lines, render, template_params
 

@@ -6,7 +6,7 @@ from ..errors import EX_TEMPFAIL
 from .hooks import Hook
 from .loop import Loop, TrainingDiverged
 from .optim import make_optimizer, make_schedule
-from .session import train
+from .job import train
 from .trainer import Trainer
 
 __all__ = ["EX_TEMPFAIL", "Hook", "Loop", "Trainer", "TrainingDiverged", "make_optimizer", "make_schedule",

@@ -61,7 +61,7 @@ def parent_of_fold(run_dir: str, cfg: Config) -> str | None:
 
 
 def train_folds(cfg: Config, run_dir: str, train, **kwargs) -> int:
-    """Train the folds of ``cfg`` in turn with ``train`` (``session.train``)."""
+    """Train the folds of ``cfg`` in turn with ``train`` (``job.train``)."""
     k = cfg.data.folds
     RunDir(run_dir).claim()
     for i in range(k):

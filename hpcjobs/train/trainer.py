@@ -60,7 +60,7 @@ class Trainer:
     generators, reads and preprocesses the data (unless ``data`` is given), and builds
     the model, the optimizer, the hooks' state, the compiled steps and the checkpoint
     manager.  Nothing is restored, trained or written there: ``restore()`` and
-    ``run()`` (``session.py``) do that.  ``hooks`` are added after the built-in ones."""
+    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones."""
 
     def __init__(self, cfg: Config, run_dir: str, *, runtime=None, info=None, data=None,
                  time_budget: str | None = None, verbose: bool = True, hooks=()):
@@ -245,8 +245,3 @@ class Trainer:
     def say(self, text: str):
         if self.verbose:
             print(text, flush=True)
-
-    def run(self, from_checkpoint=None) -> int:
-        from .session import run_session
-
-        return run_session(self, from_checkpoint)

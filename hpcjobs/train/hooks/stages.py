@@ -9,7 +9,7 @@ metrics.csv row says its stage, which the plot marks.
 """
 from __future__ import annotations
 
-from . import Hook
+from .base import Hook
 
 
 def stage_of(epoch: int, stages) -> int:
