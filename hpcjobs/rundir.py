@@ -33,8 +33,9 @@ import json
 import os
 import stat
 import time
+from dataclasses import dataclass, field, fields
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 METRIC_FIELDS = ["epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "val_f1",
                  "stage"]
@@ -151,6 +152,11 @@ def os_reason(e: OSError, path: str) -> str:
     return os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
+def default_run_dir(given: str | None, name: str) -> str:
+    """The run directory of a command: ``--run-dir``, else ``runs/<config name>``."""
+    return given or os.path.join("runs", name)
+
+
 def fsync_file(path: str):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -187,6 +193,9 @@ def atomic_write(path: str, text: str, fsync: bool = True):
     with atomic_path(path, fsync) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+_HELD: dict[str, int] = {}  # run directory -> the lock's descriptor, for the locks this process holds
 
 
 class RunDir:
@@ -243,9 +252,8 @@ class RunDir:
                 return True
         except (OSError, FileRefused):
             pass
-        status = self.read_status()
-        return status.get("status") in ("running", "stopped", "finished", "failed") \
-            and isinstance(status.get("sessions"), list)
+        record = self.read_record()
+        return record.status in ("running", "stopped", "finished", "failed") and "sessions" in record.to_dict()
 
     def claim(self) -> bool:
         """Check the rule, create the folder and hpcjobs' ``.lock`` in it (the mark of a run
@@ -288,37 +296,71 @@ class RunDir:
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = _HELD[self.path] = fd
 
     def unlock(self):
         if self._lock_fd is not None:
+            _HELD.pop(self.path, None)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # -- run.json ---------------------------------------------------------------------
-    def read_status(self, strict: bool = False) -> dict:
-        """run.json as a dict; {} when there is none.  One that cannot be read or parsed is
-        {} too, or with ``strict`` a RunDirError saying where and why."""
+    @contextlib.contextmanager
+    def locked(self):
+        """The run's lock around a write of run.json: held already by this process (its
+        training session), or taken here for the write, waiting for another writer's turn."""
+        if self.path in _HELD:
+            yield
+            return
+        self.makedirs()
+        fd = os.open(self.sub(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            status = read_json_capped(self.run_json, MAX_RUN_JSON, "run.json")
-            if not isinstance(status, dict):
-                raise ValueError(f"a JSON {type(status).__name__}, not an object")
-            return status
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _HELD[self.path] = fd
+            yield
+        finally:
+            _HELD.pop(self.path, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # -- run.json ---------------------------------------------------------------------
+    def read_record(self, strict: bool = False) -> "RunRecord":
+        """run.json as a RunRecord; an empty one when there is none.  One that cannot be
+        read or parsed is empty too, or with ``strict`` a RunDirError saying where and why."""
+        try:
+            data = read_json_capped(self.run_json, MAX_RUN_JSON, "run.json")
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
         except FileNotFoundError:
-            return {}
+            return RunRecord()
         except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError and FileRefused are ValueErrors
             if strict:
                 reason = os_reason(e, self.run_json) if isinstance(e, OSError) else str(e).splitlines()[0][:200]
                 if isinstance(e, FileRefused):
                     raise RunDirError(str(e)) from None
                 raise RunDirError(f"{self.run_json}: unreadable run.json ({reason})") from None
-            return {}
+            return RunRecord()
+        try:
+            return RunRecord.from_dict(data)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field of the wrong shape
+            if strict:
+                raise RunDirError(f"{self.run_json}: unreadable run.json (unexpected content: {first_line(e)})") from None
+            return RunRecord()
 
-    def write_status(self, status: dict):
+    def write_record(self, record: "RunRecord"):
+        """Write run.json (the chief only), under the run's lock."""
         if self.writer:
-            status = dict(status, updated=time.time())
-            atomic_write(self.run_json, json.dumps(status, indent=2, sort_keys=False) + "\n", fsync=False)
+            record.update(updated=time.time())
+            with self.locked():
+                atomic_write(self.run_json, json.dumps(record.to_dict(), indent=2) + "\n", fsync=False)
+
+    def update_record(self, **values) -> "RunRecord":
+        """Read run.json, set ``values`` and write it back, all under the run's lock."""
+        with self.locked():
+            record = self.read_record()
+            record.update(**values)
+            self.write_record(record)
+        return record
 
     # -- metrics.csv ------------------------------------------------------------------
     def read_metrics(self) -> list[dict]:
@@ -340,3 +382,131 @@ class RunDir:
         for row in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         atomic_write(self.metrics_csv, buf.getvalue(), fsync=False)
+
+
+# -- the run record ---------------------------------------------------------------------
+RECORD_VERSION = 2  # 1: run.json before it had a version (every field as in 2)
+
+
+class _Fields:
+    """A dataclass read from and written to JSON: the fields it names are typed; any other
+    key (a hook's summary, or a field of a later version) is kept in ``extra`` as it is.
+    A field is written when it was read or set, so null stays null and absent stays absent."""
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in fields(cls)} - {"extra", "version"}
+        obj = cls(**{k: v for k, v in data.items() if k in names})
+        obj.extra = {k: v for k, v in data.items() if k not in names}
+        obj._given = {k for k in data if k in names}
+        return obj
+
+    def update(self, **values):
+        for k, v in values.items():
+            if k in self._names():
+                setattr(self, k, v)
+                self._given.add(k)
+            else:
+                self.extra[k] = v
+
+    def get(self, key: str, default=None):
+        """A field by name (named or extra), None counting as missing."""
+        value = getattr(self, key, None) if key in self._names() else self.extra.get(key)
+        return default if value is None else value
+
+    def _names(self) -> set:
+        return {f.name for f in fields(self)} - {"extra", "version"}
+
+    def to_dict(self) -> dict:
+        return dict({f.name: getattr(self, f.name) for f in fields(self) if f.name in self._given}, **self.extra)
+
+
+@dataclass
+class SessionEntry(_Fields):
+    """One session of a run: when and where it ran, and how it ended."""
+    start: float | None = None
+    start_step: int = 0
+    end: float | None = None
+    end_step: int | None = None
+    stopped_by: str | None = None
+    job_id: str | None = None
+    host: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._given = set()
+
+    @classmethod
+    def begin(cls, job_id: str | None) -> "SessionEntry":
+        """A session starting now, here; every field of it is written."""
+        entry = cls(start=time.time(), job_id=job_id, host=os.uname().nodename)
+        entry._given = set(entry._names())
+        return entry
+
+
+@dataclass
+class RunRecord(_Fields):
+    """run.json: what a run is (its status, steps, sessions) and what it reached (the best
+    epoch, the test metrics).  Every read and write goes through it (``RunDir.read_record``,
+    ``write_record``, ``update_record``); a run.json without ``format_version`` is version 1."""
+    status: str | None = None  # running | stopped | finished | failed
+    name: str | None = None
+    sessions: list = field(default_factory=list)  # SessionEntry
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None
+    step: int | None = None
+    epoch: float | None = None
+    feed: str | None = None
+    strategy: str | None = None
+    replicas: int | None = None
+    weights_sha256: str | None = None
+    best: float | None = None
+    best_epoch: int | None = None
+    monitor: str | None = None
+    final_weights: str | None = None
+    error: str | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    test_f1: float | None = None
+    updated: float | None = None
+    version: int = RECORD_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._given = set()
+        self.sessions = [s if isinstance(s, SessionEntry) else SessionEntry.from_dict(s) for s in self.sessions]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunRecord":
+        record = super().from_dict({k: v for k, v in data.items() if k != "format_version"})
+        record.version = data.get("format_version", 1)
+        return record
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["sessions"] = [s.to_dict() for s in self.sessions]
+        if not self.sessions and "sessions" not in self._given:
+            del out["sessions"]
+        return dict(format_version=RECORD_VERSION, **out)
+
+    def is_empty(self) -> bool:
+        """No run.json, or one that says nothing."""
+        return not self._given and not self.extra and not self.sessions
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run is done: the one test of it (the CLI, submit and the job scripts)."""
+        return self.status == "finished"
+
+    def drop(self, key: str):
+        """Forget a field (written no more)."""
+        if key in self._names():
+            setattr(self, key, None)
+            self._given.discard(key)
+        self.extra.pop(key, None)
+
+
+if __name__ == "__main__":  # python -m hpcjobs.rundir finished RUN: exit 0 if the run is finished (the job scripts)
+    import sys
+
+    sys.exit(0 if sys.argv[1:2] == ["finished"] and RunDir(sys.argv[2]).read_record().finished else 1)

@@ -52,7 +52,7 @@ def test_status_of_a_corrupt_run_json_says_unreadable_and_where(tmp_path, capsys
     err = _exit_2_one_line(capsys, ["status", run])
     assert f"{run / 'run.json'}: {words}" in err, err
     if "unexpected content" not in words:
-        assert RunDir(str(run)).read_status() == {}  # the lenient reader training uses
+        assert RunDir(str(run)).read_record().is_empty()  # the lenient reader training uses
 
 
 def test_status_without_run_json_and_with_a_good_one(tmp_path, capsys):
@@ -64,3 +64,44 @@ def test_status_without_run_json_and_with_a_good_one(tmp_path, capsys):
     assert cli.main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("run r: finished, step 5/5, 1 session(s)\n") and "test accuracy 0.5000" in out
+
+
+def _old_run_json():
+    """A run.json as the code before issue 23 wrote it: no format_version."""
+    return {"sessions": [{"start": 1.5, "start_step": 0, "end": 2.5, "end_step": 10, "stopped_by": "time_budget",
+                          "job_id": None, "host": "vm"}],
+            "status": "stopped", "name": "quickstart", "total_steps": 48, "step": 10, "best": None,
+            "diagnosis": {}, "updated": 2.6}
+
+
+def test_an_old_run_json_reads_as_version_1_and_keeps_every_field(tmp_path):
+    from hpcjobs.rundir import RECORD_VERSION, RunRecord
+
+    (tmp_path / "run.json").write_text(json.dumps(_old_run_json()))
+    rec = RunDir(str(tmp_path)).read_record(strict=True)
+    assert rec.version == 1 and rec.status == "stopped" and rec.step == 10 and rec.best is None
+    assert rec.sessions[0].stopped_by == "time_budget" and rec.sessions[0].end_step == 10
+    assert rec.get("diagnosis") == {} and rec.get("not there", 3) == 3
+    again = rec.to_dict()
+    assert again.pop("format_version") == RECORD_VERSION
+    assert again == _old_run_json()  # nothing lost, nothing added (null stays null, absent stays absent)
+    assert RunRecord.from_dict(dict(_old_run_json(), format_version=2, later_field=[1])).get("later_field") == [1]
+
+
+def test_every_write_takes_the_runs_lock(tmp_path, monkeypatch):
+    import fcntl
+
+    rd = RunDir(str(tmp_path))
+    (tmp_path / "run.json").write_text(json.dumps(_old_run_json()))
+    taken = []
+    real = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (taken.append(op), real(fd, op)))
+    rec = rd.update_record(status="finished", transfer_check={"behind": False})
+    assert taken == [fcntl.LOCK_EX, fcntl.LOCK_UN]  # one lock around the read and the write
+    assert rec.finished and rd.read_record().get("transfer_check") == {"behind": False}
+    assert rd.read_record().version == 2 and rd.read_record().sessions[0].host == "vm"
+    taken.clear()
+    rd.lock()  # a training session holds it: its writes take it no second time
+    rd.write_record(rec)
+    rd.unlock()
+    assert taken == [fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN]

@@ -124,14 +124,15 @@ def test_lr_center_takes_the_range_from_lr_find(tmp_path, capsys):
 
 def test_trial_labels_are_the_handbook_signs(tmp_path):
     from hpcjobs import config
+    from hpcjobs.rundir import RunRecord
     from hpcjobs.search import results
 
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=2)))
     rising = [dict(epoch=i + 1, loss=1.0 - 0.1 * i, val_loss=0.5 + 0.1 * i) for i in range(5)]
-    assert results.signs(rising, {}, cfg) == ["diverging"]
+    assert results.signs(rising, RunRecord(), cfg) == ["diverging"]
     flat = [dict(epoch=i + 1, loss=0.7, val_loss=0.5) for i in range(5)]
-    assert results.signs(flat, {}, cfg) == ["plateau"]
-    assert results.signs([], {"error": "the loss became nan at step 12: lower ..."}, cfg) == ["nan"]
+    assert results.signs(flat, RunRecord(), cfg) == ["plateau"]
+    assert results.signs([], RunRecord(error="the loss became nan at step 12: lower ..."), cfg) == ["nan"]
 
 
 # --------------------------------------------------------------------------- submit --search
@@ -280,7 +281,7 @@ def test_a_trial_killed_too_often_is_marked_failed(tmp_path):
     import optuna
 
     from hpcjobs import config
-    from hpcjobs.rundir import RunDir
+    from hpcjobs.rundir import RunDir, RunRecord
     from hpcjobs.search import study as study_mod, worker
 
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=1) + "  max_attempts: 2\n"))
@@ -289,7 +290,7 @@ def test_a_trial_killed_too_often_is_marked_failed(tmp_path):
     study = study_mod.open_study(paths, cfg)
     c, _ = study_mod.claim(study, cfg, paths, lambda *a: False)
     journal.release(c.fd)  # its worker died: the claim is free, the trial RUNNING
-    RunDir(c.run_dir).write_status({"status": "running", "sessions": [{"start": 1, "end": None}] * 2})
+    RunDir(c.run_dir).write_record(RunRecord.from_dict({"status": "running", "sessions": [{"start": 1, "end": None}] * 2}))
     settle = lambda st, cl, status: worker.settle(st, cfg.search, cl, status)  # noqa: E731
     assert study_mod.claim(study, cfg, paths, settle) == (None, 0)
     t = study.trials[0]
@@ -371,8 +372,8 @@ def test_a_trial_pruned_in_a_killed_session_is_not_trained_on(tmp_path):
     optuna.trial.Trial(study, c.trial_id).set_user_attr("prune_at_1", True)
     assert train(space.trial_config(cfg, c.params, c.number), c.run_dir,
                  hooks=[PruneHook(study, c.trial_id, cfg.search)], verbose=False) == 0
-    st = RunDir(c.run_dir).read_status()
-    assert st["status"] == "finished" and st["step"] == 0 and st["sessions"][-1]["stopped_by"] == "pruned"
+    st = RunDir(c.run_dir).read_record()
+    assert st.status == "finished" and st.step == 0 and st.sessions[-1].stopped_by == "pruned"
 
 
 @pytest.mark.slow
@@ -407,8 +408,8 @@ def test_a_stop_signal_just_before_a_trial_trains_stops_it_at_once(tmp_path):
     stop = StopFlag()
     stop.signal = "SIGUSR1"  # it came between the worker's check and train()'s own handler
     assert worker.run_trial(study, cfg, c, False, stop) == 75
-    st = RunDir(c.run_dir).read_status()
-    assert st["status"] == "stopped" and st["sessions"][-1]["stopped_by"] == "SIGUSR1" and st["step"] == 0
+    st = RunDir(c.run_dir).read_record()
+    assert st.status == "stopped" and st.sessions[-1].stopped_by == "SIGUSR1" and st.step == 0
 
 
 # --------------------------------------------------------------------------- lr-find

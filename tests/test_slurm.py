@@ -440,8 +440,8 @@ FAKE_BIN = {
 }
 FAKE_PYTHON = textwrap.dedent("""\
     import os, signal, sys, time
-    # a stand-in for python: the real one for -c; else a training that does what $FAKE says
-    if sys.argv[1] == "-c":
+    # a stand-in for python: the real one for -c and for the run-record check; else a training that does what $FAKE says
+    if sys.argv[1] == "-c" or sys.argv[1:3] == ["-m", "hpcjobs.rundir"]:
         os.execv(sys.executable, [sys.executable] + sys.argv[1:])
     calls = open(os.environ["CALLS"], "a", buffering=1)
     calls.write("train " + " ".join(sys.argv[1:]) + "\\n")

@@ -91,10 +91,9 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
         model = models.build(cfg.model, data.image_shape, data.num_classes, data.mean, data.std, cfg.data.normalize)
         training = load_weights(model, rd, source or cfg.export.from_, cfg.training.early_stopping.monitor,
                                 fallback=source is None)
-        status = rd.read_status()
-        steps_per_epoch = status.get("steps_per_epoch") or 1
-        training.update(total_steps=status.get("total_steps"), epochs=training["step"] // steps_per_epoch,
-                        sessions=len(status.get("sessions", [])) or 1)
+        record = rd.read_record()
+        training.update(total_steps=record.total_steps, epochs=training["step"] // (record.steps_per_epoch or 1),
+                        sessions=len(record.sessions) or 1)
         test = data.splits["test"]
         report = None
         if len(test):

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from ..config import ConfigError, InferConfig
+from ..rundir import default_run_dir
 from .errors import InferError
 from .results import merge, outputs_for
 from .run import infer
@@ -36,8 +36,8 @@ def _settings(args) -> InferConfig:
         cfg = config.load(args.config, args.set)
     else:
         cfg = config.from_dict({}, "hpcjobs infer", args.set)
-    model = args.model or cfg.infer.model or args.run_dir or (os.path.join("runs", cfg.name) if args.config
-                                                              else None)
+    model = args.model or cfg.infer.model or (default_run_dir(args.run_dir, cfg.name) if args.config
+                                              else args.run_dir)
     flags = {"model": model, "input": args.input, "output": args.output, "split": args.split,
              "shard": args.shard, "time_budget": args.time_budget}
     try:

@@ -268,9 +268,7 @@ def check_negative_transfer(cfg, run_dir: str, train, verbose: bool = True) -> d
         if rc != 0:
             return {}
     result = dict(compare(mine, RunDir(base_dir).read_metrics(), k), baseline=os.path.abspath(base_dir))
-    status = rd.read_status()
-    status["transfer_check"] = result
-    rd.write_status(status)
+    rd.update_record(transfer_check=result)
     if verbose:
         word = "WARNING: negative transfer" if result["behind"] else "transfer helps"
         print(f"{word}: after {k} epoch(s) val_accuracy {result['transferred']:.4f} transferred vs "

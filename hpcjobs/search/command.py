@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from ..errors import EX_OK, EX_TEMPFAIL, RunFailure, UserError
-from ..rundir import RunDir
+from ..rundir import RunDir, default_run_dir
 
 
 def add_arguments(p):
@@ -25,13 +25,7 @@ def add_arguments(p):
 
 
 def _run_dir(args, cfg) -> str:
-    return os.path.abspath(args.run_dir or os.path.join("runs", cfg.name))
-
-
-def status_lines(run: str) -> list[str]:
-    from .results import status_lines as lines
-
-    return lines(run)
+    return os.path.abspath(default_run_dir(args.run_dir, cfg.name))
 
 
 def _children(args, run: str) -> int:
@@ -64,7 +58,7 @@ def _cap_workers(asked: int, cfg, run: str) -> int:
     from .space import total_trials
 
     trials = os.path.join(run, "trials")
-    done = sum(RunDir(os.path.join(trials, t)).read_status().get("status") == "finished"
+    done = sum(RunDir(os.path.join(trials, t)).read_record().finished
                for t in (os.listdir(trials) if os.path.isdir(trials) else ()))
     left, cpus = max(0, total_trials(cfg.search) - done), cpu_count()
     workers = max(1, min(asked, left, cpus))
@@ -91,6 +85,8 @@ def cmd_search(args) -> int:
         prepare(cfg, run, args.config)  # a bad space is one line here, not one per child
         rc = _children(args, run)
     if not args.worker and os.path.exists(os.path.join(run, "search", "results.csv")):
+        from .results import status_lines
+
         for line in status_lines(run):
             print(line)
         if rc == EX_TEMPFAIL:

@@ -17,7 +17,7 @@ import os
 import yaml
 
 from ..config import Config, to_dict
-from ..rundir import RunDir, atomic_write
+from ..rundir import RunDir, RunRecord, atomic_write
 from ..train.hooks import diagnose
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "running"}
@@ -32,10 +32,10 @@ def best_value(history: list[dict], search) -> float | None:
     return max(values) if search.maximize else min(values)
 
 
-def signs(history: list[dict], status: dict, cfg: Config) -> list[str]:
+def signs(history: list[dict], record: RunRecord, cfg: Config) -> list[str]:
     """The handbook's signs over a trial's whole learning curve (first epoch order)."""
     found = []
-    if "loss became" in str(status.get("error", "")) or any(
+    if "loss became" in str(record.error or "") or any(
             not math.isfinite(r.get("loss", 0.0)) for r in history):
         found.append("nan")
     for i in range(len(history)):
@@ -45,11 +45,11 @@ def signs(history: list[dict], status: dict, cfg: Config) -> list[str]:
     return found
 
 
-def _seconds(status: dict) -> float:
+def _seconds(record: RunRecord) -> float:
     total = 0.0
-    for s in status.get("sessions", []):
-        end = s.get("end") or status.get("updated") or s.get("start", 0)
-        total += max(0.0, end - s.get("start", end))
+    for s in record.sessions:
+        end = s.end or record.updated or s.start or 0
+        total += max(0.0, end - (s.start or end))
     return total
 
 
@@ -57,11 +57,11 @@ def rows(study, cfg: Config, paths) -> list[dict]:
     out = []
     for t in study.get_trials(deepcopy=False):
         rd = RunDir(paths.trial(t.number))
-        status, history = rd.read_status(), rd.read_metrics()
+        record, history = rd.read_record(), rd.read_metrics()
         row = dict(trial=t.number, status=STATES.get(t.state.name, t.state.name.lower()),
                    value=best_value(history, cfg.search), epochs=history[-1]["epoch"] if history else 0,
-                   steps=status.get("step", 0), seconds=round(_seconds(status), 1),
-                   sessions=len(status.get("sessions", [])), signs=";".join(signs(history, status, cfg)))
+                   steps=record.step or 0, seconds=round(_seconds(record), 1),
+                   sessions=len(record.sessions), signs=";".join(signs(history, record, cfg)))
         row.update({k: t.params.get(k) for k in cfg.search.space})
         row["error"] = t.user_attrs.get("error", "")
         if not os.path.isdir(rd.path) and t.state.is_finished():  # say what was damaged, keep what the journal knows

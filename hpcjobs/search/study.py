@@ -24,7 +24,7 @@ from typing import Optional
 
 from .. import compat
 from ..config import Config
-from ..rundir import RunDir
+from ..rundir import RunDir, RunRecord
 from . import journal
 from .space import grid, suggest, total_trials
 
@@ -102,9 +102,9 @@ class Claim:
     adopted: bool
 
 
-def _lost_sessions(status: dict) -> int:
+def _lost_sessions(record: RunRecord) -> int:
     """Sessions that never ended: their process died without a clean stop."""
-    return sum(1 for s in status.get("sessions", []) if s.get("end") is None)
+    return sum(1 for s in record.sessions if s.end is None)
 
 
 def _take(study, cfg: Config, paths: Paths, trial, adopted: bool) -> Optional[Claim]:
@@ -123,7 +123,7 @@ def _take(study, cfg: Config, paths: Paths, trial, adopted: bool) -> Optional[Cl
 def claim(study, cfg: Config, paths: Paths, settle) -> tuple[Optional[Claim], int]:
     """The next trial for this worker: an orphan first, else a new one while the budget
     lasts.  Returns (claim or None, number of trials still running elsewhere).
-    ``settle(study, trial, status) -> bool`` ends an orphan that needs no training
+    ``settle(study, trial, record) -> bool`` ends an orphan that needs no training
     (finished, failed, killed too often); it is called with the claim held."""
     import optuna
 
@@ -138,7 +138,7 @@ def claim(study, cfg: Config, paths: Paths, settle) -> tuple[Optional[Claim], in
             if c is None:
                 busy += 1
                 continue
-            if settle(study, c, RunDir(c.run_dir).read_status()):
+            if settle(study, c, RunDir(c.run_dir).read_record()):
                 journal.release(c.fd)
                 continue
             return c, busy

@@ -12,7 +12,7 @@ import time
 
 from ..config import Config, ConfigError, dump, to_dict
 from ..errors import EX_OK, EX_TEMPFAIL, first_line
-from ..rundir import RunDir, RunDirError, atomic_write
+from ..rundir import RunDir, RunDirError, RunRecord, atomic_write
 from ..cluster.signals import StopFlag
 from . import journal, results
 from .space import centre_lr, check_space, trial_config
@@ -49,18 +49,22 @@ def prepare(cfg: Config, run: str, where: str) -> tuple[Config, Paths]:
     return cfg, paths
 
 
-def settle(study, search, c: Claim, status: dict) -> bool:
+def _last_stop(record: RunRecord) -> str | None:
+    return record.sessions[-1].stopped_by if record.sessions else None
+
+
+def settle(study, search, c: Claim, record: RunRecord) -> bool:
     """End an orphaned trial that needs no more training; True if it was ended."""
     import optuna
 
     state = optuna.trial.TrialState
-    if status.get("status") == "finished":
+    if record.finished:
         _tell_finished(study, search, c.trial_id, c.run_dir)
         return True
-    interrupted = (status.get("sessions") or [{}])[-1].get("stopped_by") == "error: KeyboardInterrupt"
-    if (status.get("status") == "failed" and not interrupted) or _lost_sessions(status) >= search.max_attempts:
+    interrupted = _last_stop(record) == "error: KeyboardInterrupt"
+    if (record.status == "failed" and not interrupted) or _lost_sessions(record) >= search.max_attempts:
         tell(study, c.trial_id, state=state.FAIL,
-             error=status.get("error") or f"its process died {_lost_sessions(status)} times")
+             error=record.error or f"its process died {_lost_sessions(record)} times")
         return True
     return False
 
@@ -68,9 +72,7 @@ def settle(study, search, c: Claim, status: dict) -> bool:
 def _tell_finished(study, search, trial_id: int, run_dir: str):
     import optuna
 
-    status = RunDir(run_dir).read_status()
-    sessions = status.get("sessions") or [{}]
-    if sessions[-1].get("stopped_by") == "pruned":
+    if _last_stop(RunDir(run_dir).read_record()) == "pruned":
         tell(study, trial_id, state=optuna.trial.TrialState.PRUNED)
         return
     value = results.best_value(RunDir(run_dir).read_metrics(), search)

@@ -1,4 +1,5 @@
-"""``hpcjobs submit CONFIG``: the Slurm flags, and the command that renders, writes and queues.
+"""``hpcjobs submit CONFIG``: the Slurm flags, and the command that renders, writes and queues; and
+``hpcjobs status RUN``: a run's record (run.json) and its Slurm jobs, or the table of a search.
 
 The command writes the rendered script and the resolved config into ``RUN/`` and
 ``RUN/slurm/``, calls sbatch and records each job in ``RUN/slurm/jobs.json``.
@@ -16,8 +17,9 @@ import time
 from typing import Optional
 
 from ..config import Config, SlurmConfig, dump, to_dict
-from ..rundir import RunDir, atomic_write, refuse_overwriting
-from .jobs import _record
+from ..errors import first_line
+from ..rundir import RunDir, atomic_write, default_run_dir, refuse_overwriting
+from .jobs import _record, job_states
 from . import search_array
 from .render import TASK_DIRS, _error, _package, render, template_params, trials
 from .options import FLAGS, slot_begins, slurm_section
@@ -66,7 +68,7 @@ def _plan(args) -> _Plan:
     cfg = config_mod.load(args.config, args.set)
     s = slurm_section(cfg, _overrides(args))
     cfg = dataclasses.replace(cfg, slurm=s)
-    run_dir = os.path.abspath(args.run_dir or os.path.join("runs", cfg.name))
+    run_dir = os.path.abspath(default_run_dir(args.run_dir, cfg.name))
     section = SECTION in (getattr(args, "slurm_search", None) or [])
     folds = getattr(args, "folds", False)
     if folds:
@@ -196,4 +198,54 @@ def cmd_submit(args) -> int:
 
 
 def _finished(run_dir: str) -> bool:
-    return RunDir(run_dir).read_status().get("status") == "finished"
+    return RunDir(run_dir).read_record().finished
+
+
+# --------------------------------------------------------------------------- hpcjobs status
+def add_status_arguments(p):
+    p.add_argument("run", help="run directory")
+
+
+def cmd_status(args) -> int:
+    from ..rundir import RunDir, RunDirError
+
+    if os.path.isfile(os.path.join(args.run, "search", "results.csv")):  # a search: its table
+        from ..search.results import status_lines
+
+        print("\n".join(status_lines(args.run)))
+        return 0
+    rd = RunDir(args.run)
+    record = rd.read_record(strict=True)
+    if record.is_empty():
+        raise RunDirError(f"{args.run}: no run.json (not a run directory, or not started)")
+    st = record.to_dict()
+    try:
+        head, tail = _status_lines(st)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+        raise RunDirError(f"{rd.run_json}: unreadable run.json (unexpected content: {first_line(e)})") from None
+    for line in head + [f"  {job}" for job in job_states(args.run)] + tail:
+        print(line)
+    return 0
+
+
+def _status_lines(st: dict) -> tuple[list[str], list[str]]:
+    """run.json in words: the header and one line per session; then the last epoch and
+    the test accuracy, which come after the run's Slurm jobs."""
+    lines = [f"run {st.get('name')}: {st.get('status')}, step {st.get('step', 0)}/{st.get('total_steps')}, "
+             f"{len(st.get('sessions', []))} session(s)"]
+    for s in st.get("sessions", []):
+        lines.append(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
+                     f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
+                     + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    tail = []
+    if "last" in st:
+        tail.append("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in st["last"].items()))
+    if "test_accuracy" in st:
+        tail.append(f"  test accuracy {st['test_accuracy']:.4f}"
+                    + (f", macro-F1 {st['test_f1']:.4f}" if isinstance(st.get("test_f1"), float) else ""))
+    if "folds" in st:
+        from ..train.folds import fold_table
+
+        tail += fold_table(st)
+    return lines, tail

@@ -25,7 +25,7 @@ def check(rd: RunDir, say=print) -> dict:
     """This process's stack record, after refusing a run whose checkpoints come from the
     other Keras major and saying what changed since the run's last session."""
     now = stack.current()
-    before = rd.read_status().get("stack") if os.path.isfile(rd.run_json) else None
+    before = rd.read_record().get("stack") if os.path.isfile(rd.run_json) else None
     has_checkpoints = bool(checkpoint_candidates(rd.checkpoints))
     if not has_checkpoints:
         return now

@@ -27,14 +27,14 @@ def fold_dir(run_dir: str, fold: int) -> str:
 
 def summarize(run_dir: str, k: int) -> dict:
     """run.json fields of a K-fold run from its folds' run.json files."""
-    folds = [RunDir(fold_dir(run_dir, i)).read_status() for i in range(k)]
-    done = [f for f in folds if f.get("status") == "finished"]
+    folds = [RunDir(fold_dir(run_dir, i)).read_record() for i in range(k)]
+    done = [f for f in folds if f.finished]
     summary = {}
     for key in SUMMARISED:
-        values = [f[key] for f in done if isinstance(f.get(key), (int, float))]
+        values = [f.get(key) for f in done if isinstance(f.get(key), (int, float))]
         if values:
             summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
-    return {"folds": k, "fold_status": [f.get("status", "not started") for f in folds],
+    return {"folds": k, "fold_status": [f.status or "not started" for f in folds],
             "fold_summary": summary, "status": "finished" if len(done) == k else "stopped"}
 
 
@@ -42,13 +42,11 @@ def record_folds(run_dir: str, cfg: Config) -> dict:
     """Write the K-fold summary into the parent's run.json, and return it.  Folds that end
     at the same moment (the tasks of a ``submit --folds`` array) take turns under a lock,
     each reading every fold's run.json after its own was written, so the last word is whole."""
-    import fcntl
-
     os.makedirs(os.path.join(run_dir, "folds"), exist_ok=True)
-    with open(os.path.join(run_dir, "folds", ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    rd = RunDir(run_dir)
+    with rd.locked():
         status = dict(summarize(run_dir, cfg.data.folds), name=cfg.name)
-        RunDir(run_dir).write_status(status)
+        rd.update_record(**status)
     return status
 
 
@@ -66,7 +64,7 @@ def train_folds(cfg: Config, run_dir: str, train, **kwargs) -> int:
     RunDir(run_dir).claim()
     for i in range(k):
         sub = fold_dir(run_dir, i)
-        if RunDir(sub).read_status().get("status") == "finished":
+        if RunDir(sub).read_record().finished:
             continue
         fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=i))
         print(f"fold {i + 1}/{k}: {sub}", flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
 from .. import export as bundle
 from ..cluster.signals import StopFlag
@@ -17,41 +16,31 @@ from ..config import ConfigError, dump
 from ..errors import EX_OK, EX_TEMPFAIL
 from ..evaluation import files as report
 from ..evaluation import metrics
-from ..rundir import RunDir, atomic_write
+from ..rundir import RunDir, RunRecord, SessionEntry, atomic_write
 from . import environment
 from .checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from .hooks import Hook, is_final
 from .loop import Loop
 
 
-@dataclass
-class Session:
-    start: float = field(default_factory=time.time)
-    start_step: int = 0
-    end: float | None = None
-    end_step: int | None = None
-    stopped_by: str | None = None
-    job_id: str | None = None
-    host: str = field(default_factory=lambda: os.uname().nodename)
-
-
-class RunRecord:
-    """run.json of a run: the earlier sessions and this one (only the chief writes)."""
+class SessionLog:
+    """This session in the run's record (run.json): the earlier sessions are kept, this one
+    is appended, and each write goes through ``RunDir.write_record`` (only the chief writes)."""
 
     def __init__(self, rd: RunDir, job_id: str | None):
         self.rd = rd
-        self.status = rd.read_status() if rd.writer else {}
-        self.earlier = self.status.get("sessions", [])
-        self.session = Session(job_id=job_id)
+        self.record = rd.read_record() if rd.writer else RunRecord()
+        self.earlier = len(self.record.sessions)
+        self.session = SessionEntry.begin(job_id)
+        self.record.sessions.append(self.session)
 
     def write(self, **fields):
-        self.status["sessions"] = self.earlier + [self.session.__dict__]
-        self.status.update(fields)
-        self.rd.write_status(self.status)
+        self.record.update(**fields)
+        self.rd.write_record(self.record)
 
     def start(self, step: int, **fields):
         self.session.start_step = step
-        self.status.pop("error", None)
+        self.record.drop("error")
         self.write(status="running", step=step, **fields)
 
     def end(self, step: int, reason: str, state: str, **fields):
@@ -70,7 +59,7 @@ class _Progress(Hook):
     """run.json's step (and last epoch) brought up to date, atomically, at every checkpoint,
     so ``hpcjobs status`` shows how far a running session is (it holds no state)."""
 
-    def __init__(self, record: RunRecord):
+    def __init__(self, record: SessionLog):
         self.record = record
 
     def saved(self, loop, saved, stopping: bool):
@@ -87,7 +76,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         os.makedirs(rd.path, exist_ok=True)
         atomic_write(rd.config_yaml, dump(cfg))
         environment.write(rd, stack)
-    record = RunRecord(rd, trainer.info.job_id)
+    record = SessionLog(rd, trainer.info.job_id)
     stop = StopFlag()
     stop.install()
     try:
@@ -111,7 +100,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
 def _refuse_lost_progress(rd: RunDir):
     """A run whose run.json says it got somewhere but whose checkpoints are gone must not
     start again from step 0 (and overwrite what is left): refuse, before anything is written."""
-    step = rd.read_status().get("step")
+    step = rd.read_record().step
     if isinstance(step, int) and step > 0 and not checkpoint_candidates(rd.checkpoints):
         raise CheckpointError(f"{rd.checkpoints}: no checkpoint, but {rd.run_json} says the run reached step "
                               f"{step}; put the checkpoints back, or pass --restart to move the run aside and "
@@ -121,7 +110,7 @@ def _refuse_lost_progress(rd: RunDir):
 def _refuse_changed_classes(rd: RunDir, class_names):
     """A run whose data now has other classes than it was trained on (a class folder added
     or removed) cannot continue from its checkpoints: said as such, not as unreadable ones."""
-    before = rd.read_status().get("class_names")
+    before = rd.read_record().get("class_names")
     now = [str(c) for c in class_names]
     if not isinstance(before, list) or before == now or not checkpoint_candidates(rd.checkpoints):
         return
@@ -146,7 +135,7 @@ def _announce(trainer, origin: str, step: int):
                 f"at step {step}/{trainer.total_steps}")
 
 
-def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
+def _finish(trainer, loop: Loop, reason: str, record: SessionLog) -> int:
     rd, step = trainer.run_dir, loop.step
     # the final state (no-op if just saved); an asynchronous write overlaps the test
     # evaluation and the export, and is waited for before run.json says it is done
@@ -157,7 +146,7 @@ def _finish(trainer, loop: Loop, reason: str, record: RunRecord) -> int:
     for summary in loop.each("summary"):
         fields.update(summary)
     if finished:
-        fields.update(_test_and_export(trainer, loop, dict(fields, sessions=len(record.earlier) + 1)))
+        fields.update(_test_and_export(trainer, loop, dict(fields, sessions=record.earlier + 1)))
     trainer.checkpoints.wait()
     digest = weights_digest(trainer.model)
     print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest} on {trainer.info.node}",

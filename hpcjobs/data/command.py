@@ -1,0 +1,32 @@
+"""``hpcjobs prepare CONFIG``: the HDF5 sample store with stratified splits."""
+from __future__ import annotations
+
+import os
+
+
+def add_arguments(p):
+    p.add_argument("--output", help="store path (default data.store, else stores/<name>.h5)")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping")
+    p.add_argument("--force", action="store_true",
+                   help="write the store even over its source or over a file that is not an hpcjobs store")
+
+
+def cmd_prepare(args) -> int:
+    from .. import config
+    from . import prepare_store
+
+    cfg = config.load(args.config, args.set)
+    out = args.output or cfg.data.store or os.path.join("stores", f"{cfg.name}.h5")
+    data = prepare_store(cfg, out, strict=args.strict, progress=True, force=args.force)
+    print(data.class_table())
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} unreadable image(s):")
+        for path, reason in data.skipped[:50]:
+            print(f"  {path}: {reason}")
+        if len(data.skipped) > 50:
+            print(f"  ... and {len(data.skipped) - 50} more (listed in the store's metadata)")
+    print(f"store: {out} ({data.image_shape}, {data.num_classes} classes)")
+    if not cfg.data.store:
+        print(f"train from it with: --set data.store={out}")
+    data.close()
+    return 0
