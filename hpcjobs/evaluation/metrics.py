@@ -209,7 +209,7 @@ def per_class_csv(report: Report) -> str:
 
 def is_evaluation(metrics_json: str) -> bool:
     """The file is a metrics.json that :func:`write` wrote (the mark of an evaluation folder)."""
-    from .rundir import read_json_capped
+    from ..rundir import read_json_capped
 
     d = read_json_capped(metrics_json, 64 << 20, "metrics.json")
     return isinstance(d, dict) and all(k in d for k in ("per_class", "class_names", "confusion_matrix", "macro_f1"))

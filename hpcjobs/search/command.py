@@ -54,7 +54,7 @@ def _children(args, run: str) -> int:
 def _cap_workers(asked: int, cfg, run: str) -> int:
     """At most one worker per trial left (of the budget, less those finished) and per CPU
     here: more only fork idle processes (and can exhaust the process limit)."""
-    from ..cluster import cpu_count
+    from ..cluster.info import cpu_count
     from .space import total_trials
 
     trials = os.path.join(run, "trials")
