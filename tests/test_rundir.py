@@ -75,7 +75,7 @@ def _old_run_json():
 
 
 def test_an_old_run_json_reads_as_version_1_and_keeps_every_field(tmp_path):
-    from hpcjobs.rundir import RECORD_VERSION, RunRecord
+    from hpcjobs.record import RECORD_VERSION, RunRecord
 
     (tmp_path / "run.json").write_text(json.dumps(_old_run_json()))
     rec = RunDir(str(tmp_path)).read_record(strict=True)

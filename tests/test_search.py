@@ -124,7 +124,7 @@ def test_lr_center_takes_the_range_from_lr_find(tmp_path, capsys):
 
 def test_trial_labels_are_the_handbook_signs(tmp_path):
     from hpcjobs import config
-    from hpcjobs.rundir import RunRecord
+    from hpcjobs.record import RunRecord
     from hpcjobs.search import results
 
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=2)))
@@ -281,7 +281,8 @@ def test_a_trial_killed_too_often_is_marked_failed(tmp_path):
     import optuna
 
     from hpcjobs import config
-    from hpcjobs.rundir import RunDir, RunRecord
+    from hpcjobs.record import RunRecord
+    from hpcjobs.rundir import RunDir
     from hpcjobs.search import study as study_mod, worker
 
     cfg = config.load(_config(tmp_path, SEARCH.format(trials=1) + "  max_attempts: 2\n"))

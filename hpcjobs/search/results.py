@@ -17,7 +17,8 @@ import os
 import yaml
 
 from ..config import Config, to_dict
-from ..rundir import RunDir, RunRecord, atomic_write
+from ..record import RunRecord
+from ..rundir import RunDir, atomic_write
 from ..train.hooks import diagnose
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "running"}

@@ -24,7 +24,8 @@ from typing import Optional
 
 from .. import compat
 from ..config import Config
-from ..rundir import RunDir, RunRecord
+from ..record import RunRecord
+from ..rundir import RunDir
 from . import journal
 from .space import grid, suggest, total_trials
 

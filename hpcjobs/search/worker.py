@@ -12,7 +12,8 @@ import time
 
 from ..config import Config, ConfigError, dump, to_dict
 from ..errors import EX_OK, EX_TEMPFAIL, first_line
-from ..rundir import RunDir, RunDirError, RunRecord, atomic_write
+from ..record import RunRecord
+from ..rundir import RunDir, RunDirError, atomic_write
 from ..cluster.signals import StopFlag
 from . import journal, results
 from .space import centre_lr, check_space, trial_config

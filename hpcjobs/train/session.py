@@ -16,7 +16,8 @@ from ..config import ConfigError, dump
 from ..errors import EX_OK, EX_TEMPFAIL
 from ..evaluation import files as report
 from ..evaluation import metrics
-from ..rundir import RunDir, RunRecord, SessionEntry, atomic_write
+from ..record import RunRecord, SessionEntry
+from ..rundir import RunDir, atomic_write
 from . import environment
 from .checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from .hooks import Hook, is_final
