@@ -9,6 +9,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*$", re.I)
 SLURM_MEM = re.compile(r"(?i)\d+(?:\.\d+)?\s*(?:[KMGT](?:i?B)?)?")
 
 
+def check_time_budget(value, name: str = "time_budget"):
+    """The one check of a time budget (training.time_budget, infer.time_budget,
+    --time-budget): None or a duration, else a ValueError naming ``name``."""
+    if value is not None:
+        try:
+            if parse_duration(value) <= 0:  # stopped at once, a job would requeue itself for ever
+                raise ValueError(f"{value!r}: must be more than 0")
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
 def parse_duration(text: str | int | float) -> float:
     """Seconds from ``90``, ``90s``, ``15m``, ``1h``, ``2d`` or Slurm's ``[D-]HH:MM:SS``."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):

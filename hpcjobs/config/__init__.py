@@ -25,7 +25,7 @@ from .transfer import HeadConfig, StageConfig, TopBlocks, TransferConfig  # noqa
 from .train import SEED_MAX, OptimizerConfig, TrainingConfig
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
-from ..units import SLURM_MEM, parse_bytes, parse_duration, parse_shard, slurm_seconds
+from ..units import SLURM_MEM, check_time_budget, parse_bytes, parse_shard, slurm_seconds
 
 
 # --------------------------------------------------------------------------- sections
@@ -313,11 +313,7 @@ class InferConfig:
                 parse_shard(self.shard)
             except ValueError as e:
                 raise ValueError(f"shard: {e}") from None
-        if self.time_budget is not None:
-            try:
-                parse_duration(self.time_budget)
-            except ValueError as e:
-                raise ValueError(f"time_budget: {e}")
+        check_time_budget(self.time_budget)
 
 
 EXPORT_FORMATS = ("keras", "saved_model", "tflite", "tflite_int8", "onnx")

@@ -28,18 +28,24 @@ def application_names() -> frozenset[str] | None:
         return None
 
 
-def check_arch(arch: str):
-    """A built-in net or a keras.applications model name, else a ValueError with a hint."""
-    if arch in BUILTIN_ARCHS:
-        return
-    names = application_names() if _NAME.fullmatch(arch) else frozenset()
-    if names is None or arch in names:
-        return
-    known = list(BUILTIN_ARCHS) + sorted(names or ())
+def unknown_arch(arch: str, names) -> str | None:
+    """The one test of a model name: None for a built-in net or one of ``names`` (the
+    keras.applications models; None: not known here), else the message, with a hint."""
+    if arch in BUILTIN_ARCHS or names is None or arch in names:
+        return None
+    known = list(BUILTIN_ARCHS) + sorted(names)
     close = [n for n in known if n.lower() == arch.lower()] or difflib.get_close_matches(arch, known, 1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"arch: unknown architecture {arch!r}{hint} (built-in: {', '.join(BUILTIN_ARCHS)}, "
-                     "or a keras.applications name such as ResNet50 or MobileNetV2)")
+    return (f"arch: unknown architecture {arch!r}{hint} (built-in: {', '.join(BUILTIN_ARCHS)}, "
+            "or a keras.applications name such as ResNet50 or MobileNetV2)")
+
+
+def check_arch(arch: str):
+    """A built-in net or a keras.applications model name, else a ValueError with a hint."""
+    names = application_names() if _NAME.fullmatch(arch) else frozenset()
+    message = unknown_arch(arch, names)
+    if message:
+        raise ValueError(message)
 
 
 def check_model(m):

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from .loader import section as _frozen
 from .transfer import StageConfig
-from ..units import parse_duration
+from ..units import check_time_budget
 
 SEED_MAX = 2**32 - 1  # numpy's and Keras' global seeds are 32-bit
 
@@ -196,9 +196,4 @@ class TrainingConfig:
             raise ValueError("steps_per_epoch: must be >= 1 or null")
         if not 0 <= self.seed <= SEED_MAX:
             raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
-        if self.time_budget is not None:
-            try:
-                if parse_duration(self.time_budget) <= 0:
-                    raise ValueError(f"{self.time_budget!r}: must be more than 0")
-            except ValueError as e:
-                raise ValueError(f"time_budget: {e}")
+        check_time_budget(self.time_budget)

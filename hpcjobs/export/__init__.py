@@ -19,13 +19,13 @@ probability difference go into the card, and an agreement below
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
 import numpy as np
 
 from . import model as export
+from ..digest import file_digest
 from ..errors import RunFailure
 from ..rundir import atomic_write
 from . import card, formats
@@ -75,11 +75,7 @@ def sha256sums(folder: str) -> str:
             rel = os.path.relpath(os.path.join(root, name), folder)
             if name.startswith(".") or rel == "SHA256SUMS":
                 continue
-            h = hashlib.sha256()
-            with open(os.path.join(root, name), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            lines.append(f"{h.hexdigest()}  {rel}")
+            lines.append(f"{file_digest(os.path.join(root, name))}  {rel}")
     return "\n".join(sorted(lines, key=lambda s: s.split("  ", 1)[1])) + "\n"
 
 

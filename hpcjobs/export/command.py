@@ -13,7 +13,6 @@ import os
 from ..config import EXPORT_FORMATS
 from .model import ExportError
 
-STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def add_arguments(p):
@@ -42,8 +41,8 @@ def load_weights(model, rd, source: str, monitor: str, fallback: bool = False) -
     ``fallback``: when no best weights were kept (``best`` by default only), the latest."""
     import tensorflow as tf
 
-    from ..train.checkpoint import find_checkpoint
-    from ..train.hooks import BEST_EPOCH_KEY, best_weights_path
+    from ..train.checkpoint import BEST_EPOCH_KEY, BEST_KEY, STEP_KEY, find_checkpoint, restore_model_only
+    from ..train.hooks import best_weights_path
 
     prefix = find_checkpoint(rd.path if source in ("best", "latest") else source)
     step = int(tf.train.load_variable(prefix, STEP_KEY))
@@ -57,13 +56,11 @@ def load_weights(model, rd, source: str, monitor: str, fallback: bool = False) -
             raise ExportError(f"{rd.path}: no best weights kept ({monitor} never measured, e.g. without a "
                               "validation split); use --from latest")
         model.load_weights(path)
-        best = float(tf.train.load_variable(prefix, "best/.ATTRIBUTES/VARIABLE_VALUE"))
+        best = float(tf.train.load_variable(prefix, BEST_KEY))
         return {"weights": "best", "best_epoch": epoch, "monitor": monitor, "best": best, "step": step}
-    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ExportError(f"{prefix}: does not hold this run's model ({str(e).splitlines()[0][:160]})") from None
+    why = restore_model_only(tf, model, prefix)
+    if why:
+        raise ExportError(f"{prefix}: does not hold this run's model ({why[:160]})")
     return {"weights": "latest", "step": step}
 
 

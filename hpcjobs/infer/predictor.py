@@ -11,13 +11,13 @@ in as pixels 0..255.  The devices come from ``hpcjobs.distribute.inference_strat
 """
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from ..data.images import ImageError, to_model_image
+from ..digest import file_digest
 from .inputs import Inputs
 
 
@@ -40,12 +40,7 @@ class Predictor:
         self.model, self.info, self.folder = self.runner.model, self.runner.info, self.runner.folder
         self.shape = tuple(int(d) for d in self.info["input_shape"])
         self.class_names = [str(c) for c in self.info["class_names"]]
-        h = hashlib.sha256()
-        for path in self.runner.files:  # preprocessing.json, then the model's file(s)
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        self.fingerprint = h.hexdigest()[:20]
+        self.fingerprint = file_digest(self.runner.files)[:20]  # preprocessing.json, then the model's file(s)
         self._steps: dict[int, Callable] = {}
 
     @property

@@ -12,6 +12,7 @@ import numpy as np
 from .. import compat
 from ..config import ModelConfig
 from ..config.checks import BUILTIN_ARCHS as BUILTIN
+from ..config.checks import unknown_arch
 from .errors import ModelError
 
 
@@ -74,11 +75,7 @@ def _application(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
     names = sorted(n for n in dir(apps) if n[:1].isupper() and callable(getattr(apps, n)))
     ctor = getattr(apps, cfg.arch) if cfg.arch in names else None  # never __class__ or a submodule
     if ctor is None:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.arch, list(BUILTIN) + names, 1)
-        hint = f"; did you mean '{close[0]}'?" if close else f" (built-in: {', '.join(BUILTIN)})"
-        raise ModelError(f"model.arch: unknown architecture '{cfg.arch}'{hint}")
+        raise ModelError(f"model.{unknown_arch(cfg.arch, names)}")
     pre = backbones.preprocessing(keras, cfg.arch, input_shape)
     x = backbones.apply(pre, x)
     shape = tuple(int(d) for d in x.shape[1:])

@@ -216,15 +216,6 @@ def config_differs(path: str, cfg) -> str | None:
     return ", ".join(keys) or None
 
 
-def restore_model_only(tf, model, prefix: str):
-    """The model's weights from another run's checkpoint; ModelError if they do not fit."""
-    try:
-        tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise ModelError(f"--from {prefix}: its model does not fit this config's "
-                         f"({str(e).splitlines()[0][:200]})") from None
-
-
 def compare(transferred: list[dict], scratch: list[dict], epochs: int, key: str = "val_accuracy") -> dict:
     """The two curves at ``epochs`` and whether transfer is behind (negative transfer)."""
     def at(rows):

@@ -11,26 +11,18 @@ into ``--cache`` (default: ``$KERAS_HOME/models``, else ``~/.keras/models``), wh
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
 
 from . import backbones
+from ..digest import file_digest
 from ..errors import UserError
 from ..rundir import atomic_path, os_reason
 
 
 class WeightsError(UserError):
     """A weights file that cannot be fetched or does not match its hash (exit code 2)."""
-
-
-def _digest(path: str, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 MAX_BYTES = 2 << 30  # the largest keras.applications file (ConvNeXtXLarge with its top) is about 1.4 GB
@@ -68,7 +60,7 @@ def fetch(arch: str, cache: str | None = None, base_url: str | None = None, incl
     url = f"{base_url.rstrip('/')}/{req['fname']}" if base_url else req["origin"]
     expected = req["file_hash"]
     algorithm = "sha256" if expected and len(expected) == 64 else "md5"
-    if os.path.isfile(path) and (not expected or _digest(path, algorithm) == expected):
+    if os.path.isfile(path) and (not expected or file_digest(path, algorithm) == expected):
         log(f"{arch}: {path} is there already")
         return path
     try:
@@ -79,8 +71,8 @@ def fetch(arch: str, cache: str | None = None, base_url: str | None = None, incl
         with atomic_path(path) as tmp:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
                 _copy_capped(response, out, url)
-            if expected and _digest(tmp, algorithm) != expected:
-                raise WeightsError(f"{url}: {algorithm} {_digest(tmp, algorithm)} is not the {expected} Keras "
+            if expected and file_digest(tmp, algorithm) != expected:
+                raise WeightsError(f"{url}: {algorithm} {file_digest(tmp, algorithm)} is not the {expected} Keras "
                                    "publishes for it; nothing was written")
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise WeightsError(f"{arch}: cannot fetch {url} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \

@@ -27,6 +27,11 @@ from ..config import CheckpointConfig
 from ..errors import RunFailure, UserError, first_line
 from ..rundir import atomic_path, fsync_dir, fsync_file
 
+# A checkpoint's variables read without a restore (export --from best, BestMetric's pruning)
+STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
+BEST_KEY = "best/.ATTRIBUTES/VARIABLE_VALUE"  # BestMetric's best value
+BEST_EPOCH_KEY = "best_epoch/.ATTRIBUTES/VARIABLE_VALUE"  # and its epoch
+
 
 class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was asked for (exit code 2)."""
@@ -308,3 +313,13 @@ def find_checkpoint(path: str) -> str:
     if glob.glob(path + ".index"):
         return path
     raise CheckpointError(f"--from {path}: no checkpoint there (give a run directory or a checkpoint prefix)")
+
+
+def restore_model_only(tf, model, prefix: str) -> str | None:
+    """Only ``model``'s weights from checkpoint ``prefix`` (``train --from`` another run's
+    checkpoint, ``export --from latest``): None when they fit, else why not, in one line."""
+    try:
+        tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        return first_line(e)[:200]
+    return None

@@ -13,7 +13,7 @@ from ..cluster import signals
 from ..config import Config, ConfigError, to_dict
 from ..errors import EX_OK, UserError
 from ..rundir import RunDir, RunDirError, os_reason
-from ..units import parse_duration
+from ..units import check_time_budget
 from .session import run_session
 from .trainer import Trainer
 
@@ -80,12 +80,10 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
     new config then fail to build (a user error), the old run is put back."""
     if init_weights:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_weights))
-    if time_budget is not None:
-        try:
-            if parse_duration(time_budget) <= 0:  # stopped at once, it requeued itself for ever
-                raise ValueError(f"{time_budget!r}: must be more than 0")
-        except ValueError as e:
-            raise ConfigError("--time-budget", "", str(e)) from None
+    try:
+        check_time_budget(time_budget, "--time-budget")
+    except ValueError as e:
+        raise ConfigError("command line", "", str(e)) from None
     bundle.check_available(cfg.export.formats)  # before any training, not at its end
     with signals.held():  # until the loop's StopFlag takes them; released if building fails
         info = cluster_mod.detect()

@@ -15,7 +15,8 @@ from .. import compat
 from ..cluster import distribute
 from ..evaluation import metrics
 from ..models import build as models, transfer
-from .checkpoint import Checkpoints, checkpoint_candidates, find_checkpoint, seed_variables
+from ..models.errors import ModelError
+from .checkpoint import Checkpoints, checkpoint_candidates, find_checkpoint, restore_model_only, seed_variables
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.feed import Feeder
@@ -231,7 +232,9 @@ class Trainer:
                 self.checkpoints.restore(prefix)
                 say(f"starting from checkpoint {prefix} (step {int(self.step_var.numpy())})")
                 return "from"
-            transfer.restore_model_only(self.tf, self.model, prefix)
+            why = restore_model_only(self.tf, self.model, prefix)
+            if why:
+                raise ModelError(f"--from {prefix}: its model does not fit this config's ({why})")
             say(f"starting from the model weights of {prefix} at step 0 (that run trained with other "
                 f"{differ}, so its optimizer and counters do not apply)")
             return "from_weights"

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Hook, is_final
-from .best import BEST_EPOCH_KEY, BestMetric, best_weights_path, uses_best
+from .best import BestMetric, best_weights_path, uses_best
 from .diagnosis import Diagnosis, diagnose
 from .logging import MetricsCSV, Progress, TensorBoard
 from .stages import Stages
 from .stopping import CheckpointCadence, ReduceOnPlateau, StopAt, StopSignals
 
-__all__ = ["BEST_EPOCH_KEY", "BestMetric", "CheckpointCadence", "Diagnosis", "Hook", "MetricsCSV", "Progress",
+__all__ = ["BestMetric", "CheckpointCadence", "Diagnosis", "Hook", "MetricsCSV", "Progress",
            "ReduceOnPlateau", "Stages", "StopAt", "StopSignals", "TensorBoard", "best_weights_path", "default_hooks",
            "diagnose", "is_final", "uses_best"]
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 import math
 import os
 
-from ..checkpoint import save_weights
+from ..checkpoint import BEST_EPOCH_KEY, save_weights
 from .base import Hook, _better, is_final
-
-
-BEST_EPOCH_KEY = "best_epoch/.ATTRIBUTES/VARIABLE_VALUE"  # BestMetric's variable in a checkpoint
 
 
 def best_weights_path(run_dir, epoch: int) -> str:
