@@ -1,1 +1,3 @@
-"""Models: the built-in nets, backbones (keras.applications), weights and transfer."""
+"""Models: the built-in nets (``build``), keras.applications backbones (``backbones``),
+which layers train (``freeze``), ``model.init_from`` (``init_from``), pretrained weights
+(``weights``, and ``hpcjobs weights fetch`` in ``command``)."""

@@ -323,3 +323,36 @@ def restore_model_only(tf, model, prefix: str) -> str | None:
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         return first_line(e)[:200]
     return None
+
+
+# what shapes a checkpoint beyond the model's weights: the optimizers, their slots, the stages
+CHECKPOINT_KEYS = ("model.arch", "model.freeze_backbone", "model.init_from", "model.bn_trainable",
+                   "optimizer.name", "optimizer.amsgrad", "optimizer.reduce_on_plateau.patience",
+                   "training.stages", "training.precision")
+
+
+def config_differs(path: str, cfg) -> str | None:
+    """The keys that make ``--from PATH``'s checkpoint a different training state than
+    ``cfg`` would build (None when they agree, or when PATH has no config.yaml)."""
+    import os
+
+    import yaml
+
+    from ..config import to_dict
+
+    for candidate in (os.path.join(path, "config.yaml"), os.path.join(os.path.dirname(path), "..", "config.yaml")):
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                theirs = yaml.safe_load(f) or {}
+            break
+    else:
+        return None
+    ours = to_dict(cfg)
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    keys = [k for k in CHECKPOINT_KEYS if get(theirs, k) != get(ours, k)]
+    return ", ".join(keys) or None

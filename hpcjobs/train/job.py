@@ -111,7 +111,7 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
         finally:
             rd.unlock()
     if rc == EX_OK and rd.writer and (cfg.transfer.compare_scratch_epochs or cfg.transfer.baseline):
-        from ..models.transfer import check_negative_transfer
+        from .baseline import check_negative_transfer
 
         check_negative_transfer(cfg, run_dir, train, verbose)
     return rc

@@ -14,9 +14,11 @@ from ..cluster import info as cluster_mod
 from .. import compat
 from ..cluster import distribute
 from ..evaluation import metrics
-from ..models import build as models, transfer
+from ..models import build as models
+from ..models import freeze, init_from
 from ..models.errors import ModelError
-from .checkpoint import Checkpoints, checkpoint_candidates, find_checkpoint, restore_model_only, seed_variables
+from .checkpoint import (Checkpoints, checkpoint_candidates, config_differs, find_checkpoint, restore_model_only,
+                         seed_variables)
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.feed import Feeder
@@ -109,7 +111,7 @@ class Trainer:
                                       self.data.std, cfg.data.normalize)
             # the layers model.init_from matches are known (and frozen) before the optimizer
             # is built, so the checkpoint's graph is the same whichever way a session starts
-            self.init = transfer.plan_for_run(
+            self.init = init_from.plan_for_run(
                 self.model, self.run_dir, cfg.model.init_from, cfg.model.freeze_backbone, self.data.class_names,
                 resuming=bool(checkpoint_candidates(self.run_dir.checkpoints))) \
                 if cfg.model.init_from else None
@@ -142,7 +144,7 @@ class Trainer:
         for st in stages:
             steps = st.epochs * self.steps_per_epoch if st else self.total_steps
             if st:
-                transfer.set_trainable(self.model, st.trainable, cfg.model.bn_trainable)
+                freeze.set_trainable(self.model, st.trainable, cfg.model.bn_trainable)
             base_lr = st.learning_rate if st and st.learning_rate else cfg.optimizer.learning_rate
             lr = self.rt.scale_lr(base_lr, cfg.optimizer.scale_lr_with_workers)
             opt = make_optimizer(cfg.optimizer, lr, steps, self.lr_factor)
@@ -151,13 +153,13 @@ class Trainer:
             opt.build(self.model.trainable_variables)
             out.append(opt)
         if cfg.training.stages:
-            transfer.set_trainable(self.model, stages[0].trainable, cfg.model.bn_trainable)
+            freeze.set_trainable(self.model, stages[0].trainable, cfg.model.bn_trainable)
         return out
 
     def enter_stage(self, index: int) -> str:
         """Make stage ``index`` current: its trainable set, its optimizer, its compiled steps."""
         st = self.cfg.training.stages[index]
-        what = transfer.set_trainable(self.model, st.trainable, self.cfg.model.bn_trainable)
+        what = freeze.set_trainable(self.model, st.trainable, self.cfg.model.bn_trainable)
         self.optimizer = self.optimizers[index]
         if index not in self._stage_steps:
             self._stage_steps[index] = self._build_steps()
@@ -227,7 +229,7 @@ class Trainer:
             return "checkpoint"
         if from_checkpoint:
             prefix = find_checkpoint(from_checkpoint)
-            differ = transfer.config_differs(from_checkpoint, self.cfg)
+            differ = config_differs(from_checkpoint, self.cfg)
             if differ is None:
                 self.checkpoints.restore(prefix)
                 say(f"starting from checkpoint {prefix} (step {int(self.step_var.numpy())})")
