@@ -16,13 +16,13 @@ import re
 from dataclasses import field
 from typing import Literal, Optional
 
-from .checks import check_across, check_model
+from .checks import BUILTIN_ARCHS, check_across, check_arch, check_model, unknown_arch  # noqa: F401
 from .loader import ConfigError, apply_overrides, build, read_with_base
 from .loader import section as _frozen
-from .loader import dump, read_yaml, to_dict  # noqa: F401  (still hpcjobs.config's names)
-from .search import SearchConfig
-from .transfer import HeadConfig, StageConfig, TopBlocks, TransferConfig  # noqa: F401
-from .train import SEED_MAX, OptimizerConfig, TrainingConfig
+from .loader import dump, parse_override, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's names)
+from .search import ParamSpec, SearchConfig  # noqa: F401
+from .transfer import HeadConfig, TransferConfig
+from .train import SEED_MAX, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
 from ..units import SLURM_MEM, check_time_budget, parse_bytes, parse_shard, slurm_seconds

@@ -13,21 +13,20 @@
         model.width: {int: [16, 64]}
       pruning: {kind: asha, min_resource: 1, reduction_factor: 3}
 
-Kept apart from :mod:`hpcjobs.config` (which holds it as ``Config.search``) so that
-file stays one module per concern; the keys of ``space`` are checked against the
+Held by :mod:`hpcjobs.config` as ``Config.search``; the keys of ``space`` are checked against the
 whole config by :func:`hpcjobs.search.space.check_space` when a search starts.
 """
 from __future__ import annotations
 
 import builtins
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal, Optional, Union
+
+from .loader import section as _frozen
 
 Value = Union[bool, int, float, str]
 
 
-def _frozen(cls):
-    return dataclass(frozen=True, kw_only=True, slots=True)(cls)
 
 
 @_frozen

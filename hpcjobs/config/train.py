@@ -8,7 +8,6 @@ from dataclasses import field
 from typing import Literal, Optional, Union
 
 from .loader import section as _frozen
-from .transfer import StageConfig
 from ..units import check_time_budget
 
 SEED_MAX = 2**32 - 1  # numpy's and Keras' global seeds are 32-bit
@@ -25,6 +24,30 @@ def check_monitor(monitor: str):
 def direction(monitor: str, mode: str) -> str:
     """``min`` or ``max``: ``mode`` unless auto, which maximises accuracies and F1."""
     return mode if mode != "auto" else "max" if monitor.endswith(("accuracy", "f1")) else "min"
+
+
+@_frozen
+class TopBlocks:
+    top_blocks: int  # the last N blocks of the backbone (and the head)
+
+    def __post_init__(self):
+        if self.top_blocks < 1:
+            raise ValueError("top_blocks: must be >= 1")
+
+
+@_frozen
+class StageConfig:
+    """One stage of a run: epochs with a trainable set and its own learning rate."""
+
+    epochs: int
+    trainable: Union[Literal["head", "all"], TopBlocks] = "all"
+    learning_rate: Optional[float] = None  # null: optimizer.learning_rate
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError("epochs: must be >= 1")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError("learning_rate: must be > 0 or null")
 
 
 @_frozen

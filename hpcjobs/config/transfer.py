@@ -1,8 +1,8 @@
-"""Config sections of transfer learning: the model's head, staged unfreezing, and the
-negative-transfer check.  (Referenced from ``hpcjobs.config``.)"""
+"""Config sections of transfer learning: the model's head and the negative-transfer check.
+(Referenced from ``hpcjobs.config``; staged unfreezing, ``training.stages``, is in ``train``.)"""
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from .loader import section as _frozen
 
@@ -18,30 +18,6 @@ class HeadConfig:
     def __post_init__(self):
         if any(u < 1 for u in self.dense):
             raise ValueError("dense: every layer needs >= 1 unit")
-
-
-@_frozen
-class TopBlocks:
-    top_blocks: int  # the last N blocks of the backbone (and the head)
-
-    def __post_init__(self):
-        if self.top_blocks < 1:
-            raise ValueError("top_blocks: must be >= 1")
-
-
-@_frozen
-class StageConfig:
-    """One stage of a run: epochs with a trainable set and its own learning rate."""
-
-    epochs: int
-    trainable: Union[Literal["head", "all"], TopBlocks] = "all"
-    learning_rate: Optional[float] = None  # null: optimizer.learning_rate
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError("epochs: must be >= 1")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError("learning_rate: must be > 0 or null")
 
 
 @_frozen

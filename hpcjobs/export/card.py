@@ -18,7 +18,7 @@ import yaml
 
 from ..evaluation import metrics
 from ..compat import keras_major
-from ..config.loader import to_dict
+from ..config import to_dict
 from ..rundir import atomic_write
 from .formats import FILES
 

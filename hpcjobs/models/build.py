@@ -11,8 +11,8 @@ import numpy as np
 
 from .. import compat
 from ..config import ModelConfig
-from ..config.checks import BUILTIN_ARCHS as BUILTIN
-from ..config.checks import unknown_arch
+from ..config import BUILTIN_ARCHS as BUILTIN
+from ..config import unknown_arch
 from .errors import ModelError
 
 

@@ -46,7 +46,7 @@ def _copy_capped(response, out, url: str):
 def fetch(arch: str, cache: str | None = None, base_url: str | None = None, include_top: bool = False,
           image_size: int = 224, log=print) -> str:
     """Download ``arch``'s imagenet weights into the cache; returns the file's path."""
-    from ..config.checks import check_arch
+    from ..config import check_arch
 
     try:
         check_arch(arch)

@@ -134,7 +134,7 @@ def read_csv(path: str) -> list[dict]:
 
 def status_lines(run: str) -> list[str]:
     """``hpcjobs status RUN`` of a search: the table from results.csv, best first."""
-    from ..config.loader import read_yaml
+    from ..config import read_yaml
     from ..config import from_dict
 
     search_dir = os.path.join(run, "search")

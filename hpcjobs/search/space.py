@@ -16,7 +16,7 @@ import math
 import os
 
 from ..config import Config, ConfigError, from_dict, to_dict
-from ..config.search import ParamSpec, SearchConfig
+from ..config import ParamSpec, SearchConfig
 
 _NOT_SEARCHED = ("search", "name", "training.epochs")
 

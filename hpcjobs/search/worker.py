@@ -36,7 +36,7 @@ def prepare(cfg: Config, run: str, where: str) -> tuple[Config, Paths]:
     os.makedirs(paths.search, exist_ok=True)
     with journal.exclusive(paths.ask_lock):
         if os.path.exists(paths.config):
-            from ..config.loader import read_yaml
+            from ..config import read_yaml
 
             before, now = read_yaml(paths.config), to_dict(cfg)
             for d in (before, now):

@@ -57,7 +57,7 @@ def grid_from_flags(cfg: Config, s: SlurmConfig, where: str) -> Config:
     those values (its other settings, such as metric, epochs and pruning, kept), run by the
     same pulling workers as a bare ``--search``.  Each value is read as ``--set`` reads one."""
     from ..config import from_dict, to_dict
-    from ..config.loader import parse_override
+    from ..config import parse_override
 
     space = {}
     for entry in s.search:

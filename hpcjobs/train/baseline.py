@@ -21,7 +21,7 @@ def scratch_config(cfg, epochs: int):
     """``cfg`` from scratch: no pretrained or copied weights, one stage of ``epochs``."""
     import dataclasses
 
-    from ..config.transfer import TransferConfig
+    from ..config import TransferConfig
 
     model = dataclasses.replace(cfg.model, init_from=None, weights=None, freeze_backbone=False)
     training = dataclasses.replace(cfg.training, epochs=epochs, stages=())
