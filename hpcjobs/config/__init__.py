@@ -17,9 +17,10 @@ from dataclasses import field
 from typing import Literal, Optional
 
 from .checks import BUILTIN_ARCHS, check_across, check_arch, check_model, unknown_arch  # noqa: F401
-from .loader import ConfigError, apply_overrides, build, read_with_base
+from .loader import ConfigError, build, read_with_base
 from .loader import section as _frozen
-from .loader import dump, parse_override, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's names)
+from .loader import dump, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's names)
+from .overrides import apply_overrides, parse_override  # noqa: F401
 from .search import ParamSpec, SearchConfig  # noqa: F401
 from .transfer import HeadConfig, TransferConfig
 from .train import SEED_MAX, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
