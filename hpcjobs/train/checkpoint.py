@@ -131,6 +131,11 @@ class Checkpoints:
         self._written_path = None
         self.first_guess = 0.5 + size_bytes / 50e6  # seconds, until a save has been measured
 
+    @property
+    def kept(self) -> list[str]:
+        """The prefixes of the checkpoints kept, oldest first (the latest last)."""
+        return list(self.manager.checkpoints)
+
     # -- restore ----------------------------------------------------------------------
     def restore_latest(self, log=print) -> str | None:
         """Restore the newest readable checkpoint; older ones are tried if it is damaged."""

@@ -68,7 +68,7 @@ class BestMetric(Hook):
         if not t.run_dir.writer or not os.path.isdir(self.folder):
             return
         keep = {best_weights_path(t.run_dir, int(self.best_epoch.numpy()))}
-        for prefix in t.checkpoints.manager.checkpoints:
+        for prefix in t.checkpoints.kept:
             if prefix == pending:
                 continue
             try:
@@ -82,7 +82,7 @@ class BestMetric(Hook):
 
     def end(self, loop, reason):
         t = loop.trainer
-        kept = t.checkpoints.manager.checkpoints
+        kept = t.checkpoints.kept
         self._prune(t, pending=kept[-1] if kept else None)  # the final save names the current best
         if not is_final(reason) or not uses_best(t.cfg):
             return
