@@ -85,3 +85,17 @@ def test_op_determinism_turns_on_and_off_again():
         assert not config.is_op_determinism_enabled()
     finally:
         compat.set_op_determinism(False)
+
+
+def test_a_missing_private_api_is_one_line_and_exit_1(monkeypatch, tmp_path, capsys):
+    """CompatError is a RunFailure: the cli says it in one line (exit 1), no traceback."""
+    from hpcjobs import cli
+    from hpcjobs.slurm import command
+
+    def missing(args):
+        raise compat.CompatError("keras.src.x: missing from the installed Keras (checked against 3.15.1)")
+
+    monkeypatch.setattr(command, "cmd_status", missing)
+    assert cli.main(["status", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == "hpcjobs: status failed: keras.src.x: missing from the installed Keras (checked against 3.15.1)\n"

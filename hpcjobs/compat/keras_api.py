@@ -13,9 +13,12 @@ from __future__ import annotations
 import functools
 import types
 
+from ..errors import RunFailure
 
-class CompatError(RuntimeError):
-    """A private API hpcjobs relies on is missing from the installed package."""
+
+class CompatError(RunFailure):
+    """A private API hpcjobs relies on is missing from the installed package: one line
+    naming it (exit 1), not a traceback."""
 
 
 @functools.cache
