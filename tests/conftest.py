@@ -78,8 +78,12 @@ def on_cluster(cluster, monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- order
 # pytest-xdist (--dist loadscope) hands out whole modules in collection order: the modules that
-# mostly wait on Slurm's clock go first, so that their waits overlap the CPU-bound modules.
-FIRST = ["test_search_slurm.py", "test_slurm_jobs.py", "test_slurm.py"]
+# mostly wait on Slurm's clock go first, each beside one of the longest CPU-bound modules, so that
+# their waits overlap CPU work; then the other modules, longest first, so that no long module runs
+# alone at the end.
+FIRST = ["test_slurm_jobs.py", "test_checkpoint.py", "test_search_slurm.py", "test_distribute.py", "test_slurm.py",
+         "test_hostile.py", "test_transfer.py", "test_recipe.py", "test_select.py", "test_search.py",
+         "test_precision.py", "test_train.py", "test_infer.py", "test_export.py"]
 
 
 def pytest_collection_modifyitems(items):
