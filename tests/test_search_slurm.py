@@ -19,7 +19,7 @@ import pytest
 
 from conftest import FASHION, need_fashion_mnist
 from hpcjobs import cli
-from slurm_cluster import TERMINAL, logs, squeue_states, wait_for
+from slurm_cluster import TERMINAL, logs, squeue_states, status, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = f"""
@@ -48,20 +48,12 @@ search:
 FINAL = ("finished", "pruned")
 
 
-def _status(path) -> dict:
-    try:
-        with open(os.path.join(path, "run.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def _kill_a_worker_mid_trial(run) -> str:
     """SIGKILL the worker of a trial that has its first checkpoint and is still training."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for trial in sorted(glob.glob(os.path.join(run, "trials", "*"))):
-            st = _status(trial)
+            st = status(trial)
             if st.get("status") != "running" or len(st.get("sessions", [])) != 1 \
                     or not os.path.exists(os.path.join(trial, "checkpoints", "checkpoint")):
                 continue
@@ -82,7 +74,7 @@ def _signal_the_array_mid_trial(run, job: str, killed: str) -> str:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for trial in sorted(glob.glob(os.path.join(run, "trials", "*"))):
-            st = _status(trial)
+            st = status(trial)
             if trial == killed or st.get("status") != "running" or st["sessions"][-1]["end"] is not None:
                 continue
             lines = 0
@@ -124,7 +116,7 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
     assert len(rows) == 12 and {r["status"] for r in rows} <= {"complete", "pruned"}, rows
     sessions = {}
     for i in range(12):
-        st = _status(os.path.join(run, "trials", f"{i:03d}"))
+        st = status(os.path.join(run, "trials", f"{i:03d}"))
         assert st["status"] == "finished", (i, st)
         ends = [s["stopped_by"] for s in st["sessions"]]
         assert sum(e in FINAL for e in ends) == 1 and ends[-1] in FINAL, (i, ends)  # ended exactly once
@@ -132,7 +124,7 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
             if before["end"] is not None:  # stopped cleanly: the next session goes on exactly from there
                 assert after["start_step"] == before["end_step"], (i, st["sessions"])
         sessions[i] = st["sessions"]
-    k = _status(killed)["sessions"]
+    k = status(killed)["sessions"]
     assert len(k) >= 2 and k[0]["end"] is None, k  # the SIGKILLed session never ended; another resumed it
     assert k[1]["start_step"] > 0, k  # ... from the checkpoint it had, not from scratch
     stopped = [i for i, ss in sessions.items() if any(s["stopped_by"] in ("SIGUSR1", "SIGTERM", "time_budget")
