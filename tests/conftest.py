@@ -77,7 +77,7 @@ def on_cluster(cluster, monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------- order
-# pytest-xdist (--dist loadscope) hands out whole modules in collection order: the modules that
+# pytest-xdist (--dist loadscope --no-loadscope-reorder) hands out whole modules in collection order: the modules that
 # mostly wait on Slurm's clock go first, each beside one of the longest CPU-bound modules, so that
 # their waits overlap CPU work; then the other modules, longest first, so that no long module runs
 # alone at the end.

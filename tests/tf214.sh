@@ -31,4 +31,4 @@ assert tf.__version__ == "2.14.1" and keras.__version__.startswith("2.14"), (tf.
 print(f"tf214: TensorFlow {tf.__version__}, Keras {keras.__version__}, numpy {numpy.__version__}", flush=True)
 EOF
 cd "$REPO"
-exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -n 3 --dist loadscope -m "tf214 and not slurm" "$@"
+exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -n 3 --dist loadscope --no-loadscope-reorder -m "tf214 and not slurm" "$@"
