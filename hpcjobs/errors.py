@@ -25,8 +25,14 @@ class RunFailure(RuntimeError):
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (TensorFlow's op-location prefix removed)."""
+    """``Type: first line of the message`` (TensorFlow's op-location prefix removed). A line
+    over ``limit`` loses its middle, not its end: TensorFlow puts the reason ("No space left
+    on device") after a path whose length depends on where the run lies."""
     import re
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e))
-    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:limit]}"
+    line = (text.splitlines() or [""])[0]
+    if len(line) > limit:
+        head = limit // 3
+        line = f"{line[:head]}...{line[len(line) - (limit - head - 3):]}"
+    return f"{type(e).__name__}: {line}"

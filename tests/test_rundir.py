@@ -105,3 +105,14 @@ def test_every_write_takes_the_runs_lock(tmp_path, monkeypatch):
     rd.write_record(rec)
     rd.unlock()
     assert taken == [fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN]
+
+
+def test_a_long_error_line_keeps_its_reason():
+    """The reason TensorFlow puts after a long path survives the one-line limit, wherever the run lies."""
+    from hpcjobs.errors import first_line
+
+    for depth in (10, 300):
+        e = OSError(f"/tmp/{'d' * depth}/ckpt-10_temp/part-00000; No space left on device")
+        line = first_line(e)
+        assert line.startswith("OSError: /tmp/") and line.endswith("; No space left on device")
+        assert len(line) <= len("OSError: ") + 200
