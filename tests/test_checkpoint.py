@@ -17,6 +17,7 @@ from hpcjobs import config
 from hpcjobs.train import Hook, train as train_api
 
 from conftest import QUICKSTART, REPO
+from stops import StopAfterCallFrom, train_in_sessions
 
 # Deterministic, with Dropout (simple_cnn) and random augmentation on.
 DET = ["training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12",
@@ -74,17 +75,6 @@ def feed_settings(feed, store):
     return feed_sets
 
 
-class StopAfterCallFrom(Hook):
-    """Stops the session after the compiled call that starts at ``step`` or later: a stop at a
-    known place whatever the machine's speed, through the same path as a time budget's."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def stop_reason(self, loop):
-        return "test_stop" if loop.step >= self.step else None
-
-
 def assert_equal_runs(parts, whole):
     st = status(parts)
     assert st["status"] == "finished"
@@ -101,8 +91,7 @@ def test_sessions_stopped_mid_epoch_equal_uninterrupted_run(tmp_path, store, fee
     assert train_api(cfg, whole, verbose=False) == 0
     # calls of 10 steps cut at the 12-step epochs (and at every 5th step with async writes): each
     # session stops inside an epoch, the first after 12->22 (10->15), the second after 36->46 (36->40)
-    codes = [train_api(cfg, str(parts), verbose=False, hooks=[StopAfterCallFrom(at)]) for at in (11, 36, 10**9)]
-    assert codes == [75, 75, 0]
+    assert train_in_sessions(parts, DET + feed_settings(feed, store), stops=(11, 36)) == [75, 75, 0]
     (s0, s1, s2) = status(parts)["sessions"]
     assert [s["stopped_by"] for s in (s0, s1, s2)] == ["test_stop", "test_stop", "finished"]
     assert (s0["start_step"], s1["start_step"], s2["start_step"]) == (0, s0["end_step"], s1["end_step"])
