@@ -23,7 +23,7 @@ from .loader import dump, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's na
 from .overrides import apply_overrides, parse_override  # noqa: F401
 from .search import ParamSpec, SearchConfig  # noqa: F401
 from .transfer import HeadConfig, TransferConfig
-from .train import SEED_MAX, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
+from .train import SEED_MAX, LossConfig, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
 from ..units import SLURM_MEM, check_time_budget, parse_bytes, parse_shard, slurm_seconds
