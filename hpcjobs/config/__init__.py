@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .checks import BUILTIN_ARCHS, check_across, check_arch, check_model, unknown_arch  # noqa: F401
 from .loader import ConfigError, build, read_with_base
@@ -62,7 +62,9 @@ class DataConfig:
     image_size: Optional[tuple[int, int]] = None  # (height, width); null = the source's
     channels: Optional[int] = None  # 1 or 3; null = the source's
     validation_split: float = 0.1
-    test_split: Optional[float] = None  # null: 20% below 1,000 samples, 10% below 10,000, else 5%
+    # null: 20% below 1,000 samples, 10% below 10,000, else 5%; source: the source's own test set
+    # (IDX t10k files, an .npz's x_test/y_test, a folder's test/ class tree), validation then from the rest
+    test_split: Optional[Union[float, Literal["source"]]] = None
     feed: Literal["auto", "memory", "disk", "hybrid"] = "auto"
     memory_budget: str = "4GiB"
     epochs_per_segment: int = 2
@@ -77,9 +79,10 @@ class DataConfig:
     def __post_init__(self):
         if not 0 <= self.validation_split < 1:
             raise ValueError("validation_split: must be in [0, 1)")
-        if self.test_split is not None and not 0 <= self.test_split < 1:
-            raise ValueError("test_split: must be in [0, 1)")
-        if self.validation_split + (self.test_split or 0) >= 1:
+        share = self.test_split if isinstance(self.test_split, float) else 0
+        if not 0 <= share < 1:
+            raise ValueError("test_split: must be in [0, 1), source or null")
+        if self.validation_split + share >= 1:
             raise ValueError("validation_split: validation_split + test_split must be below 1")
         if self.image_size is not None and not 1 <= min(self.image_size) <= max(self.image_size) <= 8192:
             raise ValueError("image_size: must be [height, width], each from 1 to 8192")
