@@ -81,6 +81,12 @@ def _application(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
     shape = tuple(int(d) for d in x.shape[1:])
     top = cfg.head.include_top
     weights = backbones.resolve_weights(cfg.arch, cfg.weights, cfg.weights_cache, shape, top)
+    if top and weights is not None:  # the pretrained classifier is kept as it is: its classes must be the data's
+        theirs = 1000 if cfg.weights == "imagenet" else backbones.classifier_classes(weights)
+        if theirs is not None and theirs != num_classes:
+            raise ModelError(f"model.head.include_top: the pretrained classifier of {cfg.arch} has {theirs} classes, "
+                             f"the data {num_classes}; it is kept only for as many classes (set include_top: false "
+                             "for a new head)")
     kw = dict(classes=num_classes, classifier_activation="softmax") if top else dict(pooling=None)
     try:
         base = ctor(include_top=top, weights=weights, input_shape=shape, **kw)

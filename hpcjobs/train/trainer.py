@@ -246,8 +246,10 @@ class Trainer:
             return "from_weights"
         if self.init is not None:
             self.init.apply(self.model)
+            left = self.init.left or []
             say(f"initialised {len(self.init.layers)} layers from {self.init.path}"
-                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else ""))
+                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else "")
+                + (f"; left as built: {', '.join(left[:10])}{' ...' if len(left) > 10 else ''}" if left else ""))
             return "init_from"
         return "scratch"
 
