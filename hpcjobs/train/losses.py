@@ -29,7 +29,7 @@ EPSILON = 1e-7  # Keras' backend epsilon: probabilities are clipped to [eps, 1 -
 def check_classes(loss_cfg, num_classes: int):
     """``alpha`` must give one weight per class of the data."""
     if loss_cfg.alpha is not None and len(loss_cfg.alpha) != num_classes:
-        raise ConfigError("training.loss", "alpha",
+        raise ConfigError("training.loss.alpha", "",
                           f"{len(loss_cfg.alpha)} values for {num_classes} classes (give one per class)")
 
 
@@ -42,7 +42,7 @@ def make_loss(loss_cfg, num_classes: int, user_fn: Optional[Callable] = None) ->
     if name == "focal":
         return focal(loss_cfg.gamma, loss_cfg.alpha, loss_cfg.label_smoothing, num_classes)
     if user_fn is None:
-        raise ConfigError("training.loss", "name", f"{name!r}: a user loss needs its callable (not loaded)")
+        raise ConfigError("training.loss.name", "", f"{name!r}: a user loss needs its callable (not loaded)")
     return user_fn
 
 
