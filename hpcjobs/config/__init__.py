@@ -110,13 +110,16 @@ class DataConfig:
 
 @_frozen
 class ModelConfig:
-    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2)
+    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2) | kerashub:PATH (a
+    # KerasHub preset folder: its backbone, weights and image preprocessing, and a new head)
     arch: str = "simple_cnn"
     weights: Optional[str] = None  # keras.applications: a weights file, or imagenet (from the cache); never downloaded
     weights_cache: Optional[str] = None  # where imagenet weights are; null: $KERAS_HOME/models or ~/.keras/models
     head: HeadConfig = field(default_factory=HeadConfig)
     bn_trainable: bool = False  # BatchNormalization of unfrozen blocks trains too (default: inference mode)
-    init_from: Optional[str] = None  # an hpcjobs export or .weights.h5: copy matching layers
+    # an hpcjobs run or export, or a .weights.h5 written for this architecture: copy the layers that match by
+    # name and shape (those filled and those left are reported)
+    init_from: Optional[str] = None
     freeze_backbone: bool = False
     dropout: float = 0.5
     width: int = 32  # filters of the first conv layer of the built-in nets

@@ -148,7 +148,7 @@ def _kerashub(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
         x = L.Rescaling(1.0 if scale is None else scale, offset=0.0 if offset is None else offset,
                         name="preprocess_kerashub")(x)
     name = "kerashub_" + (os.path.basename(os.path.normpath(path)) or "preset")
-    base = keras.Model(backbone.inputs, backbone.outputs, name=backbone.name)
+    base = keras.Model(backbone.input, backbone.output, name=backbone.name)
     base.trainable = not cfg.freeze_backbone
     x = base(x)
     if len(x.shape) == 3:  # tokens (a transformer's sequence): their mean
