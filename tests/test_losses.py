@@ -66,6 +66,16 @@ def test_each_loss_is_its_runs_loss_and_val_loss(runs):
     assert saved.training.loss.name == "focal" and saved.training.loss.gamma == 2.0
 
 
+def test_evaluate_reports_the_runs_own_loss(runs, tmp_path):
+    """``hpcjobs evaluate RUN`` gives the test loss of the run's training.loss (the same factory
+    as the compiled evaluation's run.json test_loss), not crossentropy's."""
+    for name in ("focal", "crossentropy"):
+        out = tmp_path / name
+        assert cli.main(["evaluate", str(runs[name]), "--output", str(out)]) == 0
+        got = json.loads((out / "metrics.json").read_text())["loss"]
+        assert got == pytest.approx(status(runs[name])["test_loss"], rel=1e-4), name
+
+
 def test_focal_loss_values():
     """Focal with gamma 0 and alpha 1 is crossentropy; alpha weights each class; label
     smoothing gives Keras' smoothed crossentropy."""
