@@ -86,7 +86,9 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
-                     class_names=[str(c) for c in trainer.data.class_names])
+                     class_names=[str(c) for c in trainer.data.class_names],
+                     test_images=len(trainer.data.splits["test"]),
+                     test_source=trainer.data.test_origin or "split from the source")
         _announce(trainer, origin, loop.step)
         reason = loop.run()
         return _finish(trainer, loop, reason, record)
@@ -131,7 +133,9 @@ def _announce(trainer, origin: str, step: int):
         trainer.say("warning: training.stages[0] trains only the head over a backbone that starts random "
                     "(no model.weights, model.init_from or --from): its features stay random for that stage")
     trainer.say(f"training {cfg.name}: {len(d.splits['train'])} train / {len(d.splits['val'])} val / "
-                f"{len(d.splits['test'])} test images {d.image_shape}, {d.num_classes} classes, feed "
+                f"{len(d.splits['test'])} test images"
+                + (f" (the source's own: {d.test_origin})" if d.test_origin else "")
+                + f" {d.image_shape}, {d.num_classes} classes, feed "
                 f"{trainer.feeder.feed}, strategy {trainer.rt.kind} x{trainer.rt.replicas}, start {origin} "
                 f"at step {step}/{trainer.total_steps}")
 
