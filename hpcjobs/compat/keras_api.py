@@ -187,3 +187,15 @@ def write_export_archive(archive, path: str) -> None:
 
     with contextlib.redirect_stdout(io.StringIO()):
         archive.write_out(path)
+
+
+def registered_object(name: str):
+    """The class registered with Keras under ``name`` (``package>Class``), or None.
+    Keras 3: ``keras.saving.get_registered_object``; Keras 2.14 has the same under
+    ``tf.keras.saving`` (which is ``keras.saving``).  Checked with Keras 3.15.1 and 2.14.0."""
+    import keras
+
+    try:
+        return keras.saving.get_registered_object(name)
+    except (AttributeError, ValueError, TypeError):
+        return None

@@ -86,7 +86,8 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
-                     class_names=[str(c) for c in trainer.data.class_names])
+                     class_names=[str(c) for c in trainer.data.class_names],
+                     **({"code": trainer.code.entries} if getattr(trainer, "code", None) else {}))
         _announce(trainer, origin, loop.step)
         reason = loop.run()
         return _finish(trainer, loop, reason, record)

@@ -63,10 +63,12 @@ class Trainer:
     generators, reads and preprocesses the data (unless ``data`` is given), and builds
     the model, the optimizer, the hooks' state, the compiled steps and the checkpoint
     manager.  Nothing is restored, trained or written there: ``restore()`` and
-    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones."""
+    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones and
+    those of ``training.hooks``; ``code`` is the run's copy of the user's code
+    (``plugins.RunCode.prepare``, which ``job.train`` makes before the Trainer)."""
 
     def __init__(self, cfg: Config, run_dir: str, *, runtime=None, info=None, data=None,
-                 time_budget: str | None = None, verbose: bool = True, hooks=()):
+                 time_budget: str | None = None, verbose: bool = True, hooks=(), code=None):
         import keras
         import tensorflow as tf
 
@@ -89,7 +91,9 @@ class Trainer:
         self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
         self.epochs = sum(st.epochs for st in t.stages) if t.stages else t.epochs
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
+        self.code = code  # RUN/code/: the user's code files and modules (hpcjobs.plugins.RunCode), or None
+        self.hooks = (hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget))
+                      + hooks_mod.user_hooks(cfg) + list(hooks))
         self.jit_compile = use_xla(t, self.rt)
         self._build_state()
         self.compiled = self._build_steps()
