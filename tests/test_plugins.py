@@ -214,7 +214,7 @@ def test_evaluate_on_the_bundle_needs_trust_code(runs, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--trust-code" in err, err
 
 
-def test_a_changed_model_file_is_refused_and_a_vanished_one_is_a_warning(runs, tmp_path, capsys):
+def test_a_changed_model_file_is_refused_and_a_vanished_one_is_a_warning(tmp_path, capsys):
     config = project(str(tmp_path / "project"), dict(CONFIG, training=dict(CONFIG["training"], epochs=1,
                                                                           steps_per_epoch=2)))
     run = tmp_path / "run"
@@ -233,14 +233,17 @@ def test_a_changed_model_file_is_refused_and_a_vanished_one_is_a_warning(runs, t
     assert "has gone; using the run's copy" in out and str(run / "code" / "nets.py") in out
 
 
-def test_a_data_loader_and_named_layers_train(tmp_path):
+def test_a_data_loader_and_named_layers_train(tmp_path, capsys):
     """data.source: my_data.py:load through prepare and the splits; a stage that names layers."""
     cfg = dict(CONFIG, data={"source": "my_data.py:load"},
                training=dict(CONFIG["training"], hooks=[], epochs=2, steps_per_epoch=3,
                              stages=[{"epochs": 1, "trainable": ["logits"]}, {"epochs": 1, "trainable": "all"}]))
     config = project(str(tmp_path / "project"), cfg)
     run = tmp_path / "run"
+    capsys.readouterr()
     assert train(config, run) == 0
+    out = capsys.readouterr().out
+    assert "training the layers logits (1 layers)" in out, out
     rec = record(run)
     assert rec["class_names"] == [f"digit{i}" for i in range(10)]
     assert {e["key"] for e in rec["code"]} == {"model.arch", "data.source"}
