@@ -298,3 +298,48 @@ def test_the_python_api_example_of_the_readme_runs(tmp_path):
     assert scope["rc"] == 0
     assert scope["record"]["status"] == "finished" and scope["hook"].epochs == scope["record"]["total_steps"] // \
         scope["record"]["steps_per_epoch"]
+
+
+def test_a_model_from_an_installed_module_is_recorded_and_needs_no_flag(tmp_path, monkeypatch, capsys):
+    """model.arch: package.module:build; run.json and the card name the module and its file's
+    sha256; the bundle carries no file, so infer needs no --trust-code; mixed precision
+    computes the user's layers in float16 and still outputs float32 probabilities."""
+    pkg = tmp_path / "site" / "test_plugins_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(NETS.replace('package="test_plugins"', 'package="test_plugins_pkg"'))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    cfg = dict(CONFIG, model=dict(CONFIG["model"], arch="test_plugins_pkg.nets:build"),
+               training=dict(CONFIG["training"], hooks=[], epochs=1, steps_per_epoch=2,
+                             precision="mixed_float16"))
+    config = project(str(tmp_path / "project"), cfg)
+    run = tmp_path / "run"
+    assert train(config, run) == 0
+    from hpcjobs.digest import file_digest
+
+    (entry,) = record(run)["code"]
+    assert entry["module"] == "test_plugins_pkg.nets" and entry["sha256"] == file_digest(str(pkg / "nets.py"))
+    assert "module `test_plugins_pkg.nets`" in (run / "export" / "model_card.md").read_text()
+    assert not any(p.suffix == ".py" for p in (run / "export" / "code").iterdir())
+    from hpcjobs.export.loading import load
+
+    model = load(str(run))[0]
+    assert model.get_layer("tiny").get_layer("conv").compute_dtype == "float16"
+    assert model.layers[-1].name == "probabilities" and model.output.dtype in ("float32", "<dtype: 'float32'>")
+    images = _digit_folder(str(tmp_path / "images"), 4)
+    assert cli.main(["infer", "--model", str(run), "--input", images, "--output", str(tmp_path / "p.csv")]) == 0
+
+
+def test_a_loss_function_resolves_from_a_file_with_the_plugin_loader(tmp_path):
+    """The loader item 3's training.loss uses: load_plugin(spec, "loss", key)."""
+    from hpcjobs import plugins
+
+    (tmp_path / "my_loss.py").write_text("def per_example(y_true, y_pred):\n    return y_pred[:, 0] * 0 + 1\n"
+                                         "NOT_A_FUNCTION = 3\n")
+    fn = plugins.load_plugin(plugins.absolute("my_loss.py:per_example", str(tmp_path)), "loss", "training.loss")
+    assert list(fn(np.zeros(2), np.zeros((2, 3)))) == [1, 1]
+    for spec, words in (("my_loss.py:NOT_A_FUNCTION", "is a int, not a function"), ("nope.py:f", "no such file"),
+                        ("my_loss.py:gone", "has no 'gone'")):
+        with pytest.raises(plugins.PluginError) as e:
+            plugins.load_plugin(plugins.absolute(spec, str(tmp_path)), "loss", "training.loss")
+        assert str(e.value).startswith("training.loss: ") and words in str(e.value)
