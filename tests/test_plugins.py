@@ -139,6 +139,7 @@ def runs(tmp_path_factory):
     return dict(base=base, config=config, whole=whole, parts=parts, codes=codes)
 
 
+@pytest.mark.tf214
 def test_sessions_end_bitwise_equal_to_the_whole_run_hook_state_included(runs):
     codes, whole, parts = runs["codes"], record(runs["whole"]), record(runs["parts"])
     assert codes[-1] == 0 and codes.count(75) >= 2, codes
@@ -164,12 +165,15 @@ def test_the_code_is_copied_into_the_run_with_its_sha256(runs):
 
 
 def test_the_bundle_carries_the_code_and_lists_it(runs):
-    export = runs["whole"] / "export"
-    assert (export / "code" / "nets.py").read_text() == NETS
-    sums = (export / "SHA256SUMS").read_text()
-    assert "  code/nets.py\n" in sums and "  code/code.json\n" in sums
-    card = (export / "model_card.md").read_text()
-    assert "`code/nets.py`" in card and "--trust-code" in card
+    """At the end of training, and from ``hpcjobs export RUN`` (the model rebuilt from the run's copy)."""
+    again = runs["base"] / "export-again"
+    assert cli.main(["export", str(runs["whole"]), "--output", str(again)]) == 0
+    for export in (runs["whole"] / "export", again):
+        assert (export / "code" / "nets.py").read_text() == NETS
+        sums = (export / "SHA256SUMS").read_text()
+        assert "  code/nets.py\n" in sums and "  code/code.json\n" in sums
+        card = (export / "model_card.md").read_text()
+        assert "`code/nets.py`" in card and "--trust-code" in card
 
 
 def _digit_folder(folder, n=12):
@@ -185,6 +189,7 @@ def _digit_folder(folder, n=12):
     return folder
 
 
+@pytest.mark.tf214
 def test_infer_on_the_bundle_needs_trust_code(runs, capsys):
     images = _digit_folder(str(runs["base"] / "images"))
     out = runs["base"] / "pred.csv"
@@ -266,6 +271,7 @@ BAD = {
 }
 
 
+@pytest.mark.tf214
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_plugin_is_one_line_naming_the_key(case, tmp_path, capsys):
     overrides, key, words = BAD[case]

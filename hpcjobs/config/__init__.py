@@ -307,6 +307,9 @@ class InferConfig:
     shard: Optional[str] = None  # "i/n"; null = from the Slurm array or MPI rank, else 0/1
     time_budget: Optional[str] = None  # stop after the chunk that would cross it (exit 75)
     submission: Optional[SubmissionConfig] = None  # also STEM.submission.csv, Kaggle style (id, label)
+    # import the Python code an export carries (a model of the trainer's own: export/code/); importing code
+    # runs it, so only for a source you trust (the same as --trust-code; how `submit --infer` says it)
+    trust_code: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "chunk_size"):

@@ -76,9 +76,11 @@ def _from_split(data, split: str, where: str) -> Labelled:
 
 
 def _from_config(path: str, split: str, overrides) -> Labelled:
-    from .. import config
+    from .. import config, plugins
     from ..data import load_data
 
+    if os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), plugins.CODE_DIR)):
+        plugins.use_run_code(os.path.dirname(os.path.abspath(path)))  # a run's data loader: its own copy
     return _from_split(load_data(config.load(path, overrides)), split, path)
 
 

@@ -41,7 +41,7 @@ def code_objects(path: str) -> list[str]:
 
 
 UNSAFE_HINT = "Pass --unsafe only for a model from a source you trust"
-TRUST_HINT = "Pass --trust-code only for a bundle from a source you trust"
+TRUST_HINT = "Pass --trust-code (in a config: infer.trust_code: true) only for a bundle from a source you trust"
 
 
 def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HINT, trust_code: bool = False,

@@ -42,7 +42,7 @@ def _settings(args) -> InferConfig:
     model = args.model or cfg.infer.model or (default_run_dir(args.run_dir, cfg.name) if args.config
                                               else args.run_dir)
     flags = {"model": model, "input": args.input, "output": args.output, "split": args.split,
-             "shard": args.shard, "time_budget": args.time_budget}
+             "shard": args.shard, "time_budget": args.time_budget, "trust_code": args.trust_code or None}
     try:
         return dataclasses.replace(cfg.infer, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
@@ -56,4 +56,4 @@ def cmd_infer(args) -> int:
         if not cfg.output:
             raise InferError("--merge needs --output (the results file the shards were run with)")
         return merge(outputs_for(cfg.output, cfg.format, cfg.submission))
-    return infer(cfg, unsafe=args.unsafe, trust_code=args.trust_code)
+    return infer(cfg, unsafe=args.unsafe, trust_code=cfg.trust_code)
