@@ -90,6 +90,28 @@ def load():
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
     return images, d.target, [f"digit{i}" for i in range(10)]
+
+
+def floats():
+    return np.zeros((20, 8, 8), np.float32), np.zeros(20, np.int64), ["a", "b"]
+
+
+def paths():
+    """Image files this loader writes beside itself, 6 per class."""
+    import os
+
+    from PIL import Image
+
+    d = load_digits()
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
+    os.makedirs(folder, exist_ok=True)
+    files, labels = [], []
+    for i in range(60):
+        path = os.path.join(folder, f"{i}.png")
+        Image.fromarray(np.round(d.images[i] * (255 / 16)).astype(np.uint8)).save(path)
+        files.append(path)
+        labels.append(int(d.target[i]))
+    return files, labels, [str(c) for c in range(10)]
 '''
 
 # Deterministic, small: 3 epochs of 8 steps of 64 images.  The issue's acceptance also
@@ -266,6 +288,7 @@ BAD = {
     "hook options": (["training.hooks=[{hook: hooks.py:CountSteps, options: {every: 2}}]"], "training.hooks[0]",
                      "unexpected keyword argument 'every'"),
     "data missing": (["data.source=gone.py:load"], "data.source", "gone.py: no such file"),
+    "data not uint8": (["data.source=my_data.py:floats"], "data.source", "type float32; expected uint8"),
     "top_blocks": (["training.stages=[{epochs: 1, trainable: {top_blocks: 1}}]"], "training.stages[0].trainable",
                    "no blocks"),
 }
@@ -334,6 +357,11 @@ def test_a_model_from_an_installed_module_is_recorded_and_needs_no_flag(tmp_path
     assert model.layers[-1].name == "probabilities" and model.output.dtype in ("float32", "<dtype: 'float32'>")
     images = _digit_folder(str(tmp_path / "images"), 4)
     assert cli.main(["infer", "--model", str(run), "--input", images, "--output", str(tmp_path / "p.csv")]) == 0
+    with open(pkg / "nets.py", "a") as f:  # the module changes between sessions: said, not refused
+        f.write("\n# changed\n")
+    capsys.readouterr()
+    assert train(config, run, "--set", "training.epochs=2") == 0
+    assert "warning: model.arch: module test_plugins_pkg.nets changed since this run started" in capsys.readouterr().out
 
 
 def test_a_loss_function_resolves_from_a_file_with_the_plugin_loader(tmp_path):
@@ -349,3 +377,20 @@ def test_a_loss_function_resolves_from_a_file_with_the_plugin_loader(tmp_path):
         with pytest.raises(plugins.PluginError) as e:
             plugins.load_plugin(plugins.absolute(spec, str(tmp_path)), "loss", "training.loss")
         assert str(e.value).startswith("training.loss: ") and words in str(e.value)
+
+
+def test_a_data_loader_of_paths_prepares_a_store(tmp_path, capsys):
+    """(paths, labels, class_names): the files go through prepare's decoding and splits into a store."""
+    config = project(str(tmp_path / "project"), dict(CONFIG, data={"source": "my_data.py:paths",
+                                                                     "validation_split": 0.2, "test_split": 0.2}))
+    store = tmp_path / "paths.h5"
+    assert cli.main(["prepare", config, "--output", str(store)]) == 0
+    from hpcjobs.data import open_store
+
+    data = open_store(str(store))
+    try:
+        assert data.class_names == [str(c) for c in range(10)]
+        assert sum(len(data.splits[s]) for s in ("train", "val", "test")) == 60
+        assert data.image_shape == (8, 8, 1)
+    finally:
+        data.close()
