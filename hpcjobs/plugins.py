@@ -280,24 +280,24 @@ class RunCode:
             if any(e["source"] == source for e in files):
                 continue
             old = known.get(source)
-            copy_path = os.path.join(folder, old["copy"]) if old else None
-            if old and os.path.isfile(copy_path) and file_digest(copy_path) == old.get("sha256"):
-                if os.path.isfile(source):
-                    digest = file_digest(source)
-                    if digest != old["sha256"] and resuming:
-                        raise PluginError(f"{key}: {source}: changed since this run started (sha256 "
-                                          f"{old['sha256'][:12]} -> {digest[:12]}); the run's copy is "
-                                          f"{copy_path}: put it back, start a new run (--run-dir) or pass "
-                                          "--restart to move this one aside")
-                    if digest == old["sha256"] or not writer:
-                        files.append(old)
-                        names.add(old["copy"])
-                        continue
-                else:
-                    say(f"warning: {key}: {source} has gone; using the run's copy {copy_path}")
+            if old is not None and isinstance(old.get("copy"), str) and isinstance(old.get("sha256"), str):
+                copy_path = os.path.join(folder, os.path.basename(old["copy"]))
+                copy_ok = os.path.isfile(copy_path) and file_digest(copy_path) == old["sha256"]
+                digest = file_digest(source) if os.path.isfile(source) else None
+                if resuming and digest is not None and digest != old["sha256"]:
+                    raise PluginError(f"{key}: {source}: changed since this run started (sha256 "
+                                      f"{old['sha256'][:12]} -> {digest[:12]}); the run's copy is "
+                                      f"{copy_path}: put it back, start a new run (--run-dir) or pass "
+                                      "--restart to move this one aside")
+                if copy_ok and (digest is None or digest == old["sha256"] or not writer):
+                    if digest is None:
+                        say(f"warning: {key}: {source} has gone; using the run's copy {copy_path}")
                     files.append(old)
                     names.add(old["copy"])
                     continue
+                if resuming and digest is None:
+                    raise PluginError(f"{key}: {source}: no such file, and the run's copy {copy_path} is "
+                                      "missing or damaged (its sha256 is not the one code.json lists)")
             if not os.path.isfile(source):
                 raise PluginError(f"{key}: {source}: no such file")
             if not writer:  # the chief copies; a worker imports the source meanwhile
