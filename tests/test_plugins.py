@@ -8,12 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import yaml
 
-from hpcjobs import cli
+from hpcjobs import cli, config
+from hpcjobs.train import Hook, train as train_api
 
 from conftest import QUICKSTART, REPO
 
@@ -120,8 +122,8 @@ def paths():
 CONFIG = {
     "base": QUICKSTART,
     "model": {"arch": "nets.py:build", "options": {"width": 8, "factor": 0.5}, "outputs": "logits"},
-    "training": {"epochs": 3, "steps_per_epoch": 8, "batch_size": 64, "deterministic": True,
-                 "hooks": ["hooks.py:CountSteps"]},
+    "training": {"epochs": 3, "steps_per_epoch": 8, "steps_per_call": 4, "batch_size": 64,
+                 "deterministic": True, "hooks": ["hooks.py:CountSteps"]},
     "checkpoint": {"every_minutes": None},
 }
 
@@ -138,39 +140,69 @@ def project(folder, config=None, nets=NETS):
     return path
 
 
-def train(config, run, *args):
-    return cli.main(["train", config, "--run-dir", str(run), *args])
+def train(config_path, run, *args):
+    return cli.main(["train", config_path, "--run-dir", str(run), *args])
 
 
 def record(run):
     return json.loads((run / "run.json").read_text())
 
 
+class Clock(Hook):
+    """A run's costs, to size a time budget from (as test_checkpoint's time-budget test does):
+    set-up to the end of the first call, the seconds per step, the longest call, the save."""
+
+    def begin(self, loop):
+        self.t0, self.calls = loop.trainer.t0, []
+
+    def after_steps(self, loop, step, sums, secs):
+        self.calls.append((time.monotonic(), step, secs))
+
+    def end(self, loop, reason):
+        self.save = loop.trainer.checkpoints.expected_save_seconds
+
+
+class StopAfterFirstCall(Hook):
+    def stop_reason(self, loop):
+        return "test_stop"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same run trained whole and cut into sessions by --time-budget (from another folder)."""
+    """The same run trained whole and cut into sessions by --time-budget (the user's files in
+    another folder).  The budget is sized from costs measured here (a resumed session's set-up,
+    the stop's margin, about two calls of steps), so each session stops with work left on any
+    machine; the first session stops after its first call, which measures that set-up."""
     base = tmp_path_factory.mktemp("plugins")
-    config = project(str(base / "project"))
-    whole, parts = base / "whole", base / "parts"
-    assert train(config, whole) == 0
-    codes = []
-    for _ in range(30):
-        codes.append(train(config, parts, "--time-budget", "2s"))
+    config_path = project(str(base / "project"))
+    whole, parts, clock, first = base / "whole", base / "parts", Clock(), Clock()
+    cfg = config.load(config_path)
+    assert train_api(cfg, str(whole), verbose=False, hooks=[clock]) == 0
+    assert train_api(cfg, str(parts), verbose=False, hooks=[first, StopAfterFirstCall()]) == 75
+    (t1, s1, _), (tn, sn, _) = clock.calls[0], clock.calls[-1]
+    per_step = (tn - t1) / (sn - s1)
+    setup = first.calls[0][0] - first.calls[0][2] - first.t0
+    budget = setup + 1.5 * first.save + 3 * max(c[2] for c in clock.calls[1:]) + 1.0 + 8 * per_step
+    codes = [75]
+    for _ in range(12):  # at least one call per session: 24 steps are 6 calls
+        codes.append(train(config_path, parts, "--time-budget", f"{budget:.3f}s"))
         if codes[-1] != 75:
             break
-    return dict(base=base, config=config, whole=whole, parts=parts, codes=codes)
+    return dict(base=base, config=config_path, whole=whole, parts=parts, codes=codes)
 
 
 @pytest.mark.tf214
 def test_sessions_end_bitwise_equal_to_the_whole_run_hook_state_included(runs):
     codes, whole, parts = runs["codes"], record(runs["whole"]), record(runs["parts"])
-    assert codes[-1] == 0 and codes.count(75) >= 2, codes
+    assert codes[-1] == 0 and codes.count(75) >= 2, codes  # the first session's stop, and the budget's
+    stops = [s for s in parts["sessions"] if s["stopped_by"] == "time_budget"]
+    assert len(stops) == codes.count(75) - 1 >= 1 and all(0 < s["end_step"] < 24 for s in stops)
     assert parts["weights_sha256"] == whole["weights_sha256"]
+    assert parts["test_accuracy"] == whole["test_accuracy"]
     # the hook's counter went through every checkpoint: a counter started again at each
     # session would hold only the last session's steps
     assert whole["count_steps"] == whole["total_steps"] == 24
     assert parts["count_steps"] == whole["count_steps"]
-    assert [s["stopped_by"] for s in parts["sessions"]].count("time_budget") >= 2
 
 
 def test_the_code_is_copied_into_the_run_with_its_sha256(runs):
