@@ -21,7 +21,7 @@ LAYERS = [  # top first; a package's `command` module sits in the commands layer
     ("models and data", {"models", "data"}),
     ("what training ends with", {"evaluation", "export"}),
     ("config and cluster", {"config", "cluster"}),
-    ("base", {"", "rundir", "record", "digest", "errors", "units", "compat"}),
+    ("base", {"", "rundir", "record", "digest", "errors", "units", "compat", "plugins"}),
 ]
 __doc__ += "\n".join(f"  {name}: {', '.join(sorted(parts)) or 'hpcjobs'}" for name, parts in LAYERS)
 

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from .checks import BUILTIN_ARCHS, check_across, check_arch, check_model, unknown_arch  # noqa: F401
 from .loader import ConfigError, build, read_with_base
@@ -26,6 +26,7 @@ from .transfer import HeadConfig, TransferConfig
 from .train import SEED_MAX, LossConfig, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
+from .. import plugins
 from ..units import SLURM_MEM, check_time_budget, parse_bytes, parse_shard, slurm_seconds
 
 
@@ -124,6 +125,10 @@ class ModelConfig:
     dropout: float = 0.5
     width: int = 32  # filters of the first conv layer of the built-in nets
     l2: float = 0.0  # L2 penalty on the built-in nets' kernels (and their head)
+    # your own model.arch (path/to/file.py:build or package.module:build): build(input_shape, num_classes,
+    # **options); its output is probabilities or logits (then hpcjobs adds the softmax)
+    options: dict[str, Any] = field(default_factory=dict)
+    outputs: Literal["probabilities", "logits"] = "probabilities"
 
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
@@ -308,6 +313,9 @@ class InferConfig:
     shard: Optional[str] = None  # "i/n"; null = from the Slurm array or MPI rank, else 0/1
     time_budget: Optional[str] = None  # stop after the chunk that would cross it (exit 75)
     submission: Optional[SubmissionConfig] = None  # also STEM.submission.csv, Kaggle style (id, label)
+    # import the Python code an export carries (a model of the trainer's own: export/code/); importing code
+    # runs it, so only for a source you trust (the same as --trust-code; how `submit --infer` says it)
+    trust_code: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "chunk_size"):
@@ -367,8 +375,33 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
-def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None = None) -> Config:
-    values = apply_overrides(dict(values or {}), list(overrides or []))
+def absolute_code_paths(values: dict, base_dir: str) -> dict:
+    """``values`` with every relative ``file.py:name`` of the user's code made absolute."""
+    def fix(section: str, key: str):
+        sec = values.get(section)
+        if isinstance(sec, dict) and key in sec:
+            values[section] = dict(sec, **{key: plugins.absolute(sec[key], base_dir)})
+
+    fix("model", "arch")
+    fix("data", "source")
+    fix("training", "loss")
+    loss = values.get("training", {}).get("loss") if isinstance(values.get("training"), dict) else None
+    if isinstance(loss, dict) and "name" in loss:  # training.loss: {name: my_loss.py:fn, ...}
+        values["training"] = dict(values["training"], loss=dict(loss, name=plugins.absolute(loss["name"], base_dir)))
+    hooks = values.get("training", {}).get("hooks") if isinstance(values.get("training"), dict) else None
+    if isinstance(hooks, list):
+        values["training"] = dict(values["training"], hooks=[
+            plugins.absolute(h, base_dir) if isinstance(h, str) else
+            dict(h, hook=plugins.absolute(h["hook"], base_dir)) if isinstance(h, dict) and "hook" in h else h
+            for h in hooks])
+    return values
+
+
+def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None = None,
+              base_dir: str | None = None) -> Config:
+    """A Config from ``values`` (and ``--set`` ``overrides``); code files relative to
+    ``base_dir`` (default: the current directory)."""
+    values = absolute_code_paths(apply_overrides(dict(values or {}), list(overrides or [])), base_dir or os.getcwd())
     try:
         return build(Config, values, where, "")
     except ConfigError as e:
@@ -379,8 +412,10 @@ def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None
 
 
 def load(path: str, overrides: list[str] | None = None) -> Config:
-    """Load a config file.  ``base: other.yaml`` (relative to the file) is read first."""
+    """Load a config file.  ``base: other.yaml`` (relative to the file) is read first.
+    The user's code files (``file.py:name`` in model.arch, data.source, training.loss,
+    training.hooks) are relative to the file, and made absolute here."""
     values = read_with_base(path)
     if "name" not in values:
         values["name"] = os.path.splitext(os.path.basename(path))[0]
-    return from_dict(values, path, overrides)
+    return from_dict(values, path, overrides, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -5,7 +5,7 @@ other section lives; split out only to keep each module short.
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from .loader import section as _frozen
 from ..units import check_time_budget
@@ -40,7 +40,8 @@ class StageConfig:
     """One stage of a run: epochs with a trainable set and its own learning rate."""
 
     epochs: int
-    trainable: Union[Literal["head", "all"], TopBlocks] = "all"
+    # head, all, {top_blocks: N}, or a list of layer names or name prefixes (any model)
+    trainable: Union[Literal["head", "all"], TopBlocks, tuple[str, ...]] = "all"
     learning_rate: Optional[float] = None  # null: optimizer.learning_rate
 
     def __post_init__(self):
@@ -48,6 +49,23 @@ class StageConfig:
             raise ValueError("epochs: must be >= 1")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError("learning_rate: must be > 0 or null")
+        if isinstance(self.trainable, tuple) and (not self.trainable or not all(n.strip() for n in self.trainable)):
+            raise ValueError("trainable: a list of layer names or prefixes, none empty")
+
+
+@_frozen
+class HookConfig:
+    """One of your own hooks: ``path/to/file.py:Class`` (relative to the config file) or
+    ``package.module:Class``, built as ``Class(**options)``."""
+
+    hook: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .. import plugins
+
+        if not plugins.is_spec(self.hook):
+            raise ValueError(f"hook: {self.hook!r}: expected path/to/file.py:Class or package.module:Class")
 
 
 @_frozen
@@ -240,8 +258,18 @@ class TrainingConfig:
     # {top_blocks: 2}, learning_rate: 1e-4}, {epochs: 5, trainable: all, learning_rate: 1e-5}];
     # with stages, the run is as long as their epochs together (epochs is not used)
     stages: tuple[StageConfig, ...] = ()
+    # your own hooks, after the built-in ones: path/to/file.py:Class (relative to the config file),
+    # package.module:Class, or {hook: ..., options: {...}} (built as Class(**options))
+    hooks: tuple[Union[str, HookConfig], ...] = ()
 
     def __post_init__(self):
+        hooks = []
+        for i, h in enumerate(self.hooks):
+            try:
+                hooks.append(HookConfig(hook=h) if isinstance(h, str) else h)
+            except ValueError as e:
+                raise ValueError(f"hooks[{i}].{e}") from None
+        object.__setattr__(self, "hooks", tuple(hooks))
         for name in ("epochs", "batch_size", "steps_per_call", "log_every_steps", "loss_scale_growth_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")

@@ -324,12 +324,61 @@ def read_train_test_folders(folder: str) -> Samples:
                    test_origin=os.path.join(folder, "test"))
 
 
+def user_source(spec: str) -> Samples:
+    """``data.source: my_data.py:load``: ``load()`` returns (images uint8 N x H x W [x C],
+    labels, class_names) or (paths, labels, class_names) of image files."""
+    from .. import plugins
+
+    key, where = "data.source", plugins.where(spec)
+    fn = plugins.resolve(spec, "data", key)
+    out = plugins.call(fn, key, where)
+    what = f"{key}: {where}: {fn.__name__}() returned"
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise SourceError(f"{what} a {type(out).__name__}; expected (images, labels, class_names) or "
+                          "(paths, labels, class_names)")
+    x, labels, names = out
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__len__") or not len(names):
+        raise SourceError(f"{what} class_names {names!r}; expected a list of class names")
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names):
+        raise SourceError(f"{what} a class name twice")
+    try:
+        labels = np.asarray(labels)
+    except Exception as e:
+        raise SourceError(f"{what} labels that are no array ({type(e).__name__})") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise SourceError(f"{what} labels of shape {labels.shape} and type {labels.dtype}; expected one integer "
+                          "per sample")
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+            raise SourceError(f"{what} images of shape {x.shape} and type {x.dtype}; expected uint8 N x H x W "
+                              "or N x H x W x C (C 1 or 3)")
+        arrays, paths = x, None
+    else:
+        paths = [str(p) for p in x] if isinstance(x, (list, tuple)) else None
+        if paths is None or not all(isinstance(p, str) for p in x):
+            raise SourceError(f"{what} a {type(x).__name__} as images; expected a uint8 array or a list of paths")
+        missing = next((p for p in paths if not os.path.isfile(p)), None)
+        if missing is not None:
+            raise SourceError(f"{what} a path that is no file: {missing}")
+        arrays = None
+    if len(labels) != (len(arrays) if arrays is not None else len(paths)):
+        raise SourceError(f"{what} {len(labels)} labels for {len(arrays) if arrays is not None else len(paths)} "
+                          "images")
+    return Samples(_check_labels(labels, len(names), where), names, where, arrays=arrays, paths=paths)
+
+
 def open_source(source: str, base_dir: str = ".", own_test: bool = False) -> Samples:
-    """Samples for a built-in name or a path (relative paths against ``base_dir``).
-    ``own_test`` (``data.test_split: source``): read the source's own test set too, where a
-    source keeps it apart (an .npz's x_test, a folder's test/ tree); IDX folders always mark theirs."""
+    """Samples for a built-in name, the user's own loader (``file.py:load``) or a path
+    (relative paths against ``base_dir``).  ``own_test`` (``data.test_split: source``): read
+    the source's own test set too, where a source keeps it apart (an .npz's x_test, a
+    folder's test/ tree); IDX folders always mark theirs."""
     if source in BUILTIN:
         return BUILTIN[source]()
+    from .. import plugins
+
+    if plugins.is_spec(source):
+        return user_source(source)
     path = source if os.path.isabs(source) else os.path.join(base_dir, source)
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file or folder (built-in sources: {', '.join(BUILTIN)})")

@@ -53,6 +53,9 @@ def add_arguments(p):
     p.add_argument("--output", help="results folder (default RUN_OR_EXPORT/evaluation)")
     p.add_argument("--unsafe", action="store_true",
                    help="load a model.keras that holds code (a Lambda layer); only for a source you trust")
+    p.add_argument("--trust-code", action="store_true",
+                   help="import the Python code an export carries (a model of the trainer's own, in code/); "
+                        "importing code runs it: only for a source you trust")
 
 
 def run_config(path: str, folder: str) -> str | None:
@@ -73,9 +76,11 @@ def _from_split(data, split: str, where: str) -> Labelled:
 
 
 def _from_config(path: str, split: str, overrides) -> Labelled:
-    from .. import config
+    from .. import config, plugins
     from ..data import load_data
 
+    if os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), plugins.CODE_DIR)):
+        plugins.use_run_code(os.path.dirname(os.path.abspath(path)))  # a run's data loader: its own copy
     return _from_split(load_data(config.load(path, overrides)), split, path)
 
 
@@ -160,7 +165,7 @@ def cmd_evaluate(args) -> int:
     from . import metrics
     from ..export.formats import open_runner
 
-    runner = open_runner(args.model, unsafe=args.unsafe)
+    runner = open_runner(args.model, unsafe=args.unsafe, trust_code=args.trust_code)
     names = [str(n) for n in runner.info["class_names"]]
     shape = tuple(runner.info["input_shape"])
     data = labelled(args, runner.folder, shape)

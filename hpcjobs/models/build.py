@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import compat
+from .. import compat, plugins
+from ..errors import first_line
 from ..config import ModelConfig
 from ..config import BUILTIN_ARCHS as BUILTIN
 from ..config import unknown_arch
@@ -170,11 +171,50 @@ def _head(keras, x, cfg: ModelConfig, num_classes: int):
     return keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32", kernel_regularizer=l2)(x)
 
 
+USER_OUTPUT = "probabilities"  # the last layer of a model around the user's own (see ``freeze.parts``)
+
+
+def _user_net(keras, cfg: ModelConfig, input_shape, num_classes: int):
+    """The user's own network: ``build(input_shape, num_classes, **model.options)`` from
+    ``model.arch``, checked to be a keras.Model with ``(None, num_classes)`` outputs."""
+    fn = plugins.resolve(cfg.arch, "model", "model.arch")
+    where = plugins.where(cfg.arch)
+    net = plugins.call(fn, "model.arch", where, tuple(int(d) for d in input_shape), num_classes, **cfg.options)
+    if not isinstance(net, keras.Model):
+        raise ModelError(f"model.arch: {where}: {fn.__name__} returned a {type(net).__name__}, not a keras.Model")
+    try:
+        shape = tuple(net.output_shape)
+    except (AttributeError, ValueError, RuntimeError):
+        shape = None
+    if shape is None or len(shape) != 2 or shape[1] != num_classes:
+        raise ModelError(f"model.arch: {where}: {fn.__name__} returned a model with outputs of shape {shape}; "
+                         f"expected (None, {num_classes}): one {cfg.outputs} vector over the {num_classes} classes")
+    return net
+
+
+def _user(keras, inputs, cfg: ModelConfig, input_shape, num_classes: int, normalize: str, mean, std):
+    """The run's normalisation, the user's network, and (for logits) a softmax, in float32."""
+    net = _user_net(keras, cfg, input_shape, num_classes)
+    try:
+        x = net(_normalizer(keras, normalize, mean, std)(inputs))
+    except Exception as e:
+        raise ModelError(f"model.arch: {plugins.where(cfg.arch)}: the model does not take images of shape "
+                         f"{tuple(input_shape)} ({first_line(e)})") from None
+    if cfg.outputs == "logits":
+        return keras.layers.Softmax(dtype="float32", name=USER_OUTPUT)(x)
+    return keras.layers.Activation("linear", dtype="float32", name=USER_OUTPUT)(x)
+
+
 def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize: str = "standardize"):
     """A Keras model from raw pixels (float 0..255) to class probabilities."""
     import keras
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if plugins.is_spec(cfg.arch):
+        outputs = _user(keras, inputs, cfg, input_shape, num_classes, normalize, mean, std)
+        model = keras.Model(inputs, outputs, name="user_model")
+        compat.init_random_layers(model)
+        return model
     name = cfg.arch
     if cfg.arch in BUILTIN:
         x = _normalizer(keras, normalize, mean, std)(inputs)

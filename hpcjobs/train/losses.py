@@ -12,9 +12,9 @@ Built in:
 * ``focal`` (Lin et al. 2017): ``-sum_c alpha_c * t_c * (1 - p_c)^gamma * log p_c`` over the
   (smoothed) one-hot targets ``t``, with ``gamma`` and an optional per-class ``alpha``.
 
-A name with a ``:`` (``module:function`` or ``file.py:function``) is the user's own loss: the
-caller resolves it to a callable (it imports user code, which this module never does) and
-passes it as ``user_fn``.
+A name with a ``:`` (``module:function`` or ``file.py:function``) is the user's own loss:
+:func:`user_loss` resolves it with the plugin loader (the run's copy of the file) and tries it
+once on a small batch, so a loss that raises or gives no per-example vector is one line.
 """
 from __future__ import annotations
 
@@ -94,3 +94,24 @@ def numpy_loss(loss_cfg, num_classes: int, user_fn: Optional[Callable] = None) -
         return np.asarray(out, np.float64)
 
     return on_arrays
+
+
+def user_loss(spec: str, num_classes: int) -> Callable:
+    """The user's loss ``spec`` names, tried eagerly on two examples: it must run and return
+    one value per example (a PluginError naming ``training.loss`` otherwise)."""
+    import tensorflow as tf
+
+    from .. import plugins
+
+    key, where = "training.loss", plugins.where(spec)
+    fn = plugins.load_plugin(spec, "loss", key)
+    y, probs = tf.constant([0, num_classes - 1], tf.int64), tf.fill([2, num_classes], 1.0 / num_classes)
+    out = plugins.call(fn, key, where, y, probs)
+    try:
+        shape = tuple(tf.convert_to_tensor(out).shape)
+    except (TypeError, ValueError) as e:
+        raise plugins.PluginError(f"{key}: {where}: {fn.__name__} returned no tensor ({type(e).__name__})") from None
+    if shape != (2,):
+        raise plugins.PluginError(f"{key}: {where}: {fn.__name__} returned shape {shape} for 2 examples; expected "
+                                  "one loss per example, shape (2,)")
+    return fn

@@ -88,7 +88,8 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
                      class_names=[str(c) for c in trainer.data.class_names],
                      test_images=len(trainer.data.splits["test"]),
-                     test_source=trainer.data.test_origin or "split from the source")
+                     test_source=trainer.data.test_origin or "split from the source",
+                     **({"code": trainer.code.entries} if getattr(trainer, "code", None) else {}))
         _announce(trainer, origin, loop.step)
         reason = loop.run()
         return _finish(trainer, loop, reason, record)

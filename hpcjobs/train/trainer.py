@@ -23,6 +23,7 @@ from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.feed import Feeder
 from ..rundir import RunDir
+from .. import plugins
 from ..units import parse_duration
 from . import hooks as hooks_mod
 from .optim import make_optimizer
@@ -64,11 +65,12 @@ class Trainer:
     generators, reads and preprocesses the data (unless ``data`` is given), and builds
     the model, the optimizer, the hooks' state, the compiled steps and the checkpoint
     manager.  Nothing is restored, trained or written there: ``restore()`` and
-    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones; ``user_loss`` is the callable of a
-    ``module:function`` ``training.loss``."""
+    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones and
+    those of ``training.hooks``; ``code`` is the run's copy of the user's code
+    (``plugins.RunCode.prepare``, which ``job.train`` makes before the Trainer)."""
 
     def __init__(self, cfg: Config, run_dir: str, *, runtime=None, info=None, data=None,
-                 time_budget: str | None = None, verbose: bool = True, hooks=(), user_loss=None):
+                 time_budget: str | None = None, verbose: bool = True, hooks=(), code=None):
         import keras
         import tensorflow as tf
 
@@ -91,8 +93,11 @@ class Trainer:
         self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
         self.epochs = sum(st.epochs for st in t.stages) if t.stages else t.epochs
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
+        self.code = code  # RUN/code/: the user's code files and modules (hpcjobs.plugins.RunCode), or None
+        self.hooks = (hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget))
+                      + hooks_mod.user_hooks(cfg) + list(hooks))
         self.jit_compile = use_xla(t, self.rt)
+        user_loss = losses.user_loss(t.loss.name, self.data.num_classes) if plugins.is_spec(t.loss.name) else None
         self.loss = losses.make_loss(t.loss, self.data.num_classes, user_loss)
         self._build_state()
         self.compiled = self._build_steps()
