@@ -386,6 +386,29 @@ class RunDir:
         atomic_write(self.metrics_csv, buf.getvalue(), fsync=False)
 
 
+# --------------------------------------------------------------------------- the cancel marker
+CANCELLED = "CANCELLED"  # RUN/CANCELLED: written by `hpcjobs cancel`; read by the job scripts (slurm/_job_body.sh)
+
+
+def cancelled(run_dir: str) -> bool:
+    """Whether ``hpcjobs cancel`` marked the run: its jobs neither requeue nor renew, nor start training."""
+    return os.path.lexists(os.path.join(run_dir, CANCELLED))
+
+
+def mark_cancelled(run_dir: str, job_ids: list[str]):
+    atomic_write(os.path.join(run_dir, CANCELLED),
+                 json.dumps({"cancelled": time.time(), "jobs": job_ids}, indent=2) + "\n")
+
+
+def clear_cancelled(run_dir: str) -> bool:
+    """Forget a cancel (``hpcjobs train`` or ``submit`` on the run again); whether there was one."""
+    try:
+        os.remove(os.path.join(run_dir, CANCELLED))
+        return True
+    except FileNotFoundError:
+        return False
+
+
 if __name__ == "__main__":  # python -m hpcjobs.rundir finished RUN: exit 0 if the run is finished (the job scripts)
     import sys
 
