@@ -259,3 +259,36 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
 
         tail += fold_table(st)
     return lines, tail
+
+
+# --------------------------------------------------------------------------- hpcjobs runs, hpcjobs cancel
+def add_runs_arguments(p):
+    p.add_argument("dir", nargs="?", default="runs", help="folder of runs (default runs/)")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
+
+
+def cmd_runs(args) -> int:
+    from ..rundir import RunDirError
+    from .runs import rows, rows_json, table_lines
+
+    if not os.path.isdir(args.dir):
+        raise RunDirError(f"{args.dir}: no such folder of runs")
+    table = rows(args.dir)
+    if args.json:
+        print(rows_json(table))
+    elif not table:
+        print(f"no runs under {args.dir}")
+    else:
+        print("\n".join(table_lines(table)))
+    return 0
+
+
+def add_cancel_arguments(p):
+    p.add_argument("run", help="run directory")
+
+
+def cmd_cancel(args) -> int:
+    from .runs import cancel
+
+    print("\n".join(cancel(args.run)))
+    return 0

@@ -38,3 +38,16 @@ def cmd_train(args) -> int:
         if parent is not None and detect().is_chief:
             record_folds(parent, cfg)
     return rc
+
+
+def add_clean_arguments(p):
+    p.add_argument("target", nargs="?", default="runs", help="a run directory, or a folder of runs (default runs/)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed and the space; remove nothing")
+
+
+def cmd_clean(args) -> int:
+    """Free the space of finished runs: keep the export, the best epoch and the last checkpoint."""
+    from .clean import clean
+
+    print("\n".join(clean(args.target, args.dry_run)))
+    return 0
