@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -54,6 +55,108 @@ def _stop_after_an_epoch(run, job: str, what: str):
     wait_for(lambda: _epochs(run, job) > 0 or job_done(job), 240, f"an epoch of {what}", job, run)
     assert not job_done(job), _all_logs(run)[-4000:]
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
+
+
+# --------------------------------------------------------------------------- the job script's logic, stubbed
+FAKE_PYTHON = """\
+import os, sys
+# python for the job script: the real one for hpcjobs' own helpers; else a training that exits with $FAKE_RC
+if sys.argv[1:2] == ["-c"] or sys.argv[1:3] in (["-m", "hpcjobs.rundir"], ["-m", "hpcjobs.slurm.chain"]):
+    os.execv(os.environ["REAL_PYTHON"], [os.environ["REAL_PYTHON"]] + sys.argv[1:])
+open(os.environ["CALLS"], "a").write("train\\n")
+sys.exit(int(os.environ["FAKE_RC"]))
+"""
+FAKE_BIN = {
+    "srun": 'while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n',
+    "scontrol": 'echo "scontrol $*" >>"$CALLS"\n',
+    "sbatch": 'echo "sbatch $* SLURM_JOB_ID=${SLURM_JOB_ID:-unset}" >>"$CALLS"\necho 78\n',
+}
+
+
+@pytest.fixture
+def slot_script(tmp_path):
+    """A rendered train script of a renewing chain (slot 1 = job 77 recorded in jobs.json), run
+    with stand-ins for srun, scontrol, sbatch and the training."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_BIN.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "python").write_text(f"#!{sys.executable}\n" + FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True)
+    script = run / "slurm" / "train.sbatch"
+    script.write_text(slurm.render("train", python=str(bin_dir / "python"), run_dir=str(run),
+                                   config=str(run / "config.yaml"), job_name="t", time="00:01:00", signal_margin=5,
+                                   max_requeues=3, on_stop="renew"))
+    begin = (dt.datetime.now() - dt.timedelta(seconds=90)).replace(microsecond=0)
+    (run / "slurm" / "jobs.json").write_text(json.dumps([dict(
+        job_id="77", kind="train", script=str(script), log=str(run / "slurm" / "t-77.out"), slot=1,
+        begin=begin.isoformat(), every=60, renews=True)]))
+    calls = tmp_path / "calls"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), REAL_PYTHON=sys.executable,
+               SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node1", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+
+    def run_it(rc: int):
+        p = subprocess.run(["bash", str(script)], env=dict(env, FAKE_RC=str(rc)), capture_output=True, text=True,
+                           timeout=120)
+        return p, calls.read_text() if calls.exists() else ""
+    return run_it, run, begin
+
+
+def test_a_slot_stopped_with_more_to_do_submits_the_next_at_the_next_time(slot_script):
+    run_it, run, begin = slot_script
+    before = dt.datetime.now()
+    p, calls = run_it(75)
+    assert p.returncode == 0, p.stdout + p.stderr
+    sbatch, = [line for line in calls.splitlines() if line.startswith("sbatch ")]
+    when = dt.datetime.fromisoformat(re.search(r"--begin=(\S+)", sbatch).group(1))
+    assert (when - begin).total_seconds() % 60 == 0 and before < when <= before + dt.timedelta(seconds=61)
+    assert sbatch.endswith(f"{run / 'slurm' / 'train.sbatch'} SLURM_JOB_ID=unset")  # the job's own SLURM_* left out
+    assert "scontrol" not in calls
+    jobs = slurm.read_jobs(str(run))
+    assert [(j["job_id"], j["slot"]) for j in jobs] == [("77", 1), ("78", 2)] and jobs[1]["begin"] == when.isoformat()
+    assert status(run)["chain"] == dict(slots=2, last_job="77", next_job="78", next_begin=when.isoformat())
+    assert "submitted slot 2 of the chain: job 78" in p.stdout
+
+
+@pytest.mark.parametrize("rc", [1, 2])
+def test_a_failed_slot_submits_nothing_and_says_so_in_the_log_and_run_json(slot_script, rc):
+    run_it, run, _ = slot_script
+    p, calls = run_it(rc)
+    assert p.returncode == rc
+    assert f"this slot failed (exit {rc}): the chain ends here" in p.stdout
+    assert "sbatch" not in calls and "scontrol" not in calls and len(slurm.read_jobs(str(run))) == 1
+    chain = status(run)["chain"]
+    assert chain["next_job"] is None and f"(job 77) failed with exit {rc}" in chain["ended"]
+
+
+def test_a_finished_run_submits_no_next_slot(slot_script):
+    run_it, run, _ = slot_script
+    (run / "run.json").write_text(json.dumps({"status": "finished"}))
+    p, calls = run_it(75)
+    assert p.returncode == 0 and "finished already" in p.stdout and calls == ""
+
+
+@pytest.mark.parametrize("on_stop", ["renew", "requeue"])
+def test_a_cancelled_run_neither_requeues_nor_renews_nor_starts(slot_script, on_stop):
+    run_it, run, _ = slot_script
+    script = run / "slurm" / "train.sbatch"
+    script.write_text(script.read_text().replace("ON_STOP=renew", f"ON_STOP={on_stop}"))
+    (run / "CANCELLED").write_text("{}")
+    p, calls = run_it(75)
+    assert p.returncode == 0 and "was cancelled" in p.stdout and calls == ""  # not even started
+    # the cancel comes while the training runs: it stops (75), and nothing follows
+    body = script.read_text().replace('if [ -e "$RUN_DIR/CANCELLED" ]; then\n    echo "$RUN_DIR was cancelled (hpcjobs',
+                                      'if false; then\n    echo "$RUN_DIR was cancelled (hpcjobs', 1)
+    assert body != script.read_text()
+    script.write_text(body)
+    p, calls = run_it(75)
+    assert p.returncode == 0 and calls == "train\n", p.stdout
+    assert "cancelled (hpcjobs cancel): not requeued, no next slot" in p.stdout
+    assert len(slurm.read_jobs(str(run))) == 1
 
 
 def test_dry_run_shows_one_slot_that_renews_itself_or_a_fixed_count(tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Optional
 
 from ..config import Config, SlurmConfig, dump, to_dict
 from ..errors import first_line
-from ..rundir import RunDir, atomic_write, clear_cancelled, default_run_dir, refuse_overwriting
+from ..rundir import RunDir, atomic_write, cancelled, clear_cancelled, default_run_dir, refuse_overwriting
 from .jobs import _record, job_states
 from . import search_array
 from .render import TASK_DIRS, _error, _package, render, template_params, trials
@@ -233,6 +233,8 @@ def cmd_status(args) -> int:
         head, tail = _status_lines(st)
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
         raise RunDirError(f"{rd.run_json}: unreadable run.json (unexpected content: {first_line(e)})") from None
+    if cancelled(args.run):
+        head.append("  cancelled (hpcjobs cancel): its jobs neither requeue nor renew; hpcjobs train clears it")
     for line in head + [f"  {job}" for job in job_states(args.run)] + tail:
         print(line)
     return 0
@@ -247,6 +249,11 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
         lines.append(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
                      f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
                      + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    chain = st.get("chain")
+    if isinstance(chain, dict):
+        lines.append(f"  chain of slots: {chain['ended']}" if chain.get("ended") else
+                     f"  chain of slots: slot {chain.get('slots')} is job {chain.get('next_job')}, from "
+                     f"{chain.get('next_begin')}")
     tail = []
     if "last" in st:
         tail.append("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
