@@ -44,6 +44,14 @@ COMMANDS = (
             config=False, common=False),
     Command("status", "slurm.command", "cmd_status", "progress of a run (or the table of a search)",
             config=False, common=False, arguments="add_status_arguments"),
+    Command("runs", "slurm.command", "cmd_runs", "a table of every run under a folder (default runs/)",
+            config=False, common=False, arguments="add_runs_arguments"),
+    Command("cancel", "slurm.command", "cmd_cancel",
+            "stop every Slurm job of a run with a checkpoint; no requeue, no next slot",
+            config=False, common=False, arguments="add_cancel_arguments"),
+    Command("clean", "train.command", "cmd_clean",
+            "free the space of finished runs (keeps the export, the best epoch and the last checkpoint)",
+            config=False, common=False, arguments="add_clean_arguments"),
 )
 
 

@@ -204,7 +204,7 @@ class SlurmConfig:
     slot: Optional[str] = None  # daily (or other) time slots: each job's --time, e.g. 01:00:00
     slot_every: str = "day"  # day, week, or a duration like 12h
     slot_at: Optional[str] = None  # HH:MM of the first slot
-    slot_count: int = 7  # jobs in the chain
+    slot_count: Optional[int] = None  # a cap on the chain's jobs; null: each slot submits the next until the run is done
     trials_per_node: int = 1  # submit --search: search workers per array task, one GPU each (Bede 4, JADE 8)
 
     _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:+-]*")
@@ -221,8 +221,10 @@ class SlurmConfig:
         for name in ("ntasks_per_node", "cpus_per_task", "array_parallel"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1 or null")
-        if self.array < 0 or self.slot_count < 1:
-            raise ValueError("array: must be >= 0" if self.array < 0 else "slot_count: must be >= 1")
+        if self.array < 0:
+            raise ValueError("array: must be >= 0")
+        if self.slot_count is not None and self.slot_count < 1:
+            raise ValueError("slot_count: must be >= 1 or null (until the run is done)")
         if not 1 <= self.trials_per_node <= 64:
             raise ValueError("trials_per_node: must be from 1 to 64")
         if self.signal_margin < 1:

@@ -18,11 +18,11 @@ from typing import Optional
 
 from ..config import Config, SlurmConfig, dump, to_dict
 from ..errors import first_line
-from ..rundir import RunDir, atomic_write, default_run_dir, refuse_overwriting
+from ..rundir import RunDir, atomic_write, cancelled, clear_cancelled, default_run_dir, refuse_overwriting
 from .jobs import _record, job_states
 from . import search_array
 from .render import TASK_DIRS, _error, _package, render, template_params, trials
-from .options import FLAGS, slot_begins, slurm_section
+from .options import FLAGS, slot_begins, slot_period, slurm_section
 from .search_array import SECTION
 
 def add_arguments(parser):
@@ -125,8 +125,12 @@ def _print_dry_run(plan: _Plan):
         print(f"# {task_dir}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
     for i, begin in enumerate(plan.begins):
         dep = "" if i == 0 else f" --dependency=afterany:<job {i}>"
-        print(f"# slot {i + 1}/{len(plan.begins)}: sbatch --begin={begin.isoformat()}{dep} "
+        of = f"/{len(plan.begins)}" if plan.s.slot_count else ""
+        print(f"# slot {i + 1}{of}: sbatch --begin={begin.isoformat()}{dep} "
               f"{shlex.quote(plan.script_path)}")
+    if plan.begins and not plan.s.slot_count:
+        print(f"# then each slot that stops with more to do submits the next one, every {plan.s.slot_every}, "
+              "until the run is done")
     if plan.merge_script:
         print("# then, after the array (sbatch --dependency=afterok:<array job>):")
         print(plan.merge_script, end="")
@@ -156,11 +160,12 @@ def _write_script(path: str, text: str):
     os.chmod(path, 0o755)
 
 
-def _queue(run_dir: str, kind: str, path: str, name: str, extra: list[str], array: bool) -> str:
+def _queue(run_dir: str, kind: str, path: str, name: str, extra: list[str], array: bool, **fields) -> str:
     """sbatch one script, record the job in jobs.json at once, say where its log goes."""
     job_id = _package()._sbatch(path, extra)
     log = os.path.join(run_dir, "slurm", f"{name}-{job_id}_<task>.out" if array else f"{name}-{job_id}.out")
-    _record(run_dir, dict(job_id=job_id, kind=kind, script=path, log=log, sbatch_args=extra, submitted=time.time()))
+    _record(run_dir, dict(job_id=job_id, kind=kind, script=path, log=log, sbatch_args=extra, submitted=time.time(),
+                          **fields))
     when = "".join(f" ({a.replace('--begin=', 'from ').replace('--dependency=', 'after ')})" for a in extra)
     print(f"submitted {kind} job {job_id}{when}\n  log: {log}")
     return job_id
@@ -170,9 +175,12 @@ def _queue_all(plan: _Plan):
     run_dir, kind, job_name = plan.run_dir, plan.kind, plan.params["job_name"]
     if plan.begins:
         previous = None
-        for begin in plan.begins:
+        for i, begin in enumerate(plan.begins):
             extra = [f"--begin={begin.isoformat()}"] + ([f"--dependency=afterany:{previous}"] if previous else [])
-            previous = _queue(run_dir, kind, plan.script_path, job_name, extra, False)
+            previous = _queue(run_dir, kind, plan.script_path, job_name, extra, False, slot=i + 1,
+                              begin=begin.isoformat(), every=slot_period(plan.s), renews=plan.s.slot_count is None)
+        if plan.s.slot_count is None:
+            print("  each slot that stops with more to do submits the next one (give --count N for a fixed chain)")
         return
     is_array = kind != "train" and bool(plan.params.get("array"))
     first = _queue(run_dir, kind, plan.script_path, job_name, [], is_array)
@@ -189,6 +197,8 @@ def cmd_submit(args) -> int:
         return 0
     refuse_overwriting(args.config, plan.config_path, dump(plan.cfg))
     _write(plan)
+    if clear_cancelled(plan.run_dir):
+        print(f"note: {plan.run_dir} was cancelled; submitting it again clears the cancel")
     _queue_all(plan)
     print(f"  script: {plan.script_path}\n  status: hpcjobs status {plan.run_dir}")
     if plan.kind == "train" and _finished(plan.run_dir):
@@ -223,6 +233,8 @@ def cmd_status(args) -> int:
         head, tail = _status_lines(st)
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
         raise RunDirError(f"{rd.run_json}: unreadable run.json (unexpected content: {first_line(e)})") from None
+    if cancelled(args.run):
+        head.append("  cancelled (hpcjobs cancel): its jobs neither requeue nor renew; hpcjobs train clears it")
     for line in head + [f"  {job}" for job in job_states(args.run)] + tail:
         print(line)
     return 0
@@ -237,6 +249,11 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
         lines.append(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
                      f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
                      + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    chain = st.get("chain")
+    if isinstance(chain, dict):
+        lines.append(f"  chain of slots: {chain['ended']}" if chain.get("ended") else
+                     f"  chain of slots: slot {chain.get('slots')} is job {chain.get('next_job')}, from "
+                     f"{chain.get('next_begin')}")
     tail = []
     if "last" in st:
         tail.append("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -249,3 +266,36 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
 
         tail += fold_table(st)
     return lines, tail
+
+
+# --------------------------------------------------------------------------- hpcjobs runs, hpcjobs cancel
+def add_runs_arguments(p):
+    p.add_argument("dir", nargs="?", default="runs", help="folder of runs (default runs/)")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
+
+
+def cmd_runs(args) -> int:
+    from ..rundir import RunDirError
+    from .runs import rows, rows_json, table_lines
+
+    if not os.path.isdir(args.dir):
+        raise RunDirError(f"{args.dir}: no such folder of runs")
+    table = rows(args.dir)
+    if args.json:
+        print(rows_json(table))
+    elif not table:
+        print(f"no runs under {args.dir}")
+    else:
+        print("\n".join(table_lines(table)))
+    return 0
+
+
+def add_cancel_arguments(p):
+    p.add_argument("run", help="run directory")
+
+
+def cmd_cancel(args) -> int:
+    from .runs import cancel
+
+    print("\n".join(cancel(args.run)))
+    return 0

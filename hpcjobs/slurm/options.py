@@ -39,7 +39,7 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "slot": (None, "TIME", "submit a chain of jobs, each with this --time"),
     "slot_every": ("--every", "PERIOD", "slot period: day, week or a duration (default day)"),
     "slot_at": ("--at", "HH:MM", "time of day of the first slot"),
-    "slot_count": ("--count", "N", "number of slots (default 7)"),
+    "slot_count": ("--count", "N", "at most N slots, all queued now (default: each slot submits the next until the run is done)"),
     "trials_per_node": ("--trials-per-node", "K", "--search: K search workers per array task, one GPU each"),
 }
 _CONFIG_ONLY = ("infer_partition", "infer_time")  # set in the config's slurm section only
@@ -94,8 +94,14 @@ def slurm_section(cfg: Config, overrides: dict) -> SlurmConfig:
     return s
 
 
+def slot_period(s: SlurmConfig) -> int:
+    """Seconds from one slot's start to the next (``slot_every``)."""
+    return {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or int(slurm_seconds(s.slot_every))
+
+
 def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.datetime]:
-    """Start times of a chain of slots: the next ``slot_at``, then every ``slot_every``."""
+    """Start times of a chain of slots: the next ``slot_at``, then every ``slot_every``;
+    ``slot_count`` of them, or only the first when the chain renews itself (no count)."""
     if not s.slot_at:
         raise _error("--at", "a chain of slots needs the first slot's time of day, e.g. --at 22:00")
     now = now or _dt.datetime.now().replace(microsecond=0)
@@ -103,5 +109,11 @@ def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.dat
     first = now.replace(hour=parts[0], minute=parts[1], second=parts[2] if len(parts) > 2 else 0)
     if first <= now:
         first += _dt.timedelta(days=1)
-    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or slurm_seconds(s.slot_every)
-    return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count)]
+    step = slot_period(s)
+    return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count or 1)]
+
+
+def next_begin(anchor: _dt.datetime, period: int, now: _dt.datetime) -> _dt.datetime:
+    """The first start of the schedule ``anchor + k * period`` (k >= 1) that is after ``now``."""
+    k = max(1, int((now - anchor).total_seconds() // period) + 1)
+    return anchor + _dt.timedelta(seconds=period * k)

@@ -244,8 +244,8 @@ def render(template: str, **params) -> str:
     Parameters: the SlurmConfig fields that shape a script (partition ... srun_args), and
     ``python`` (absolute path of the job's interpreter), ``run_dir`` (absolute), ``config``
     (train, infer: the resolved config the job reads), ``array`` (search, infer: number of
-    tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots),
-    ``merge`` (infer: join the shards' part files).  An unknown parameter is an error that
+    tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots,
+    ``renew`` in a chain that submits its own next slot), ``merge`` (infer: join the shards' part files).  An unknown parameter is an error that
     lists the valid ones; every value is validated and shell-quoted.
     """
     s = _slurm_config(template, params)
@@ -257,8 +257,8 @@ def render(template: str, **params) -> str:
     if params.get("merge") not in (None, False, True) or (params.get("merge") and array is not None):
         raise _error("merge", "true or false, and not for an array")
     on_stop = params.get("on_stop") or "requeue"
-    if on_stop not in ("requeue", "next-slot"):
-        raise _error("on_stop", f"{on_stop!r}: must be requeue or next-slot")
+    if on_stop not in ("requeue", "next-slot", "renew"):
+        raise _error("on_stop", f"{on_stop!r}: must be requeue, next-slot or renew")
     if s.launcher == "mpirun":  # one rank per Slurm task; TensorFlow's threads want every core of the task
         launch = ["mpirun", "--bind-to", "none"] + [w for a in s.mpirun_args for w in a.split()]  # --mca btl tcp
     else:
@@ -359,7 +359,7 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
                       array_parallel=s.array_parallel)
     else:
         params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, config=config_path,
-                      on_stop="next-slot" if s.slot else "requeue")
+                      on_stop=("next-slot" if s.slot_count else "renew") if s.slot else "requeue")
     return params
 
 
