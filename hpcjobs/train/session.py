@@ -11,6 +11,7 @@ import os
 import time
 
 from .. import export as bundle
+from ..cluster import costs
 from ..cluster.signals import StopFlag
 from ..config import ConfigError, dump
 from ..errors import EX_OK, EX_TEMPFAIL
@@ -67,6 +68,39 @@ class _Progress(Hook):
         self.record.write(step=loop.step, **({"last": loop.history[-1]} if loop.history else {}))
 
 
+class _Costs(Hook):
+    """What this session costs, into its entry of run.json (``costs``; read by
+    ``hpcjobs.cluster.costs``): start-up to the first call done, the first call (its
+    compile), the longest call after it, and each checkpoint write as ``Checkpoints``
+    measured it for ``StopSignals`` (not measured again).  Brought up to date before each
+    progress write and at the session's end."""
+
+    def __init__(self, record: SessionLog):
+        self.record = record
+        self.started = costs.process_start_time() or record.session.start
+        self.startup = self.first = None
+        self.longest = 0.0
+
+    def after_steps(self, loop, step, sums, seconds):
+        if self.first is None:
+            self.startup, self.first = time.time() - self.started, seconds
+        else:
+            self.longest = max(self.longest, seconds)
+
+    def figures(self, loop) -> dict:
+        out = {"save_seconds": [round(x, 3) for x in loop.trainer.checkpoints.write_seconds[-100:]]}
+        if self.first is not None:
+            out.update(startup_seconds=round(self.startup, 3), first_call_seconds=round(self.first, 3),
+                       longest_call_seconds=round(self.longest, 3))
+        return out
+
+    def saved(self, loop, saved, stopping: bool):
+        self.record.session.update(costs=self.figures(loop))
+
+    def end(self, loop, reason):
+        self.record.session.update(costs=self.figures(loop))
+
+
 def run_session(trainer, from_checkpoint: str | None = None) -> int:
     """Restore, train, and finish; 0 when the run is finished, 75 when stopped with more to do."""
     cfg, rd = trainer.cfg, trainer.run_dir
@@ -82,7 +116,8 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     stop.install()
     try:
         origin = trainer.restore(from_checkpoint)
-        loop = Loop(trainer, [*trainer.hooks, _Progress(record)], stop)
+        spent = _Costs(record)
+        loop = Loop(trainer, [*trainer.hooks, spent, _Progress(record)], stop)
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
@@ -149,6 +184,9 @@ def _finish(trainer, loop: Loop, reason: str, record: SessionLog) -> int:
     if finished:
         fields.update(_test_and_export(trainer, loop, dict(fields, sessions=record.earlier + 1)))
     trainer.checkpoints.wait()
+    for hook in loop.hooks:  # the last write's figure, now that it is on disk
+        if isinstance(hook, _Costs):
+            hook.end(loop, reason)
     digest = weights_digest(trainer.model)
     print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest} on {trainer.info.node}",
           flush=True)
