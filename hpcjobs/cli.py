@@ -42,6 +42,9 @@ COMMANDS = (
             "learning-rate range test: lr_find.json, lr_find.csv, plots/lr_find.png", arguments=None),
     Command("weights", "models.command", "cmd_weights", "pretrained backbone weights (on a login node)",
             config=False, common=False),
+    Command("doctor", "doctor.command", "cmd_doctor",
+            "check the environment, the run directory and the time limit before a submission",
+            config=False, common=False),
     Command("status", "slurm.command", "cmd_status", "progress of a run (or the table of a search)",
             config=False, common=False, arguments="add_status_arguments"),
 )
