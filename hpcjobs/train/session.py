@@ -112,6 +112,9 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         atomic_write(rd.config_yaml, dump(cfg))
         environment.write(rd, stack)
     record = SessionLog(rd, trainer.info.job_id)
+    before = costs.measured(record.record.to_dict())
+    if before is not None:  # until this session has saved, StopSignals expects the slowest save recorded
+        trainer.checkpoints.first_guess = max(trainer.checkpoints.first_guess, before.slowest_save)
     stop = StopFlag()
     stop.install()
     try:
