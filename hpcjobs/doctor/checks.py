@@ -160,7 +160,9 @@ def check_horovod(p, cfg) -> list[Check]:
 def check_commands(p, cfg) -> list[Check]:
     need = ["sbatch", "squeue", "scontrol"] + (["mpirun"] if cfg.slurm.launcher == "mpirun" else [])
     if p.where == "submit":
-        need.remove("sbatch")  # submit says so itself, when it calls it
+        if not p.commands.get("sbatch"):
+            return []  # no Slurm here: submit says so itself, in one line, when it calls sbatch
+        need.remove("sbatch")
     missing = [c for c in need if not p.commands.get(c)]
     if not missing:
         return [Check("commands", OK, f"{', '.join(need)} found")]

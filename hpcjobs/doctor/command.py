@@ -54,7 +54,10 @@ def table(rows) -> str:
 def submission_blocker(cfg, run_dir: str) -> str | None:
     """The fast checks for ``hpcjobs submit``: warnings printed, the first blocker returned
     as one line (None when nothing blocks)."""
-    rows = checks.run(probe(cfg, run_dir, where="submit"), cfg, fast_only=True)
+    p = probe(cfg, run_dir, where="submit")
+    if not p.commands.get("sbatch"):
+        return None  # no Slurm here: submit says so itself, in one line, when it calls sbatch
+    rows = checks.run(p, cfg, fast_only=True)
     for r in rows:
         if r.level == checks.WARNING:
             print(f"hpcjobs: warning: {r.name}: {r.message}", file=sys.stderr)
