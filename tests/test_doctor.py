@@ -210,3 +210,27 @@ def test_submit_refuses_on_a_blocker_in_one_line_and_no_check_overrides(tmp_path
     assert len(err) == 1 and err[0].startswith("hpcjobs submit: refused: node-local:") and "--no-check" in err[0], err
     assert cli.main(["submit", QUICKSTART, "--run-dir", str(run), "--no-check"]) == 0
     assert len(queued) == 1
+
+
+def test_a_missing_store_is_a_blocker_and_a_real_one_is_read(tmp_path, capsys):
+    def store_row(*sets):
+        rc = cli.main(["doctor", QUICKSTART, "--fast", "--json", "--run-dir", str(tmp_path / "r"), *sets])
+        return rc, next(r for r in json.loads(capsys.readouterr().out) if r["name"] == "store")
+
+    rc, row = store_row("--set", f"data.store={tmp_path / 'missing.h5'}")
+    assert rc == 2 and row["level"] == "blocker" and "not found" in row["message"], row
+    store = tmp_path / "store.h5"
+    store.write_bytes(os.urandom(1 << 20))  # read as bytes: the check reads, it does not parse
+    rc, row = store_row("--set", f"data.store={store}")
+    assert row["level"] == "ok" and "MB/s" in row["message"], row
+
+
+@pytest.mark.slurm
+def test_on_the_local_cluster_a_run_dir_on_this_hosts_disk_is_fine(on_cluster, tmp_path, capsys):
+    # the local cluster's nodes are this host: a run directory on its own disk is seen by every job
+    p = probe(config.load(QUICKSTART), str(tmp_path / "r"), where="submit")
+    assert p.partition_nodes, "scontrol gave no nodes"
+    row = rows(p, config.load(QUICKSTART), "node-local")[0]
+    assert row.level == checks.OK, row
+    if (p.fstype or "") in ("ext4", "xfs", "btrfs", "overlay", "tmpfs", "zfs"):
+        assert "this host" in row.message, row

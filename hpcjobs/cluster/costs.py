@@ -170,8 +170,8 @@ def time_findings(limit: float, margin: int, costs: Costs | None, auto: bool, ke
         return [("ok", f"signal_margin {margin} s; no session measured yet and no checkpoint to estimate a save "
                        "from (run hpcjobs doctor CONFIG for an estimate from the built model)")]
     need = costs.margin
-    what = (f"slowest save {costs.slowest_save:.1f} s + longest call {costs.longest_call:.1f} s + "
-            f"{SAFETY_SECONDS} s safety, {costs.source}")
+    call = f"longest call {costs.longest_call:.1f} s" if costs.startup is not None else "no call measured"
+    what = f"slowest save {costs.slowest_save:.1f} s, {call}, {SAFETY_SECONDS} s safety; {costs.source}"
     if need > margin and not auto:
         out.append(("warning", f"slurm.signal_margin {margin} s is short of what a stop needs ({what}): "
                                f"use signal_margin: {need} (or auto)"))

@@ -246,7 +246,7 @@ def check_store(p, cfg) -> list[Check]:
                                         "data.source and its permissions")]
     if p.store_rate is None:
         return [Check("store", BLOCKER, f"{p.store}: nothing to read (empty): run hpcjobs prepare, or check the path")]
-    rate = f"{p.store}: read at {p.store_rate / 1e6:.0f} MB/s over a {format_size(min(p.store_bytes or 0, 32 << 20))} sample"
+    rate = f"{p.store}: read at {p.store_rate / 1e6:.0f} MB/s over a sample"
     if not p.epoch_seconds or not p.store_bytes:
         return [Check("store", OK, f"{rate} (the rate training needs is known after an epoch of this run)")]
     need = p.store_bytes / p.epoch_seconds  # a pass over the store per epoch

@@ -30,7 +30,8 @@ TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflo
                     "tf-nightly")
 # file systems a node sees as its own: what they hold is gone when a job moves to another node
 LOCAL_FS = {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "overlay", "vfat", "devtmpfs"}
-SAMPLE_BYTES = 32 << 20  # the store's read sample
+SAMPLE_BYTES = 16 << 20  # the store's read sample
+SAMPLE_FILES = 2000  # a folder source: at most this many files listed
 WRITE_SAMPLE = 16 << 20  # the write-rate sample
 
 
@@ -208,17 +209,20 @@ def store_path(cfg, base_dir: str = ".") -> str | None:
     return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
 
-def read_sample(path: str, limit: int = SAMPLE_BYTES) -> tuple[int, float, int]:
-    """(bytes read, seconds, total bytes) over up to ``limit`` bytes of a file or a folder's files."""
+def read_sample(path: str, limit: int = SAMPLE_BYTES) -> tuple[int, float, int | None]:
+    """(bytes read, seconds, total bytes) over up to ``limit`` bytes of a file or a folder's
+    files; the total is None for a folder of more than SAMPLE_FILES files (not all listed)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError("not found")
     files = [path] if os.path.isfile(path) else []
-    total = 0
+    truncated = False
     if not files:
         for folder, _, names in os.walk(path):
             files += [os.path.join(folder, n) for n in sorted(names)]
-            if len(files) > 20000:
+            if len(files) > SAMPLE_FILES:
+                files, truncated = files[:SAMPLE_FILES], True
                 break
-    sizes = [os.path.getsize(f) for f in files]
-    total = sum(sizes)
+    total = None if truncated else sum(os.path.getsize(f) for f in files)
     done, t = 0, time.monotonic()
     for f in files:
         with open(f, "rb") as fh:
@@ -274,7 +278,7 @@ def probe(cfg, run_dir: str, full: bool = False, where: str = "doctor") -> Probe
             done, seconds, p.store_bytes = read_sample(p.store)
             p.store_rate = done / seconds if done else None
         except OSError as e:
-            p.store_error = f"{e.strerror or e}"
+            p.store_error = f"{e.strerror or e}"  # FileNotFoundError("not found") has no strerror
     p.epoch_seconds = epoch_seconds(rd)
     if full:
         _full(p, cfg)

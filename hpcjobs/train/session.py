@@ -68,6 +68,9 @@ class _Progress(Hook):
         self.record.write(step=loop.step, **({"last": loop.history[-1]} if loop.history else {}))
 
 
+_LAST_SESSION_END = [0.0]  # when this process's last session ended (Unix time)
+
+
 class _Costs(Hook):
     """What this session costs, into its entry of run.json (``costs``; read by
     ``hpcjobs.cluster.costs``): start-up to the first call done, the first call (its
@@ -77,7 +80,8 @@ class _Costs(Hook):
 
     def __init__(self, record: SessionLog):
         self.record = record
-        self.started = costs.process_start_time() or record.session.start
+        # this process's start, or the end of its last session (a search worker trains trial after trial)
+        self.started = max(costs.process_start_time() or record.session.start, _LAST_SESSION_END[0])
         self.startup = self.first = None
         self.longest = 0.0
 
@@ -134,6 +138,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     finally:
         stop.uninstall()
         trainer.checkpoints.close()
+        _LAST_SESSION_END[0] = time.time()
 
 
 def _refuse_lost_progress(rd: RunDir):
