@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from ..cluster import costs
 from ..rundir import format_size
 from ..units import slurm_seconds
+from .probe import ON_DISK
 
 OK, WARNING, BLOCKER = "ok", "warning", "blocker"
 PLATFORMS = ("x86_64", "ppc64le", "aarch64")
@@ -271,8 +272,16 @@ def check_time(p, cfg) -> list[Check]:
     limit = slurm_seconds(s.slot or s.time)
     found = run_costs(p)
     auto = s.signal_margin == "auto"
-    margin = costs.auto_margin(found) if auto else s.signal_margin
     out = []
+    if auto:
+        # what submit renders: measured sessions, else the checkpoint on disk (submit builds no model)
+        rendered = found if costs.measured(p.record) or p.checkpoint_from == ON_DISK else None
+        margin = costs.auto_margin(rendered)
+        if rendered is None and found is not None:
+            out.append(Check("time", OK, f"signal_margin auto renders {margin} s until a session is measured; "
+                                         f"a stop would need {found.margin} s ({found.source})"))
+    else:
+        margin = s.signal_margin
     if margin >= limit:
         out.append(Check("time", BLOCKER, f"signal_margin {margin} s{' (auto)' if auto else ''} is not below "
                                           f"{key} {costs.format_seconds(limit)}: raise {key}"))

@@ -33,6 +33,7 @@ LOCAL_FS = {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2
 SAMPLE_BYTES = 16 << 20  # the store's read sample
 SAMPLE_FILES = 2000  # a folder source: at most this many files listed
 WRITE_SAMPLE = 16 << 20  # the write-rate sample
+ON_DISK = "the run's newest checkpoint"  # Probe.checkpoint_from when it was measured on disk
 
 
 @dataclass
@@ -271,7 +272,7 @@ def probe(cfg, run_dir: str, full: bool = False, where: str = "doctor") -> Probe
     p.this_host = this_host()
     size = costs.checkpoint_bytes_on_disk(run_dir)
     if size:
-        p.checkpoint_bytes, p.checkpoint_from = size, "the run's newest checkpoint"
+        p.checkpoint_bytes, p.checkpoint_from = size, ON_DISK
     p.store = store_path(cfg)
     if p.store:
         try:
