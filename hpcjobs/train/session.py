@@ -131,7 +131,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
                      class_names=[str(c) for c in trainer.data.class_names])
         _announce(trainer, origin, loop.step)
         reason = loop.run()
-        return _finish(trainer, loop, reason, record)
+        return _finish(trainer, loop, reason, record, spent)
     except BaseException as e:
         record.fail(e)
         raise
@@ -179,7 +179,7 @@ def _announce(trainer, origin: str, step: int):
                 f"at step {step}/{trainer.total_steps}")
 
 
-def _finish(trainer, loop: Loop, reason: str, record: SessionLog) -> int:
+def _finish(trainer, loop: Loop, reason: str, record: SessionLog, spent: _Costs) -> int:
     rd, step = trainer.run_dir, loop.step
     # the final state (no-op if just saved); an asynchronous write overlaps the test
     # evaluation and the export, and is waited for before run.json says it is done
@@ -192,9 +192,7 @@ def _finish(trainer, loop: Loop, reason: str, record: SessionLog) -> int:
     if finished:
         fields.update(_test_and_export(trainer, loop, dict(fields, sessions=record.earlier + 1)))
     trainer.checkpoints.wait()
-    for hook in loop.hooks:  # the last write's figure, now that it is on disk
-        if isinstance(hook, _Costs):
-            hook.end(loop, reason)
+    spent.end(loop, reason)  # the last write's figure, now that it is on disk
     digest = weights_digest(trainer.model)
     print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest} on {trainer.info.node}",
           flush=True)
