@@ -234,3 +234,10 @@ def test_on_the_local_cluster_a_run_dir_on_this_hosts_disk_is_fine(on_cluster, t
     assert row.level == checks.OK, row
     if (p.fstype or "") in ("ext4", "xfs", "btrfs", "overlay", "tmpfs", "zfs"):
         assert "this host" in row.message, row
+
+
+def test_a_cudnn_that_dropped_volta_blocks_on_a_v100_only():
+    cfg = bede()
+    assert level(healthy(cudnn="9.11.0.98"), cfg, "compute capability") == checks.BLOCKER
+    assert level(healthy(cudnn="9.3.0.75"), cfg, "compute capability") == checks.OK
+    assert level(healthy(cudnn="9.11.0.98", gpus=[A100]), cfg, "compute capability") == checks.OK

@@ -153,5 +153,7 @@ def test_a_job_with_slow_saves_stops_with_a_checkpoint_before_its_limit_under_an
         assert len(status(run)["sessions"]) == 2 and last["stopped_by"] in ("SIGUSR1", "time_budget"), last
         assert (run / "checkpoints" / f"ckpt-{last['end_step']}.index").exists(), os.listdir(run / "checkpoints")
         assert max(last["costs"]["save_seconds"]) >= slow, last  # the job's own final save was a slow one
+        print(f"margin {margin} s; job states {states}; session 2 {last['stopped_by']} at step {last['end_step']}, "
+              f"costs {last['costs']}")
     finally:
         subprocess.run(["scancel", job], capture_output=True)

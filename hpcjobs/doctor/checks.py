@@ -103,11 +103,26 @@ def covered(capability: tuple[int, int], built: list[str]) -> bool:
     return False
 
 
+def _volta_dropped(p) -> str | None:
+    """Why this CUDA/cuDNN has no Volta (7.0) support, or None: CUDA 13 and cuDNN 9.11 dropped it."""
+    cuda = _tf_parts((p.build or {}).get("cuda_version"))
+    if cuda[0] >= 13:
+        return f"CUDA {p.build.get('cuda_version')}"
+    cudnn = _tf_parts(p.cudnn)
+    if cudnn >= (9, 11):
+        return f"cuDNN {p.cudnn} (nvidia-cudnn)"
+    return None
+
+
 def check_capability(p, cfg) -> list[Check]:
     if not p.gpus or not p.build:
         return []
     built = p.build.get("cuda_compute_capabilities") or []
     out = []
+    dropped = _volta_dropped(p)
+    if dropped and any(g.capability and g.capability[0] == 7 and g.capability[1] < 5 for g in p.gpus):
+        out.append(Check("compute capability", BLOCKER, f"{dropped} has no Volta (7.0) support: pin an older one "
+                                                        "(pip install 'nvidia-cudnn-cu12<9.11') on V100 nodes"))
     for cap in sorted({g.capability for g in p.gpus if g.capability}):
         names = ", ".join(sorted({g.name for g in p.gpus if g.capability == cap}))
         if not built:

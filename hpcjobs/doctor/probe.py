@@ -51,6 +51,7 @@ class Probe:
     tensorflow: str | None = None
     keras: str | None = None
     build: dict | None = None  # TensorFlow's build_info: is_cuda_build, cuda_version, cuda_compute_capabilities...
+    cudnn: str | None = None  # the cuDNN pip package installed beside it (nvidia-cudnn-cu12/13), if any
     gpus: list | None = None  # [Gpu]; None: not probed
     horovod: str | None = None  # Horovod's version (installed), or None
     horovod_built: dict | None = None  # {"mpi": bool, "nccl": bool, "gloo": bool}; None: not probed
@@ -252,6 +253,7 @@ def probe(cfg, run_dir: str, full: bool = False, where: str = "doctor") -> Probe
     p.tensorflow = _version(*TF_DISTRIBUTIONS)
     p.keras = _version("keras")
     p.build = tf_build_info()
+    p.cudnn = _version("nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "nvidia-cudnn-cu11")
     p.horovod = _version("horovod")
     p.commands = {c: shutil.which(c) for c in ("sbatch", "squeue", "scontrol", "mpirun")}
     rd = RunDir(run_dir)
