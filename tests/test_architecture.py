@@ -16,7 +16,7 @@ HPCJOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = [  # top first; a package's `command` module sits in the commands layer, whatever its package
     ("entry", {"cli", "__main__"}),
     ("commands", {"*.command"}),
-    ("command packages", {"infer", "search", "slurm"}),
+    ("command packages", {"infer", "search", "slurm", "doctor"}),
     ("training", {"train"}),
     ("models and data", {"models", "data"}),
     ("what training ends with", {"evaluation", "export"}),

@@ -191,7 +191,9 @@ class SlurmConfig:
     activate: Optional[str] = None  # e.g. path/to/venv/bin/activate (sourced), or a conda env name
     extra_sbatch: tuple[str, ...] = ()  # more #SBATCH options, e.g. --constraint=v100
     max_requeues: int = 10
-    signal_margin: int = 120  # seconds before the time limit for SIGUSR1
+    # seconds before the time limit for SIGUSR1; auto: what the run's measured sessions need
+    # (the slowest save + the longest call + a safety term; hpcjobs.cluster.costs)
+    signal_margin: int | Literal["auto"] = 120
     python: Optional[str] = None  # the job's interpreter; null: the one running `hpcjobs submit`
     srun_args: tuple[str, ...] = ()  # more srun options, e.g. --mpi=pmix for Horovod
     launcher: str = "srun"  # srun, or mpirun: Open MPI's own Slurm support (Bede's bede-mpirun; no PMI needed)
@@ -227,7 +229,7 @@ class SlurmConfig:
             raise ValueError("slot_count: must be >= 1 or null (until the run is done)")
         if not 1 <= self.trials_per_node <= 64:
             raise ValueError("trials_per_node: must be from 1 to 64")
-        if self.signal_margin < 1:
+        if self.signal_margin != "auto" and self.signal_margin < 1:
             raise ValueError("signal_margin: must be >= 1")
         # nothing that reaches a job script may carry a line break or another control character
         for f in dataclasses.fields(self):
@@ -279,7 +281,7 @@ class SlurmConfig:
         if self.slot_at is not None and not self._AT.fullmatch(self.slot_at.strip()):
             raise ValueError(f"slot_at: {self.slot_at!r}: expected HH:MM (24-hour clock)")
         limit = seconds.get("slot", seconds["time"])
-        if self.signal_margin >= limit:
+        if self.signal_margin != "auto" and self.signal_margin >= limit:
             raise ValueError(f"signal_margin: {self.signal_margin} s is not below the time limit "
                              f"({int(limit)} s): lower signal_margin or raise time")
         if self.slot is not None:

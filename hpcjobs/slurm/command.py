@@ -17,7 +17,7 @@ import time
 from typing import Optional
 
 from ..config import Config, SlurmConfig, dump, to_dict
-from ..errors import first_line
+from ..errors import EX_USAGE, first_line
 from ..rundir import RunDir, atomic_write, cancelled, clear_cancelled, default_run_dir, refuse_overwriting
 from .jobs import _record, job_states
 from . import search_array
@@ -33,6 +33,8 @@ def add_arguments(parser):
     parser.add_argument("--folds", action="store_true",
                         help="data.folds' K folds as a job array: task I trains RUN/folds/fold-I")
     parser.add_argument("--dry-run", action="store_true", help="print the script(s); write and submit nothing")
+    parser.add_argument("--no-check", action="store_true",
+                        help="submit even when hpcjobs doctor's fast checks find a blocker")
 
 
 def _overrides(args) -> dict:
@@ -195,12 +197,21 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         _print_dry_run(plan)
         return 0
+    if plan.kind != "infer" and not getattr(args, "no_check", False):
+        from ..doctor.command import submission_blocker
+
+        blocker = submission_blocker(plan.cfg, plan.run_dir)
+        if blocker:
+            print(f"hpcjobs submit: refused: {blocker}", file=sys.stderr)
+            return EX_USAGE
     refuse_overwriting(args.config, plan.config_path, dump(plan.cfg))
     _write(plan)
     if clear_cancelled(plan.run_dir):
         print(f"note: {plan.run_dir} was cancelled; submitting it again clears the cancel")
     _queue_all(plan)
     print(f"  script: {plan.script_path}\n  status: hpcjobs status {plan.run_dir}")
+    if plan.s.signal_margin == "auto" and "signal_margin" in plan.params:
+        print(f"  signal_margin auto: {plan.params['signal_margin']} s (--signal=B:USR1@{plan.params['signal_margin']})")
     if plan.kind == "train" and _finished(plan.run_dir):
         print(f"note: {plan.run_dir} is finished already, so the job will exit at once; "
               "give another --run-dir to train again")

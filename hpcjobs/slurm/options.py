@@ -28,7 +28,8 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "modules": ("--module", "MODULE", "module to load"),
     "activate": (None, "PATH", "environment to activate: venv activate script or conda env"),
     "extra_sbatch": ("--sbatch", "OPTION", "extra #SBATCH option, e.g. --constraint=v100"),
-    "signal_margin": (None, "SECONDS", "USR1 this long before the time limit"),
+    "signal_margin": (None, "SECONDS|auto", "USR1 this long before the time limit; auto: what the run's "
+                                            "measured sessions need"),
     "python": (None, "PATH", "interpreter for the job (default: this one)"),
     "srun_args": ("--srun-arg", "OPTION", "extra srun option"),
     "launcher": (None, "srun|mpirun", "start the tasks with srun (default) or Open MPI's mpirun"),
@@ -43,6 +44,18 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "trials_per_node": ("--trials-per-node", "K", "--search: K search workers per array task, one GPU each"),
 }
 _CONFIG_ONLY = ("infer_partition", "infer_time")  # set in the config's slurm section only
+
+
+def _margin(text: str):
+    """--signal-margin: seconds, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds or auto") from None
 
 
 def _flag_table() -> list[tuple[str, str, dict]]:
@@ -62,6 +75,8 @@ def _flag_table() -> list[tuple[str, str, dict]]:
             help_ = f"{help_} (repeatable)" if help_ else "repeatable"
         elif kind is int:
             kw["type"] = int
+        if f.name == "signal_margin":
+            kw["type"] = _margin
         if f.name == "search":  # a bare --search: the config's search: section (hpcjobs.slurm.search_array)
             kw.update(nargs="?", const=SECTION)
             help_ = "the config's search: section as an array of search workers; or KEY=V1,V2: a grid (repeatable)"

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Optional
 
 from ..config import Config, ConfigError, SlurmConfig
-from ..units import format_slurm_mem, format_slurm_time
+from ..units import format_slurm_mem, format_slurm_time, slurm_seconds
 
 # A source checkout (or editable install) reads the repository's slurm/ folder; a wheel
 # installs the same templates as data files under <prefix>/share/hpcjobs/slurm.
@@ -339,6 +339,23 @@ def read_partial(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- from a config
+def signal_margin(s: SlurmConfig, run_dir: str) -> int:
+    """``slurm.signal_margin`` in seconds; ``auto``: what the run's measured sessions need
+    (``hpcjobs.cluster.costs``), else an estimate from its checkpoint, else the default;
+    never as long as the time limit."""
+    if s.signal_margin != "auto":
+        return s.signal_margin
+    from ..cluster import costs
+    from ..rundir import RunDir
+
+    margin = costs.auto_margin(costs.for_run(run_dir, RunDir(run_dir).read_record().to_dict()))
+    limit = slurm_seconds(s.slot or s.time)
+    if margin >= limit:
+        raise _error("slurm.signal_margin", f"auto: a stop needs {margin} s (measured sessions of {run_dir}), "
+                                            f"not below the time limit ({int(limit)} s): raise slurm.time")
+    return margin
+
+
 def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config_path: str | None) -> dict:
     """render() parameters for one job of ``kind`` from a config and its (overridden) slurm section."""
     horovod = cfg.distribute.strategy == "horovod"
@@ -355,10 +372,10 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
         if s.array:
             params.update(array=s.array, array_parallel=s.array_parallel)
     elif kind == "search":
-        params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, array=len(trials(cfg, s)),
+        params.update(max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir), array=len(trials(cfg, s)),
                       array_parallel=s.array_parallel)
     else:
-        params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, config=config_path,
+        params.update(max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir), config=config_path,
                       on_stop=("next-slot" if s.slot_count else "renew") if s.slot else "requeue")
     return params
 
