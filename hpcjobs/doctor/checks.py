@@ -128,7 +128,8 @@ def check_capability(p, cfg) -> list[Check]:
         if not built:
             out.append(Check("compute capability", OK, f"{names}: {cap[0]}.{cap[1]} (the build lists no kernels)"))
         elif covered(cap, built):
-            out.append(Check("compute capability", OK, f"{names}: {cap[0]}.{cap[1]}, in the build ({', '.join(built)})"))
+            out.append(Check("compute capability", OK,
+                             f"{names}: {cap[0]}.{cap[1]}, in the build ({', '.join(built)})"))
         else:
             out.append(Check("compute capability", BLOCKER,
                              f"{names}: compute capability {cap[0]}.{cap[1]}, but this TensorFlow has kernels for "
@@ -166,7 +167,8 @@ def check_horovod(p, cfg) -> list[Check]:
     built = ", ".join(k.upper() for k, v in b.items() if v) or "nothing"
     if not (b.get("mpi") or b.get("gloo")):
         return [Check("horovod", BLOCKER, f"Horovod {p.horovod} built with {built}: neither MPI nor Gloo, so its "
-                                          "ranks cannot meet; rebuild (HOROVOD_WITH_MPI=1 bash slurm/install-horovod.sh)")]
+                                          "ranks cannot meet; rebuild it with Open MPI on PATH "
+                                          "(bash slurm/install-horovod.sh)")]
     if cfg.slurm.gpus_per_node and not b.get("nccl"):
         return [Check("horovod", WARNING, f"Horovod {p.horovod} built with {built}, no NCCL: the GPUs' allreduce goes "
                                           "through host memory; rebuild with HOROVOD_GPU_OPERATIONS=NCCL")]
