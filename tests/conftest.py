@@ -38,6 +38,16 @@ def need_horovod():
         pytest.skip("Horovod not built here: bash slurm/install-horovod.sh")
 
 
+def need_keras_hub():
+    try:
+        import keras_hub
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("keras-hub missing in CI: bash tests/setup.sh installs it")
+        pytest.skip("keras-hub not installed (README, KerasHub presets)")
+    return keras_hub
+
+
 # --------------------------------------------------------------------------- the local Slurm cluster
 def pytest_configure(config):
     # one id per pytest run, shared with pytest-xdist's workers (they inherit the environment)

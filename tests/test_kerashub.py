@@ -15,7 +15,7 @@ import pytest
 
 from hpcjobs import cli
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, need_keras_hub
 
 CHEAP = ["training.epochs=2", "training.steps_per_epoch=3", "training.batch_size=32", "checkpoint.every_minutes=null",
          "data.channels=1"]
@@ -31,7 +31,7 @@ def train(run, *items):
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
-    keras_hub = pytest.importorskip("keras_hub")
+    keras_hub = need_keras_hub()
     folder = tmp_path_factory.mktemp("kerashub") / "tiny_resnet"
     backbone = keras_hub.models.ResNetBackbone(
         input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 32],
@@ -91,7 +91,7 @@ def test_without_keras_hub_it_is_one_line_naming_the_package(tmp_path, capsys, m
 
 
 def test_a_folder_that_is_no_preset_is_one_line(tmp_path, capsys):
-    pytest.importorskip("keras_hub")
+    need_keras_hub()
     assert train(tmp_path / "run", f"model.arch=kerashub:{tmp_path}") == 2
     err = capsys.readouterr().err
     assert "model.arch" in err and "not a KerasHub preset folder" in err and "Traceback" not in err
