@@ -34,6 +34,7 @@ def source(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.tf214
 def test_weights_file_fills_every_layer_of_the_same_architecture(tmp_path, source, capsys):
     model, path = source
     run = tmp_path / "run"
@@ -48,6 +49,7 @@ def test_weights_file_fills_every_layer_of_the_same_architecture(tmp_path, sourc
     assert plan["layers"] == ["conv1", "conv2", "dense1", "head"] and plan["left"] == []
 
 
+@pytest.mark.tf214
 def test_weights_file_for_fewer_classes_leaves_a_fresh_head_and_says_so(tmp_path, source, capsys):
     model, path = source
     run = tmp_path / "run"
@@ -60,6 +62,7 @@ def test_weights_file_for_fewer_classes_leaves_a_fresh_head_and_says_so(tmp_path
     assert after.get_layer("head").get_weights()[0].shape == (128, 3)
 
 
+@pytest.mark.tf214
 def test_weights_file_of_another_architecture_is_one_line(tmp_path, capsys):
     other = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(5, 5), keras.layers.Flatten(),
                               keras.layers.Dense(7)])

@@ -76,6 +76,7 @@ def test_evaluate_reports_the_runs_own_loss(runs, tmp_path):
         assert got == pytest.approx(status(runs[name])["test_loss"], rel=1e-4), name
 
 
+@pytest.mark.tf214
 def test_focal_loss_values():
     """Focal with gamma 0 and alpha 1 is crossentropy; alpha weights each class; label
     smoothing gives Keras' smoothed crossentropy."""
