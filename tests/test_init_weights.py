@@ -34,6 +34,7 @@ def source(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.tf214
 def test_weights_file_fills_every_layer_of_the_same_architecture(tmp_path, source, capsys):
     model, path = source
     run = tmp_path / "run"
@@ -48,6 +49,7 @@ def test_weights_file_fills_every_layer_of_the_same_architecture(tmp_path, sourc
     assert plan["layers"] == ["conv1", "conv2", "dense1", "head"] and plan["left"] == []
 
 
+@pytest.mark.tf214
 def test_weights_file_for_fewer_classes_leaves_a_fresh_head_and_says_so(tmp_path, source, capsys):
     model, path = source
     run = tmp_path / "run"
@@ -60,6 +62,26 @@ def test_weights_file_for_fewer_classes_leaves_a_fresh_head_and_says_so(tmp_path
     assert after.get_layer("head").get_weights()[0].shape == (128, 3)
 
 
+def test_a_run_from_a_weights_file_resumes_without_it(tmp_path, source):
+    """Cut by --time-budget, the run resumes from its own checkpoint with the weights file gone."""
+    import shutil
+
+    model, path = source
+    mine = tmp_path / "mine.weights.h5"
+    shutil.copy(path, mine)
+    run = tmp_path / "run"
+    items = ("training.epochs=3", "training.steps_per_epoch=5", f"model.init_from={mine}",
+             "model.freeze_backbone=true")
+    assert cli.main(["train", QUICKSTART, "--run-dir", str(run), *sets(*CHEAP, *items), "--time-budget", "1s"]) == 75
+    mine.unlink()
+    assert train(run, *items) == 0
+    st = json.loads((run / "run.json").read_text())
+    assert st["status"] == "finished" and len(st["sessions"]) == 2
+    after = keras.models.load_model(str(run / "export" / "model.keras"))
+    np.testing.assert_array_equal(after.get_layer("conv1").get_weights()[0], model.get_layer("conv1").get_weights()[0])
+
+
+@pytest.mark.tf214
 def test_weights_file_of_another_architecture_is_one_line(tmp_path, capsys):
     other = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(5, 5), keras.layers.Flatten(),
                               keras.layers.Dense(7)])

@@ -76,6 +76,7 @@ def test_evaluate_reports_the_runs_own_loss(runs, tmp_path):
         assert got == pytest.approx(status(runs[name])["test_loss"], rel=1e-4), name
 
 
+@pytest.mark.tf214
 def test_focal_loss_values():
     """Focal with gamma 0 and alpha 1 is crossentropy; alpha weights each class; label
     smoothing gives Keras' smoothed crossentropy."""
@@ -145,3 +146,16 @@ def test_bad_loss_settings_are_one_line(tmp_path, capsys, value, key, words):
     err = capsys.readouterr().err
     assert rc == 2 and key in err and words in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_loss_short_form_and_its_overrides(tmp_path):
+    """``loss: focal`` is ``{name: focal}``; --set reaches into it; the resolved config
+    (config.yaml) holds the whole mapping."""
+    cfg_file = tmp_path / "focal.yaml"
+    cfg_file.write_text(f"base: {QUICKSTART}\ntraining:\n  loss: focal\n")
+    assert config.load(str(cfg_file)).training.loss == config.LossConfig(name="focal")
+    cfg = config.load(str(cfg_file), ["training.loss.gamma=3", "training.loss.alpha=[1, 2]"])
+    assert cfg.training.loss == config.LossConfig(name="focal", gamma=3.0, alpha=(1.0, 2.0))
+    assert config.to_dict(cfg)["training"]["loss"] == {"name": "focal", "label_smoothing": 0.0, "gamma": 3.0,
+                                                       "alpha": [1.0, 2.0]}
+    assert config.load(QUICKSTART).training.loss == config.LossConfig()  # crossentropy by default
