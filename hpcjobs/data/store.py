@@ -105,6 +105,7 @@ class Prepared:
     path: str | None = None  # the store file, if any
     skipped: list[tuple[str, str]] = field(default_factory=list)
     _file: Any = None
+    staged: Any = None  # stage.Staged: where a staged store was copied from, in how long
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -86,7 +86,7 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
-                     class_names=[str(c) for c in trainer.data.class_names])
+                     class_names=[str(c) for c in trainer.data.class_names], **_stage_field(trainer))
         _announce(trainer, origin, loop.step)
         reason = loop.run()
         return _finish(trainer, loop, reason, record)
@@ -96,6 +96,13 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
     finally:
         stop.uninstall()
         trainer.checkpoints.close()
+
+
+def _stage_field(trainer) -> dict:
+    """run.json's ``stage``: this node's (the chief's) staged copy and the copy's time, or why
+    the store is read in place; nothing when data.stage is off."""
+    staged = getattr(trainer.data, "staged", None)
+    return {"stage": staged.record()} if staged is not None else {}
 
 
 def _refuse_lost_progress(rd: RunDir):
