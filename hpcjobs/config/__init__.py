@@ -69,6 +69,10 @@ class DataConfig:
     feed: Literal["auto", "memory", "disk", "hybrid"] = "auto"
     memory_budget: str = "4GiB"
     epochs_per_segment: int = 2
+    # at a session's start, the feeder's samples/s measured against the train step's (a second
+    # or two; run.json feed_check); a warning when the feed has less than feed_headroom x the step's
+    feed_check: bool = True
+    feed_headroom: float = 1.2
     normalize: Literal["standardize", "rescale"] = "standardize"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classes: tuple[str, ...] = ()  # only these classes of the source (in this order); empty: all
@@ -93,6 +97,8 @@ class DataConfig:
         if self.stage is not None and not self.store:
             raise ValueError("stage: needs data.store (a store written by `hpcjobs prepare`); an in-memory "
                              "prepare has nothing to stage")
+        if not self.feed_headroom > 0:
+            raise ValueError("feed_headroom: must be > 0 (the feed's samples/s over the train step's)")
         if self.stage == "":
             raise ValueError("stage: null, auto or a folder")
         if self.epochs_per_segment < 1:

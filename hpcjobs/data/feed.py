@@ -36,7 +36,7 @@ from .rows import RowReader, take_rows
 from .store import Prepared, Split
 
 __all__ = ["AUG_PARAMS", "BlockPlan", "Feeder", "Plan", "apply_augment", "augment_params", "choose_feed",
-           "segment_size", "stratified_segments"]
+           "measure_feed", "segment_size", "stratified_segments"]
 
 BLOCK_ROWS = 1024  # the largest disk block
 GROUP_SAMPLES = 8192  # global samples per run of the training generator
@@ -254,8 +254,9 @@ class Feeder:
         finally:
             resident.close()
 
-    def train_dataset(self, start_step: int = 0):
-        """This worker's per-replica training batches (float images, labels) from start_step."""
+    def train_dataset(self, start_step: int = 0, to_device: bool = True):
+        """This worker's per-replica training batches (float images, labels) from start_step;
+        ``to_device`` False leaves out the prefetch onto the device (so more may follow)."""
         import tensorflow as tf
 
         h, w, c = self.data.image_shape
@@ -279,7 +280,7 @@ class Feeder:
         device = self.device
         if device == "gpu":  # the first visible GPU, if there is one
             device = next((d.name for d in tf.config.list_logical_devices("GPU")), None)
-        if device:
+        if device and to_device:
             ds = ds.apply(tf.data.experimental.prefetch_to_device(device, 2))
         return ds.with_options(_options(self.cpus))
 
@@ -334,6 +335,27 @@ class Feeder:
         ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
         ds = ds.map(lambda x, y, wt: (tf.cast(x, tf.float32), y, wt))
         return ds.prefetch(2).with_options(_options())
+
+
+def measure_feed(feeder: Feeder, seconds: float = 1.0, warmup: int = 3, least: int = 5) -> float:
+    """Samples/s of a fresh training pipeline of ``feeder`` (this worker's share), timed after
+    ``warmup`` batches for about ``seconds`` (at least ``least`` batches).  The pipeline is
+    its own, from step 0: a training iterator is not touched, and the stream is a pure
+    function of the position, so nothing a run trains on changes.  The one measurement of
+    a store's read rate through the feeder (the feed check at a session's start; doctor)."""
+    import time
+
+    it = iter(feeder.train_dataset(0, to_device=False))
+    try:
+        for _ in range(warmup):
+            next(it)
+        n, k, t = 0, 0, time.perf_counter()
+        while k < least or time.perf_counter() - t < seconds:
+            x, _ = next(it)
+            n, k = n + int(x.shape[0]), k + 1
+        return n / (time.perf_counter() - t)
+    finally:
+        del it
 
 
 def _options(cpus: int | None = None):

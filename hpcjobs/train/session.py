@@ -18,7 +18,7 @@ from ..evaluation import files as report
 from ..evaluation import metrics
 from ..record import RunRecord, SessionEntry
 from ..rundir import RunDir, atomic_write
-from . import environment
+from . import environment, feedcheck
 from .checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from .hooks import Hook, is_final
 from .loop import Loop
@@ -88,6 +88,8 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
                      class_names=[str(c) for c in trainer.data.class_names], **_stage_field(trainer))
         _announce(trainer, origin, loop.step)
+        if cfg.data.feed_check and loop.step < trainer.total_steps:  # its own pipeline; the state put back
+            record.write(feed_check=feedcheck.feed_check(trainer))
         reason = loop.run()
         return _finish(trainer, loop, reason, record)
     except BaseException as e:
