@@ -50,8 +50,10 @@ class BatchError(UserError, ValueError):
 class _Set:
     """Resident rows: their images, labels, and where a split row is among them."""
 
-    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]], mapped: bool = False):
-        """``mapped``: a single range may be a view of the mapped store file."""
+    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]], mapped: bool = False,
+                 ask=None):
+        """``mapped``: a single range may be a view of the mapped store file, whose pages
+        ``ask`` (a function of the range; ``reader.ask`` by default) has the kernel read ahead."""
         images = split.images
         if ranges == [(0, len(split))] and isinstance(images, np.ndarray) and images.flags.c_contiguous \
                 and images.ctypes.data % 64 == 0:
@@ -59,7 +61,7 @@ class _Set:
         else:
             view = reader.view(*ranges[0]) if mapped and len(ranges) == 1 else None
             if view is not None:
-                reader.ask(*ranges[0])
+                (ask or reader.ask)(*ranges[0])
             self.images = view if view is not None else reader.read(ranges)
         self.labels = np.concatenate([split.labels[lo:hi] for lo, hi in ranges]).astype(np.int32)
         self.starts = np.array([lo for lo, _ in ranges])
@@ -85,7 +87,13 @@ class _Resident:
     def _load(self, key: int) -> _Set:
         if self.plan.single:
             return self.feeder.whole()
-        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key), self.feeder.feed == "hybrid")
+        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key), self.feeder.feed == "hybrid",
+                    ask=self._ask)
+
+    def _ask(self, lo: int, hi: int):
+        """The read-ahead of a mapped set's pages, on the reading thread: a posix_fadvise over
+        tens of MB walks the page cache (and may wait to queue reads), off the generator's path."""
+        self.pool.submit(self.feeder.reader.ask, lo, hi)
 
     def _use(self, key: int):
         """The set of ``key`` and its arrays if they were not the last handed out; starts
@@ -192,10 +200,19 @@ class Feeder:
         self.cpus, self.device = cpus or cpu_count(), device
         self.reader = RowReader(train.images, data.path)
         self._whole: _Set | None = None
+        self._ahead: bool | None = None
 
     @property
     def steps_per_pass(self) -> int:
         return max(1, len(self.train) // self.global_batch)
+
+    @property
+    def ahead(self) -> bool:
+        """Whether the generator may run a group ahead: the resident rows it holds then stay
+        the whole split, or views of the mapped file (a read set would be one more buffer)."""
+        if self._ahead is None:
+            self._ahead = self.feed == "memory" or self.plan.single or (self.feed == "hybrid" and self.maps(0))
+        return self._ahead
 
     def maps(self, key: int) -> bool:
         """Whether the resident rows of ``key`` are a view of the mapped store file."""
@@ -273,6 +290,12 @@ class Feeder:
             prev = tf.cond(keep > 0, lambda: tf.cond(new, lambda: held[:2], lambda: held[2:]), lambda: empty)
             return (*cur, *prev), (*cur, *prev, rows, params)
 
+        if self.ahead:
+            # the generator runs a group ahead of the batches, so a change of resident rows (the
+            # generator's numpy and the hand-over to TensorFlow) overlaps the batches before it
+            # instead of stalling the parallel calls; only where that holds no more memory:
+            # one set for all, or sets that are views of the mapped store
+            ds = ds.prefetch(1)
         ds = ds.scan((*empty, *empty), hold)
         ds = ds.flat_map(lambda *g: tf.data.Dataset.zip(tf.data.Dataset.from_tensors(g[:4]).repeat(),
                                                         tf.data.Dataset.from_tensor_slices(g[4:])))
