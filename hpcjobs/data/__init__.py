@@ -22,7 +22,8 @@ def load_data(cfg: Config, base_dir: str = ".", progress: bool = False, info=Non
         path = d.store if os.path.isabs(d.store) else os.path.join(base_dir, d.store)
         folder = stage.stage_folder(d.stage, info.scratch) if info is not None else None
         if folder and os.path.isfile(path):
-            staged = stage.stage(path, folder, job=info.job_id, say=say)
+            job = f"{info.job_id}.{info.restart_count}" if info.job_id else None  # a requeued job tries again
+            staged = stage.stage(path, folder, job=job, say=say)
             path = staged.path
         data = open_store(path)
         data.staged = staged
