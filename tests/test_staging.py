@@ -163,3 +163,5 @@ def test_two_ranks_on_one_node_make_one_copy_on_the_cluster(on_cluster, store, i
     assert copies == [os.path.basename(store)]
     st = status(run)
     assert st["replicas"] == 2 and st["stage"]["path"].startswith(str(folder))
+    assert st["feed_check"]["step_samples_per_s"] > 0  # the check's steps ran on both ranks (collectives)
+    print("\n".join(x for x in text.splitlines() if x.startswith(("staged", "feed check", "worker", "data.stage"))))
