@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .checks import BUILTIN_ARCHS, check_across, check_arch, check_model, unknown_arch  # noqa: F401
 from .loader import ConfigError, build, read_with_base
@@ -23,7 +23,7 @@ from .loader import dump, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's na
 from .overrides import apply_overrides, parse_override  # noqa: F401
 from .search import ParamSpec, SearchConfig  # noqa: F401
 from .transfer import HeadConfig, TransferConfig
-from .train import SEED_MAX, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
+from .train import SEED_MAX, LossConfig, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
 from ..units import SLURM_MEM, check_time_budget, parse_bytes, parse_shard, slurm_seconds
@@ -65,7 +65,9 @@ class DataConfig:
     image_size: Optional[tuple[int, int]] = None  # (height, width); null = the source's
     channels: Optional[int] = None  # 1 or 3; null = the source's
     validation_split: float = 0.1
-    test_split: Optional[float] = None  # null: 20% below 1,000 samples, 10% below 10,000, else 5%
+    # null: 20% below 1,000 samples, 10% below 10,000, else 5%; source: the source's own test set
+    # (IDX t10k files, an .npz's x_test/y_test, a folder's test/ class tree), validation then from the rest
+    test_split: Optional[Union[float, Literal["source"]]] = None
     feed: Literal["auto", "memory", "disk", "hybrid"] = "auto"
     memory_budget: str = "4GiB"
     epochs_per_segment: int = 2
@@ -84,9 +86,10 @@ class DataConfig:
     def __post_init__(self):
         if not 0 <= self.validation_split < 1:
             raise ValueError("validation_split: must be in [0, 1)")
-        if self.test_split is not None and not 0 <= self.test_split < 1:
-            raise ValueError("test_split: must be in [0, 1)")
-        if self.validation_split + (self.test_split or 0) >= 1:
+        share = self.test_split if isinstance(self.test_split, float) else 0
+        if not 0 <= share < 1:
+            raise ValueError("test_split: must be in [0, 1), source or null")
+        if self.validation_split + share >= 1:
             raise ValueError("validation_split: validation_split + test_split must be below 1")
         if self.image_size is not None and not 1 <= min(self.image_size) <= max(self.image_size) <= 8192:
             raise ValueError("image_size: must be [height, width], each from 1 to 8192")
@@ -121,13 +124,16 @@ class DataConfig:
 
 @_frozen
 class ModelConfig:
-    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2)
+    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2) | kerashub:PATH (a
+    # KerasHub preset folder: its backbone, weights and image preprocessing, and a new head)
     arch: str = "simple_cnn"
     weights: Optional[str] = None  # keras.applications: a weights file, or imagenet (from the cache); never downloaded
     weights_cache: Optional[str] = None  # where imagenet weights are; null: $KERAS_HOME/models or ~/.keras/models
     head: HeadConfig = field(default_factory=HeadConfig)
     bn_trainable: bool = False  # BatchNormalization of unfrozen blocks trains too (default: inference mode)
-    init_from: Optional[str] = None  # an hpcjobs export or .weights.h5: copy matching layers
+    # an hpcjobs run or export, or a .weights.h5 written for this architecture: copy the layers that match by
+    # name and shape (those filled and those left are reported)
+    init_from: Optional[str] = None
     freeze_backbone: bool = False
     dropout: float = 0.5
     width: int = 32  # filters of the first conv layer of the built-in nets

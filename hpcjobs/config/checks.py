@@ -40,8 +40,16 @@ def unknown_arch(arch: str, names) -> str | None:
             "or a keras.applications name such as ResNet50 or MobileNetV2)")
 
 
+KERASHUB = "kerashub:"  # model.arch: kerashub:PATH, a KerasHub preset folder (the prefix is reserved)
+
+
 def check_arch(arch: str):
-    """A built-in net or a keras.applications model name, else a ValueError with a hint."""
+    """A built-in net, a keras.applications model name or ``kerashub:PATH``, else a
+    ValueError with a hint."""
+    if arch.startswith(KERASHUB):
+        if not arch[len(KERASHUB):].strip():
+            raise ValueError("arch: kerashub: needs the path of a KerasHub preset folder (kerashub:PATH)")
+        return
     names = application_names() if _NAME.fullmatch(arch) else frozenset()
     message = unknown_arch(arch, names)
     if message:
@@ -52,10 +60,14 @@ def check_model(m):
     """A ModelConfig's fields against each other."""
     check_arch(m.arch)
     builtin = m.arch in BUILTIN_ARCHS
+    if m.arch.startswith(KERASHUB) and (m.weights is not None or m.head.include_top):
+        raise ValueError(f"{'weights' if m.weights is not None else 'head.include_top'}: a KerasHub preset "
+                         "brings its own weights and gets a new head (leave model.weights null, include_top false)")
     if builtin and m.weights is not None:
         raise ValueError(f"weights: a keras.applications weights file, but {m.arch} is built in "
                          "(to start from another hpcjobs model, use model.init_from)")
-    if m.freeze_backbone and m.init_from is None and (builtin or m.weights is None):
+    if m.freeze_backbone and m.init_from is None and (builtin or m.weights is None) \
+            and not m.arch.startswith(KERASHUB):  # a preset's backbone has its weights
         what = f"{m.arch} has no pretrained backbone" if builtin else f"{m.arch}'s backbone would stay random"
         raise ValueError(f"freeze_backbone: {what}: set model.init_from"
                          f"{'' if builtin else ' or model.weights'}, or freeze_backbone: false")

@@ -28,7 +28,7 @@ def load_data(cfg: Config, base_dir: str = ".", progress: bool = False, info=Non
         data = open_store(path)
         data.staged = staged
     else:
-        samples = open_source(d.source, base_dir)
+        samples = open_source(d.source, base_dir, own_test=d.test_split == "source")
         data = prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
                        progress=progress)
     from . import subsets
@@ -47,7 +47,7 @@ def prepare_store(cfg: Config, out_path: str, base_dir: str = ".", strict: bool 
     """``hpcjobs prepare``: the source into the store ``out_path`` (``force``: even over
     the source itself or a file that is not a store)."""
     d = cfg.data
-    samples = open_source(d.source, base_dir)
+    samples = open_source(d.source, base_dir, own_test=d.test_split == "source")
     return prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
                    out_path=out_path, strict=strict, progress=progress, force=force)
 

@@ -140,6 +140,22 @@ def _fit(images, shape):
     return np.stack([to_model_image(np.asarray(img), tuple(shape[:2]), shape[2]) for img in images])
 
 
+def _run_loss(args, folder: str, num_classes: int):
+    """The run's ``training.loss`` on arrays, where the model is a run's (its config.yaml);
+    crossentropy for a bundle on its own.  Both from the loss factory of training."""
+    from .. import config
+    from ..train.losses import numpy_loss
+
+    path = run_config(args.model, folder)
+    loss = config.LossConfig()
+    if path:
+        try:
+            loss = config.load(path).training.loss
+        except config.ConfigError:
+            pass  # a run config this version cannot read: the bundle's crossentropy
+    return numpy_loss(loss, num_classes)
+
+
 def cmd_evaluate(args) -> int:
     from . import metrics
     from ..export.formats import open_runner
@@ -149,7 +165,8 @@ def cmd_evaluate(args) -> int:
     shape = tuple(runner.info["input_shape"])
     data = labelled(args, runner.folder, shape)
     labels = model_labels(data, names)
-    report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape)), names)
+    report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape)), names,
+                                      loss=_run_loss(args, runner.folder, len(names)))
     base = args.model if os.path.isdir(args.model) and runner.kind != "saved_model" else runner.folder
     out = args.output or os.path.join(base, "evaluation")
     check_output_folder(out, "metrics.json", metrics.is_evaluation, "evaluation")

@@ -101,6 +101,9 @@ def data_section(cfg, data) -> str:
              f"- Split: stratified by class (seed {d.seed}): "
              + " / ".join(f"{len(data.splits[s]):,} {w}" for s, w in SPLIT_WORDS.items())
              + (f"; K-fold: fold {d.fold} of {d.folds}" if d.folds else ""),
+             *([f"- Test split: the source's own test set, {len(data.splits['test']):,} images ({data.test_origin}), "
+                "kept apart as the source published it (`data.test_split: source`); validation is split from "
+                "the rest"] if getattr(data, "test_origin", "") else []),
              f"- Images: {_shape_words(data.image_shape)} after the preprocessing below; normalisation "
              f"`{d.normalize}` inside the model", "", "| class | train | validation | test |", "|---|---:|---:|---:|"]
     for c, name in list(enumerate(data.class_names))[:50]:

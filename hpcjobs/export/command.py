@@ -95,7 +95,10 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
         report = None
         if len(test):
             runner = formats.model_runner(model, export.preprocessing_info(data, cfg.data.normalize))
-            report = metrics.from_predictions(test.labels, runner.predict(test.images), data.class_names)
+            from ..train.losses import numpy_loss
+
+            report = metrics.from_predictions(test.labels, runner.predict(test.images), data.class_names,
+                                              loss=numpy_loss(cfg.training.loss, data.num_classes))
         try:
             figures = write(model, output or rd.export, cfg=cfg, data=data, report=report, training=training,
                             wanted=wanted)

@@ -86,7 +86,9 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
-                     class_names=[str(c) for c in trainer.data.class_names], **_stage_field(trainer))
+                     class_names=[str(c) for c in trainer.data.class_names],
+                     test_images=len(trainer.data.splits["test"]),
+                     test_source=trainer.data.test_origin or "split from the source", **_stage_field(trainer))
         _announce(trainer, origin, loop.step)
         if cfg.data.feed_check and loop.step < trainer.total_steps:  # its own pipeline; the state put back
             record.write(feed_check=feedcheck.feed_check(trainer))
@@ -140,7 +142,9 @@ def _announce(trainer, origin: str, step: int):
         trainer.say("warning: training.stages[0] trains only the head over a backbone that starts random "
                     "(no model.weights, model.init_from or --from): its features stay random for that stage")
     trainer.say(f"training {cfg.name}: {len(d.splits['train'])} train / {len(d.splits['val'])} val / "
-                f"{len(d.splits['test'])} test images {d.image_shape}, {d.num_classes} classes, feed "
+                f"{len(d.splits['test'])} test images"
+                + (f" (the source's own: {d.test_origin})" if d.test_origin else "")
+                + f" {d.image_shape}, {d.num_classes} classes, feed "
                 f"{trainer.feeder.feed}, strategy {trainer.rt.kind} x{trainer.rt.replicas}, start {origin} "
                 f"at step {step}/{trainer.total_steps}")
 

@@ -26,6 +26,7 @@ from ..rundir import RunDir
 from ..units import parse_duration
 from . import hooks as hooks_mod
 from .optim import make_optimizer
+from . import losses
 from .step import build_steps
 
 
@@ -63,10 +64,11 @@ class Trainer:
     generators, reads and preprocesses the data (unless ``data`` is given), and builds
     the model, the optimizer, the hooks' state, the compiled steps and the checkpoint
     manager.  Nothing is restored, trained or written there: ``restore()`` and
-    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones."""
+    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones; ``user_loss`` is the callable of a
+    ``module:function`` ``training.loss``."""
 
     def __init__(self, cfg: Config, run_dir: str, *, runtime=None, info=None, data=None,
-                 time_budget: str | None = None, verbose: bool = True, hooks=()):
+                 time_budget: str | None = None, verbose: bool = True, hooks=(), user_loss=None):
         import keras
         import tensorflow as tf
 
@@ -92,6 +94,7 @@ class Trainer:
         self.total_steps = self.epochs * self.steps_per_epoch
         self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
         self.jit_compile = use_xla(t, self.rt)
+        self.loss = losses.make_loss(t.loss, self.data.num_classes, user_loss)
         self._build_state()
         self.compiled = self._build_steps()
         self._stage_steps = {0: self.compiled}
@@ -171,7 +174,8 @@ class Trainer:
         t = self.cfg.training
         weights = class_weights(t.class_weight, self.data.splits["train"].labels, self.data.num_classes,
                                 self.data.class_names)
-        return build_steps(self.model, self.optimizer, self.rt, t.batch_size, weights, jit_compile=self.jit_compile)
+        return build_steps(self.model, self.optimizer, self.rt, t.batch_size, weights, jit_compile=self.jit_compile,
+                           loss=self.loss)
 
     # -- compiled calls -----------------------------------------------------------------
     def call(self, iterator, n: int, flags) -> tuple[np.ndarray, np.ndarray]:
@@ -243,8 +247,10 @@ class Trainer:
             return "from_weights"
         if self.init is not None:
             self.init.apply(self.model)
+            left = self.init.left or []
             say(f"initialised {len(self.init.layers)} layers from {self.init.path}"
-                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else ""))
+                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else "")
+                + (f"; left as built: {', '.join(left[:10])}{' ...' if len(left) > 10 else ''}" if left else ""))
             return "init_from"
         return "scratch"
 
