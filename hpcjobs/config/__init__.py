@@ -60,6 +60,9 @@ class DataConfig:
     source: str = "digits"
     # HDF5 store written by `hpcjobs prepare` and read by `train`; null = keep in memory.
     store: Optional[str] = None
+    # node-local staging of data.store: null (read in place), auto (copy it to the node's
+    # $SLURM_TMPDIR, else $TMPDIR, else /tmp, once per node) or a folder to copy it to
+    stage: Optional[str] = None
     image_size: Optional[tuple[int, int]] = None  # (height, width); null = the source's
     channels: Optional[int] = None  # 1 or 3; null = the source's
     validation_split: float = 0.1
@@ -69,6 +72,11 @@ class DataConfig:
     feed: Literal["auto", "memory", "disk", "hybrid"] = "auto"
     memory_budget: str = "4GiB"
     epochs_per_segment: int = 2
+    # at a session's start, the feeder's samples/s measured against the train step's (a second
+    # or two; run.json feed_check); a warning when the feed has less than feed_headroom x the step's.
+    # auto: in every session of a Slurm job (not in local runs, where the CPU is both feed and step)
+    feed_check: Union[bool, Literal["auto"]] = "auto"
+    feed_headroom: float = 1.2
     normalize: Literal["standardize", "rescale"] = "standardize"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classes: tuple[str, ...] = ()  # only these classes of the source (in this order); empty: all
@@ -91,6 +99,13 @@ class DataConfig:
             raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
         if self.channels not in (None, 1, 3):
             raise ValueError("channels: must be 1, 3 or null")
+        if self.stage is not None and not self.store:
+            raise ValueError("stage: needs data.store (a store written by `hpcjobs prepare`); an in-memory "
+                             "prepare has nothing to stage")
+        if not self.feed_headroom > 0:
+            raise ValueError("feed_headroom: must be > 0 (the feed's samples/s over the train step's)")
+        if self.stage == "":
+            raise ValueError("stage: null, auto or a folder")
         if self.epochs_per_segment < 1:
             raise ValueError("epochs_per_segment: must be >= 1")
         if self.max_per_class is not None and self.max_per_class < 1:

@@ -106,6 +106,7 @@ class Prepared:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     _file: Any = None
     test_origin: str = ""  # data.test_split: source: the source's own test set, in words ("": split here)
+    staged: Any = None  # stage.Staged: where a staged store was copied from, in how long
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -19,7 +19,7 @@ from ..evaluation import files as report
 from ..evaluation import metrics
 from ..record import RunRecord, SessionEntry
 from ..rundir import RunDir, atomic_write
-from . import environment
+from . import environment, feedcheck
 from .checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from .hooks import Hook, is_final
 from .loop import Loop
@@ -130,9 +130,12 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
                      class_names=[str(c) for c in trainer.data.class_names],
                      test_images=len(trainer.data.splits["test"]),
-                     test_source=trainer.data.test_origin or "split from the source",
+                     test_source=trainer.data.test_origin or "split from the source", **_stage_field(trainer),
                      **({"code": trainer.code.entries} if getattr(trainer, "code", None) else {}))
         _announce(trainer, origin, loop.step)
+        check = cfg.data.feed_check
+        if (check is True or check == "auto" and trainer.info.job_id) and loop.step < trainer.total_steps:  # its own pipeline; the state put back
+            record.write(feed_check=feedcheck.feed_check(trainer))
         reason = loop.run()
         return _finish(trainer, loop, reason, record, spent)
     except BaseException as e:
@@ -142,6 +145,13 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         stop.uninstall()
         trainer.checkpoints.close()
         _LAST_SESSION_END[0] = time.time()
+
+
+def _stage_field(trainer) -> dict:
+    """run.json's ``stage``: this node's (the chief's) staged copy and the copy's time, or why
+    the store is read in place; nothing when data.stage is off."""
+    staged = getattr(trainer.data, "staged", None)
+    return {"stage": staged.record()} if staged is not None else {}
 
 
 def _refuse_lost_progress(rd: RunDir):

@@ -84,7 +84,8 @@ class Trainer:
         compat.set_op_determinism(t.deterministic)
         self.run_dir = RunDir(run_dir, writer=self.rt.is_chief)
         self.verbose = verbose and self.rt.is_chief
-        self.data = data or load_data(cfg)
+        # data.stage: the store copied to node-local scratch once per node (said by the rank that copies)
+        self.data = data or load_data(cfg, info=self.info, say=lambda line: print(line, flush=True))
         self.feeder = Feeder(self.data, feed=cfg.data.feed, memory_budget=cfg.data.memory_budget,
                              epochs_per_segment=cfg.data.epochs_per_segment, seed=cfg.data.seed + t.seed,
                              augment=cfg.data.augment, global_batch=t.batch_size, worker=self.rt.worker,
