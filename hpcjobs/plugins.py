@@ -312,7 +312,8 @@ class RunCode:
             os.makedirs(folder, exist_ok=True)
             with atomic_path(os.path.join(folder, name)) as tmp:
                 shutil.copyfile(source, tmp)
-            files.append({"key": key, "source": source, "copy": name, "sha256": file_digest(os.path.join(folder, name))})
+            digest = file_digest(os.path.join(folder, name))
+            files.append({"key": key, "source": source, "copy": name, "sha256": digest})
         code = cls(run_dir, files, modules)
         if writer and (files or modules or before):
             atomic_write(os.path.join(folder, MANIFEST),

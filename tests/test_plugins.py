@@ -5,7 +5,6 @@ RUN/code/ and checked on resume; the bundle that carries it, refused without
 --trust-code; and each bad plugin as one line, exit 2, naming the key."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
