@@ -438,3 +438,13 @@ def test_head_of_a_user_model_is_its_last_layer_with_weights(tmp_path):
     assert len(model.trainable_weights) == len(model.get_layer("tiny").get_layer("logits").weights)
     freeze.set_trainable(model, ("gain", "conv"))
     assert len(model.trainable_weights) == 3  # the gain, the conv's kernel and bias
+
+
+def test_init_from_a_run_of_the_same_user_model_needs_no_flag(runs, tmp_path, capsys):
+    """model.init_from of a bundle carrying the very code this run imports: nothing new runs."""
+    run = tmp_path / "second"
+    capsys.readouterr()
+    assert train(runs["config"], run, "--set", f"model.init_from={runs['whole']}", "--set", "training.epochs=1",
+                 "--set", "training.steps_per_epoch=2") == 0
+    out = capsys.readouterr().out
+    assert f"layers from {runs['whole'] / 'export' / 'model.keras'}" in out and "initialised 0 layers" not in out
