@@ -312,7 +312,8 @@ class RunCode:
             os.makedirs(folder, exist_ok=True)
             with atomic_path(os.path.join(folder, name)) as tmp:
                 shutil.copyfile(source, tmp)
-            files.append({"key": key, "source": source, "copy": name, "sha256": file_digest(os.path.join(folder, name))})
+            digest = file_digest(os.path.join(folder, name))
+            files.append({"key": key, "source": source, "copy": name, "sha256": digest})
         code = cls(run_dir, files, modules)
         if writer and (files or modules or before):
             atomic_write(os.path.join(folder, MANIFEST),
@@ -375,14 +376,19 @@ def bundle_files(folder: str) -> list[str]:
     return [f"{CODE_DIR}/{e['copy']}" for e in data.get("files", []) if isinstance(e, dict) and "copy" in e]
 
 
-def import_bundle_code(folder: str, trust_code: bool, hint: str) -> list[str]:
+def import_bundle_code(folder: str, trust_code: bool, hint: str, imported_ok: bool = False) -> list[str]:
     """Import an export folder's code so its layers are registered (its modules too, which
     are installed already and need no consent).  A bundle that carries files is refused
-    unless ``trust_code``: importing code is running it.  Each file is checked against its
-    sha256 first.  Returns what was imported."""
+    unless ``trust_code``: importing code is running it.  ``imported_ok``: files whose very
+    content this process imported already (a run's own model.arch, for ``model.init_from``)
+    need no consent either.  Each file is checked against its sha256 first.  Returns what
+    was imported."""
     code_dir = os.path.join(folder, CODE_DIR)
     data = read_manifest(code_dir)
     files = [e for e in data.get("files", []) if isinstance(e, dict) and "copy" in e]
+    if imported_ok and files and all(isinstance(e.get("sha256"), str) and _module_name(e["copy"], e["sha256"])
+                                     in sys.modules for e in files):
+        trust_code = True  # nothing new runs: each file's module is this content, imported already
     if files and not trust_code:
         shown = ", ".join(f"{CODE_DIR}/{e['copy']}" for e in files)
         raise PluginError(f"{folder}: carries Python code ({shown}) that must be imported to load the model, "

@@ -5,7 +5,6 @@ RUN/code/ and checked on resume; the bundle that carries it, refused without
 --trust-code; and each bad plugin as one line, exit 2, naming the key."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -425,3 +424,28 @@ def test_a_data_loader_of_paths_prepares_a_store(tmp_path, capsys):
         assert data.image_shape == (8, 8, 1)
     finally:
         data.close()
+
+
+@pytest.mark.tf214
+def test_head_of_a_user_model_is_its_last_layer_with_weights(tmp_path):
+    """``trainable: head`` on the user's model trains its last layer with weights; names pick any layers."""
+    from hpcjobs.models import build, freeze
+
+    cfg = config.load(project(str(tmp_path / "project")))
+    model = build.build(cfg.model, (8, 8, 1), 10, [0.0], [1.0])
+    freeze.set_trainable(model, "head")
+    assert sorted(w.name.split("/")[-1].split(":")[0] for w in model.trainable_weights) == ["bias", "kernel"]
+    assert all(w is not None for w in model.get_layer("tiny").get_layer("logits").trainable_weights)
+    assert len(model.trainable_weights) == len(model.get_layer("tiny").get_layer("logits").weights)
+    freeze.set_trainable(model, ("gain", "conv"))
+    assert len(model.trainable_weights) == 3  # the gain, the conv's kernel and bias
+
+
+def test_init_from_a_run_of_the_same_user_model_needs_no_flag(runs, tmp_path, capsys):
+    """model.init_from of a bundle carrying the very code this run imports: nothing new runs."""
+    run = tmp_path / "second"
+    capsys.readouterr()
+    assert train(runs["config"], run, "--set", f"model.init_from={runs['whole']}", "--set", "training.epochs=1",
+                 "--set", "training.steps_per_epoch=2") == 0
+    out = capsys.readouterr().out
+    assert f"layers from {runs['whole'] / 'export' / 'model.keras'}" in out and "initialised 0 layers" not in out

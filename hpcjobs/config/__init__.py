@@ -23,7 +23,8 @@ from .loader import dump, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's na
 from .overrides import apply_overrides, parse_override  # noqa: F401
 from .search import ParamSpec, SearchConfig  # noqa: F401
 from .transfer import HeadConfig, TransferConfig
-from .train import SEED_MAX, LossConfig, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
+from .train import (SEED_MAX, HookConfig, LossConfig, OptimizerConfig, StageConfig, TopBlocks,  # noqa: F401
+                    TrainingConfig)
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
 from .. import plugins

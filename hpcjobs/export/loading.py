@@ -45,7 +45,7 @@ TRUST_HINT = "Pass --trust-code (in a config: infer.trust_code: true) only for a
 
 
 def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HINT, trust_code: bool = False,
-                  trust_hint: str = TRUST_HINT):
+                  trust_hint: str = TRUST_HINT, imported_ok: bool = False):
     """Load a ``.keras`` file with safe_mode=True (no code from the file runs): a model
     holding a Lambda layer or another class from outside Keras is refused in one line,
     unless ``unsafe`` (``--unsafe``: the file's code runs); ``unsafe_hint`` says what to
@@ -53,7 +53,8 @@ def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HIN
     ``.keras`` archive (truncated, or a ``.weights.h5``) is said to be one.  An export
     folder that carries the user's code (``code/``, a model of their own) is refused
     unless ``trust_code`` (``--trust-code``): its files are imported (their layers
-    registered) before the model loads, still in safe mode."""
+    registered) before the model loads, still in safe mode; ``imported_ok``: or when this
+    process imported that very code already (``model.init_from`` of a run's own model)."""
     import zipfile
 
     import keras
@@ -67,7 +68,7 @@ def load_exported(path: str, unsafe: bool = False, unsafe_hint: str = UNSAFE_HIN
     other_stack = stack.keras_file_refusal(path)  # saved by the other Keras major
     if other_stack:
         raise ExportError(other_stack)
-    plugins.import_bundle_code(os.path.dirname(os.path.abspath(path)), trust_code, trust_hint)
+    plugins.import_bundle_code(os.path.dirname(os.path.abspath(path)), trust_code, trust_hint, imported_ok)
     code = code_objects(path)
     if code and not unsafe:
         raise ExportError(f"{path}: holds {', '.join(code)}, code that would run on loading; refused "

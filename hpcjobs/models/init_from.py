@@ -124,7 +124,9 @@ def plan_init(model, path: str, freeze: bool = False, class_names=None) -> InitP
         return _plan_weights_file(model, path, freeze)
     model_file = resolve(path)
     source = load_exported(model_file, unsafe_hint="model.init_from never runs a model's code: export the "
-                                                   "source without its Lambda layer")
+                                                   "source without its Lambda layer",
+                           trust_hint="model.init_from imports no code of a bundle's: it takes a model of your "
+                                      "own from a run whose model.arch is the same file", imported_ok=True)
     src = {layer.name: layer for layer in source.layers}
     names, differ, note, left = [], [], "", []
     theirs = _class_names(model_file)
