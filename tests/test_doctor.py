@@ -241,3 +241,23 @@ def test_a_cudnn_that_dropped_volta_blocks_on_a_v100_only():
     assert level(healthy(cudnn="9.11.0.98"), cfg, "compute capability") == checks.BLOCKER
     assert level(healthy(cudnn="9.3.0.75"), cfg, "compute capability") == checks.OK
     assert level(healthy(cudnn="9.11.0.98", gpus=[A100]), cfg, "compute capability") == checks.OK
+
+
+def test_the_feed_row_compares_the_feeders_rate_with_the_steps_recorded_one():
+    cfg = bede()
+    assert rows(healthy(), cfg, "feed") == []  # not measured (no store, or the fast subset): no row
+    slow = healthy(feed_rate=300.0, record={"feed_check": {"step_samples_per_s": 1000.0}})
+    assert level(slow, cfg, "feed") == checks.WARNING and "headroom 0.30x" in rows(slow, cfg, "feed")[0].message
+    fast = healthy(feed_rate=5000.0, record={"steps_per_epoch": 10}, epoch_seconds=2.0)  # 10 x batch per 2 s
+    assert level(fast, cfg, "feed") == checks.OK
+    assert "known after a session" in rows(healthy(feed_rate=5000.0), cfg, "feed")[0].message
+
+
+def test_doctor_measures_a_store_through_the_feeder_as_the_feed_check_does(tmp_path, capsys):
+    store = tmp_path / "digits.h5"
+    assert cli.main(["prepare", QUICKSTART, "--output", str(store)]) == 0
+    capsys.readouterr()
+    cli.main(["doctor", QUICKSTART, "--json", "--run-dir", str(tmp_path / "r"), "--set", f"data.store={store}",
+              "--set", "data.feed=disk"])
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == "feed")
+    assert row["level"] == "ok" and "the disk feed gives" in row["message"] and "samples/s" in row["message"], row

@@ -275,6 +275,25 @@ def check_store(p, cfg) -> list[Check]:
     return [Check("store", OK, f"{rate}; training reads it at {need / 1e6:.1f} MB/s")]
 
 
+def check_feed(p, cfg) -> list[Check]:
+    """The feeder over the store (measured as a session's feed check measures it) against the
+    train step's rate this run recorded (its feed check), or its samples per epoch-second."""
+    if p.feed_rate is None:
+        return []
+    rate = f"the {cfg.data.feed} feed gives {p.feed_rate:,.0f} samples/s"
+    step = (p.record.get("feed_check") or {}).get("step_samples_per_s")
+    if not step and p.epoch_seconds and p.record.get("steps_per_epoch"):
+        step = p.record["steps_per_epoch"] * cfg.training.batch_size / p.epoch_seconds
+    if not step:
+        return [Check("feed", OK, f"{rate} (the rate training needs is known after a session of this run)")]
+    headroom = p.feed_rate / step
+    if headroom < cfg.data.feed_headroom:
+        return [Check("feed", WARNING, f"{rate}, training takes {step:,.0f}: headroom {headroom:.2f}x, below "
+                                       f"data.feed_headroom {cfg.data.feed_headroom:g}; data.feed, "
+                                       "data.memory_budget or data.stage: auto")]
+    return [Check("feed", OK, f"{rate}, training takes {step:,.0f}: headroom {headroom:.1f}x")]
+
+
 def run_costs(p) -> costs.Costs | None:
     """The run's measured costs; else an estimate from the checkpoint's size and the write rate."""
     found = costs.measured(p.record)
@@ -310,7 +329,8 @@ def check_time(p, cfg) -> list[Check]:
 CHECKS = (
     (check_platform, True), (check_stack, True), (check_cuda, True), (check_gpus, False),
     (check_capability, False), (check_precision, False), (check_horovod, True), (check_commands, True),
-    (check_lock, True), (check_space, True), (check_node_local, True), (check_store, True), (check_time, True),
+    (check_lock, True), (check_space, True), (check_node_local, True), (check_store, True), (check_feed, False),
+    (check_time, True),
 )
 
 

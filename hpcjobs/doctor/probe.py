@@ -72,6 +72,7 @@ class Probe:
     store_bytes: int | None = None  # its total size
     store_rate: float | None = None  # bytes/s read over a sample
     epoch_seconds: float | None = None  # an epoch of this run, from its metrics.csv
+    feed_rate: float | None = None  # samples/s of the run's feeder over the store (data.feed.measure_feed)
     record: dict = field(default_factory=dict)  # run.json
     errors: list = field(default_factory=list)  # what could not be probed, and why
 
@@ -308,11 +309,28 @@ def _full(p: Probe, cfg):
         except Exception as e:  # its library does not load: the check says so
             p.errors.append(f"import horovod.tensorflow: {type(e).__name__}")
             p.horovod_built = {"mpi": False, "nccl": False, "gloo": False}
+    if cfg.data.store and not p.store_error:
+        try:
+            p.feed_rate = feed_rate(cfg)
+        except Exception as e:  # the training will say why, in its own words
+            p.errors.append(f"measure the feed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
     if not p.checkpoint_bytes:
         try:
             p.checkpoint_bytes, p.checkpoint_from = checkpoint_size(cfg), "the built model and optimizer"
         except Exception as e:  # the data or the model cannot be built here: the training will say why
             p.errors.append(f"build the model: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+
+
+def feed_rate(cfg) -> float:
+    """Samples/s of the run's feeder over its store, one worker: the feed check's own
+    measurement (``data.feed.measure_feed``), so doctor and a session's start agree."""
+    from ..data import load_data
+    from ..data.feed import Feeder, measure_feed
+
+    d, t = cfg.data, cfg.training
+    feeder = Feeder(load_data(cfg), feed=d.feed, memory_budget=d.memory_budget, epochs_per_segment=d.epochs_per_segment,
+                    seed=d.seed + t.seed, augment=d.augment, global_batch=t.batch_size)
+    return measure_feed(feeder)
 
 
 def checkpoint_size(cfg) -> int:
