@@ -14,10 +14,10 @@ import pytest
 from hpcjobs import cli
 from hpcjobs.data import prepare_store
 from hpcjobs import config
-from hpcjobs.train import Hook, train as train_api
+from hpcjobs.train import train as train_api
 
 from conftest import QUICKSTART, REPO
-from stops import StopAfterCallFrom, train_in_sessions
+from stops import measured_budget, train_in_sessions
 
 # Deterministic, with Dropout (simple_cnn) and random augmentation on.
 DET = ["training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12",
@@ -100,20 +100,6 @@ def test_sessions_stopped_mid_epoch_equal_uninterrupted_run(tmp_path, store, fee
     assert_equal_runs(parts, tmp_path / "whole")
 
 
-class Clock(Hook):
-    """The whole run's costs, to size a budget from: set-up to the end of the first call, the
-    seconds per step after it, the longest call and the expected save."""
-
-    def begin(self, loop):
-        self.t0, self.calls = loop.trainer.t0, []
-
-    def after_steps(self, loop, step, sums, secs):
-        self.calls.append((time.monotonic(), step, secs))
-
-    def end(self, loop, reason):
-        self.save = loop.trainer.checkpoints.expected_save_seconds
-
-
 @pytest.mark.tf214
 def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store):
     """The time budget itself, sized from costs measured here: a resumed session's set-up (from a
@@ -121,13 +107,8 @@ def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store):
     one epoch of the uninterrupted run's steps, so each session stops with work left whatever the
     machine's speed."""
     cfg = config.load(QUICKSTART, DET + feed_settings("memory", store))
-    whole, parts, clock, first = tmp_path / "whole", tmp_path / "parts", Clock(), Clock()
-    assert train_api(cfg, str(whole), verbose=False, hooks=[clock]) == 0
-    assert train_api(cfg, str(parts), verbose=False, hooks=[first, StopAfterCallFrom(0)]) == 75
-    (t1, s1, _), (tn, sn, _) = clock.calls[0], clock.calls[-1]
-    per_step = (tn - t1) / (sn - s1)
-    setup = first.calls[0][0] - first.calls[0][2] - first.t0
-    budget = setup + 1.5 * first.save + 3 * max(c[2] for c in clock.calls[1:]) + 1.0 + 12 * per_step
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    budget = measured_budget(cfg, whole, parts, steps=12)
     codes = []
     for _ in range(10):  # at least one call per session: 48 steps are 8 calls
         codes.append(train(parts, *DET, "data.feed=memory", budget=f"{budget:.3f}s"))

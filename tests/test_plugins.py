@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
 
 from hpcjobs import cli, config
-from hpcjobs.train import Hook, train as train_api
 
 from conftest import QUICKSTART, REPO
+from stops import measured_budget
 
 NETS = '''
 import keras
@@ -146,25 +145,6 @@ def record(run):
     return json.loads((run / "run.json").read_text())
 
 
-class Clock(Hook):
-    """A run's costs, to size a time budget from (as test_checkpoint's time-budget test does):
-    set-up to the end of the first call, the seconds per step, the longest call, the save."""
-
-    def begin(self, loop):
-        self.t0, self.calls = loop.trainer.t0, []
-
-    def after_steps(self, loop, step, sums, secs):
-        self.calls.append((time.monotonic(), step, secs))
-
-    def end(self, loop, reason):
-        self.save = loop.trainer.checkpoints.expected_save_seconds
-
-
-class StopAfterFirstCall(Hook):
-    def stop_reason(self, loop):
-        return "test_stop"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same run trained whole and cut into sessions by --time-budget (the user's files in
@@ -173,14 +153,8 @@ def runs(tmp_path_factory):
     machine; the first session stops after its first call, which measures that set-up."""
     base = tmp_path_factory.mktemp("plugins")
     config_path = project(str(base / "project"))
-    whole, parts, clock, first = base / "whole", base / "parts", Clock(), Clock()
-    cfg = config.load(config_path)
-    assert train_api(cfg, str(whole), verbose=False, hooks=[clock]) == 0
-    assert train_api(cfg, str(parts), verbose=False, hooks=[first, StopAfterFirstCall()]) == 75
-    (t1, s1, _), (tn, sn, _) = clock.calls[0], clock.calls[-1]
-    per_step = (tn - t1) / (sn - s1)
-    setup = first.calls[0][0] - first.calls[0][2] - first.t0
-    budget = setup + 1.5 * first.save + 3 * max(c[2] for c in clock.calls[1:]) + 1.0 + 8 * per_step
+    whole, parts = base / "whole", base / "parts"
+    budget = measured_budget(config.load(config_path), whole, parts, steps=8)
     codes = [75]
     for _ in range(12):  # at least one call per session: 24 steps are 6 calls
         codes.append(train(config_path, parts, "--time-budget", f"{budget:.3f}s"))
