@@ -234,6 +234,32 @@ def read_manifest(folder: str) -> dict:
     return data
 
 
+def _module_entry(module: str, key: str, old: dict | None, say) -> dict:
+    """run.json's record of an importable module; a change since ``old`` (the run's record of
+    it, when resuming) is a warning."""
+    entry = dict(module_record(module), key=key)
+    if old and (old.get("version"), old.get("sha256")) != (entry.get("version"), entry.get("sha256")):
+        say(f"warning: {key}: module {module} changed since this run started "
+            f"({old.get('version') or old.get('sha256', '?')[:12]} -> "
+            f"{entry.get('version') or entry.get('sha256', '?')[:12]})")
+    return entry
+
+
+def _copy_in(source: str, key: str, folder: str, names: set) -> dict:
+    """Copy ``source`` into ``folder`` under a name not in ``names`` (which it joins); its entry."""
+    name = os.path.basename(source)
+    stem, ext = os.path.splitext(name)
+    i = 1
+    while name in names:
+        i += 1
+        name = f"{stem}_{i}{ext}"
+    names.add(name)
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, name)) as tmp:
+        shutil.copyfile(source, tmp)
+    return {"key": key, "source": source, "copy": name, "sha256": file_digest(os.path.join(folder, name))}
+
+
 class RunCode:
     """A run's ``RUN/code/``: the copies of the config's files and the record of its modules."""
 
@@ -265,16 +291,9 @@ class RunCode:
         files, modules, names = [], [], set()
         for key, spec in config_specs(cfg):
             if spec.module is not None:
-                if any(m["module"] == spec.module for m in modules):
-                    continue
-                entry = dict(module_record(spec.module), key=key)
-                old = old_modules.get(spec.module)
-                if old and resuming and (old.get("version"), old.get("sha256")) != (entry.get("version"),
-                                                                                     entry.get("sha256")):
-                    say(f"warning: {key}: module {spec.module} changed since this run started "
-                        f"({old.get('version') or old.get('sha256', '?')[:12]} -> "
-                        f"{entry.get('version') or entry.get('sha256', '?')[:12]})")
-                modules.append(entry)
+                if not any(m["module"] == spec.module for m in modules):
+                    modules.append(_module_entry(spec.module, key, old_modules.get(spec.module) if resuming else None,
+                                                 say))
                 continue
             source = os.path.abspath(spec.path)
             if any(e["source"] == source for e in files):
@@ -302,18 +321,7 @@ class RunCode:
                 raise PluginError(f"{key}: {source}: no such file")
             if not writer:  # the chief copies; a worker imports the source meanwhile
                 continue
-            name = os.path.basename(source)
-            stem, ext = os.path.splitext(name)
-            i = 1
-            while name in names:
-                i += 1
-                name = f"{stem}_{i}{ext}"
-            names.add(name)
-            os.makedirs(folder, exist_ok=True)
-            with atomic_path(os.path.join(folder, name)) as tmp:
-                shutil.copyfile(source, tmp)
-            digest = file_digest(os.path.join(folder, name))
-            files.append({"key": key, "source": source, "copy": name, "sha256": digest})
+            files.append(_copy_in(source, key, folder, names))
         code = cls(run_dir, files, modules)
         if writer and (files or modules or before):
             atomic_write(os.path.join(folder, MANIFEST),
