@@ -21,6 +21,7 @@ can leave an HDF5 file unreadable.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,7 +104,10 @@ def run_chunks(tasks: list, workers: int, stop: Callable[[], bool] = lambda: Fal
     """(key, result) of every task (``make_chunk``'s arguments after a key), in order; on
     ``workers`` processes (a fresh interpreter each, forkserver: no fork of a process that
     runs TensorFlow's threads), at most two chunks per worker in flight.  When ``stop()``
-    turns true, no new chunk starts; the ones under way finish and come back."""
+    turns true, no new chunk starts; the ones under way finish and come back.
+
+    The workers ignore the stop signals and Ctrl-C (the parent decides), so on an error
+    they are killed outright; a worker that dies (an OOM kill) is a RunFailure, not a hang."""
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
             if stop():
@@ -111,12 +115,16 @@ def run_chunks(tasks: list, workers: int, stop: Callable[[], bool] = lambda: Fal
             yield _run(t)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from ..cluster.signals import held
+    from ..errors import RunFailure
 
-    ctx = mp.get_context("forkserver")
+    workers = min(workers, len(tasks))
     with held():  # the forkserver and its workers start with the stop signals blocked
-        pool = ctx.Pool(min(workers, len(tasks)), initializer=_quiet_worker)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_quiet_worker)
+    clean = False
     try:
         window: deque = deque()
         todo = iter(tasks)
@@ -127,15 +135,23 @@ def run_chunks(tasks: list, workers: int, stop: Callable[[], bool] = lambda: Fal
                 if t is None:
                     more = False
                 else:
-                    window.append(pool.apply_async(_run, (t,)))
+                    window.append(pool.submit(_run, t))
             if stop():
                 more = False
             if window:
-                yield window.popleft().get()
-        pool.close()
+                try:
+                    result = window.popleft().result()
+                except BrokenProcessPool:
+                    raise RunFailure("prepare: a worker process died (killed, or out of memory?); the chunks "
+                                     "made are kept: run it again to continue (or with fewer --workers)") from None
+                yield result
+        clean = True
     finally:
-        pool.terminate()
-        pool.join()
+        if not clean:  # an error, or the caller stopped early: the workers ignore SIGTERM, so kill them
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(OSError, AttributeError):
+                    proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- the resumable state
