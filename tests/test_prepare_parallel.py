@@ -112,7 +112,20 @@ def test_one_image_path_for_training_and_serving(tmp_path, jpeg_folder, capsys):
 def _start(cfg, out, *extra):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "hpcjobs", "prepare", cfg, "--output", out, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: the workers with it
+
+
+def _group_gone(pgid, limit=120):
+    """Until no process of the group is left (a worker whose parent was killed ends after its chunk)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGKILL)
 
 
 def _chunks(out):
@@ -155,9 +168,13 @@ def test_sigkilled_three_times_then_finished_equals_uninterrupted(tmp_path, fash
         at = have + rng.randint(1, max(1, (total - have) // 3))
         p = _start(cfg, out, "--workers", "2")
         _wait_for_chunks(p, out, at)
-        p.kill()
-        p.wait()
+        if kill == 0:  # the prepare process alone (an OOM kill): its workers finish their chunk and end
+            p.kill()
+        else:  # the whole job at once (a node failure, a job's end)
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         assert p.returncode == -signal.SIGKILL, f"seed {seed}: prepare ended before kill {kill + 1}"
+        _group_gone(p.pid)
         assert not os.path.exists(out)
     before = len(_chunks(out))
     p = _start(cfg, out, "--workers", "2")
@@ -165,6 +182,7 @@ def test_sigkilled_three_times_then_finished_equals_uninterrupted(tmp_path, fash
     assert p.returncode == 0, err
     lines = [x for x in err.splitlines() if x.startswith("continuing at ")]
     assert len(lines) == 1 and f"({before} of {total} chunks done" in lines[0], (seed, err)
+    assert before < total, seed
     assert _digests(out) == reference, f"seed {seed}"
     assert not os.path.exists(f"{out}.partial")
 

@@ -51,8 +51,10 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def chunk_rows(shape: tuple, limit: int = 1024, budget: int = 64 << 20) -> int:
-    """Samples per chunk: at most ``limit``, and at most ``budget`` bytes of images."""
+def chunk_rows(shape: tuple, limit: int = 1024, budget: int = 16 << 20) -> int:
+    """Samples per chunk: at most ``limit``, and at most ``budget`` bytes of images (so a
+    chunk is small enough to spread over the workers evenly, and memory is bounded by
+    2 x workers chunks in flight)."""
     return int(max(1, min(limit, budget // max(1, int(np.prod(shape))))))
 
 
