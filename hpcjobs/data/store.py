@@ -27,6 +27,7 @@ from .sources import Samples, SourceError
 
 SPLITS = ("train", "val", "test")
 CHUNK = 1024
+SMALL_ARRAYS = 20_000  # an in-memory source this small is prepared in this process (same result)
 
 
 def default_test_share(n: int) -> float:
@@ -257,6 +258,8 @@ class _Job:
         self.rows, self.workers, self.stop = rows, workers, stop or (lambda: False)
         self.keys = [(s, k) for s in SPLITS for k in range(-(-len(parts[s]) // rows))]
         self.total = sum(len(p) for p in parts.values())
+        if samples.paths is None and self.total < SMALL_ARRAYS:  # a pool would take longer to start than the work
+            self.workers = 1
 
     def index(self, split: str, k: int) -> np.ndarray:
         return self.parts[split][k * self.rows:(k + 1) * self.rows]
