@@ -123,8 +123,14 @@ def run_chunks(tasks: list, workers: int, stop: Callable[[], bool] = lambda: Fal
     from ..cluster.signals import held
     from ..errors import RunFailure
 
+    from multiprocessing import forkserver
+
     workers = min(workers, len(tasks))
-    with held():  # the forkserver and its workers start with the stop signals blocked
+    # The forkserver and so its workers start with the stop signals blocked: srun passes
+    # a signal on to every process of the step, and a forkserver killed by it would take
+    # the pool with it.  (Started here, not at the first submit, so inside the block.)
+    with held():
+        forkserver.ensure_running()
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_quiet_worker)
     clean = False
     try:
