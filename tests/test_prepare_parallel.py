@@ -116,16 +116,26 @@ def _start(cfg, out, *extra):
                             start_new_session=True)  # its own process group: the workers with it
 
 
-def _group_gone(pgid, limit=120):
-    """Until no process of the group is left (a worker whose parent was killed ends after its chunk)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
+def _live_members(pgid):
+    """Processes of the group that still run (zombies, whose parent died, do not count)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def _group_gone(pgid, limit=120):
+    """Until no process of the group runs (a worker whose parent was killed ends by itself)."""
+    end = time.monotonic() + limit
+    while _live_members(pgid):
+        assert time.monotonic() < end, f"workers of a killed prepare still run: {_live_members(pgid)}"
         time.sleep(0.05)
-    os.killpg(pgid, signal.SIGKILL)
 
 
 def _chunks(out):

@@ -96,10 +96,27 @@ def _run(task):
     return task[0], make_chunk(*task[1:])
 
 
-def _quiet_worker():
-    """A worker leaves stop signals and Ctrl-C to the parent, which stops at a chunk boundary."""
+def _quiet_worker(parent: int):
+    """A worker leaves stop signals and Ctrl-C to the parent, which stops at a chunk
+    boundary; and ends when the parent is gone (a SIGKILL, an OOM kill): a pool worker
+    would otherwise wait for its next chunk for ever."""
+    import threading
+    import time
+
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except OSError:
+                pass
+
+    threading.Thread(target=watch, name="hpcjobs-parent-watch", daemon=True).start()
 
 
 def run_chunks(tasks: list, workers: int, stop: Callable[[], bool] = lambda: False) -> Iterator:
@@ -131,7 +148,8 @@ def run_chunks(tasks: list, workers: int, stop: Callable[[], bool] = lambda: Fal
     # the pool with it.  (Started here, not at the first submit, so inside the block.)
     with held():
         forkserver.ensure_running()
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_quiet_worker)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_quiet_worker,
+                                   initargs=(os.getpid(),))
     clean = False
     try:
         window: deque = deque()
