@@ -113,6 +113,13 @@ class Prepared:
         return tuple(int(d) for d in self.splits["train"].images.shape[1:])
 
     @property
+    def image_path_about(self) -> str:
+        """The image path that made these images, in words (for the model card)."""
+        from .images import IMAGE_PATHS
+
+        return IMAGE_PATHS.get(self.image_path, "unknown to this hpcjobs")
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 

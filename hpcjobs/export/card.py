@@ -91,12 +91,6 @@ def model_section(cfg, info, training, model) -> str:
             f"order). This export holds {weights}.\n")
 
 
-def _image_path_words(path: str) -> str:
-    from ..data.images import IMAGE_PATHS
-
-    return IMAGE_PATHS.get(path, "unknown to this hpcjobs")
-
-
 def data_section(cfg, data) -> str:
     d = cfg.data
     counts = {s: np.bincount(data.splits[s].labels, minlength=data.num_classes) for s in SPLIT_WORDS}
@@ -109,7 +103,7 @@ def data_section(cfg, data) -> str:
              + (f"; K-fold: fold {d.fold} of {d.folds}" if d.folds else ""),
              f"- Images: {_shape_words(data.image_shape)} after the preprocessing below; normalisation "
              f"`{d.normalize}` inside the model",
-             f"- Image path: `{data.image_path}` made these images ({_image_path_words(data.image_path)}); "
+             f"- Image path: `{data.image_path}` made these images ({data.image_path_about}); "
              "`hpcjobs infer` preprocesses with the same", "",
              "| class | train | validation | test |", "|---|---:|---:|---:|"]
     for c, name in list(enumerate(data.class_names))[:50]:
