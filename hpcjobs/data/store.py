@@ -206,7 +206,7 @@ def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None
     check_output(out_path, samples, force)
     identity = dict(format="hpcjobs-prepare-chunks/1", source=samples.origin,
                     fingerprint=source_fingerprint(samples), shape=list(shape), seed=seed, val_share=val_share,
-                    test_share=test_share, strict=strict, image_path=IMAGE_PATH, chunk_rows=job.rows)
+                    test_share=test_share, image_path=IMAGE_PATH, chunk_rows=job.rows)  # not --strict: below
     partial = PartialDir(out_path, identity)
     try:
         done = partial.open(force, StoreError)
@@ -351,6 +351,8 @@ class _Job:
                 parts = [r["images"] for r in results]
                 images = np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)
             splits[name] = Split(images, labels, kept)
+        if self.strict and skipped:  # a chunk kept from a run without --strict
+            raise ImageError(*skipped[0])
         if len(splits["train"]) == 0:
             raise SourceError(f"{self.samples.origin}: no readable training images")
         return splits, skipped, stats
