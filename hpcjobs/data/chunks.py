@@ -96,6 +96,23 @@ def _run(task):
     return task[0], make_chunk(*task[1:])
 
 
+def _alive(pid: int) -> bool:
+    """The process runs: it exists and is no zombie (killed, its parent not yet told)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: whether the pid exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+
+
 def _quiet_worker(parent: int):
     """A worker leaves stop signals and Ctrl-C to the parent, which stops at a chunk
     boundary; and ends when the parent is gone (a SIGKILL, an OOM kill): a pool worker
@@ -107,14 +124,9 @@ def _quiet_worker(parent: int):
         signal.signal(sig, signal.SIG_IGN)
 
     def watch():
-        while True:
+        while _alive(parent):
             time.sleep(0.5)
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except OSError:
-                pass
+        os._exit(1)
 
     threading.Thread(target=watch, name="hpcjobs-parent-watch", daemon=True).start()
 
