@@ -105,6 +105,14 @@ def test_one_image_path_for_training_and_serving(tmp_path, jpeg_folder, capsys):
         f.attrs["hpcjobs"] = json.dumps(meta)
     old = open_store(str(out))
     assert old.image_path == LEGACY_PATH
+    # the export records the path its model was trained with (infer and evaluate read it), and
+    # the model card says which path made the store
+    from hpcjobs.export.card import data_section
+    from hpcjobs.export.model import preprocessing_info
+
+    assert preprocessing_info(old, "standard")["image_path"] == LEGACY_PATH
+    assert preprocessing_info(memory, "standard")["image_path"] == IMAGE_PATH
+    assert f"Image path: `{LEGACY_PATH}`" in data_section(config.load(cfg), old)
     old.close()
 
 
