@@ -61,6 +61,7 @@ def _config(tmp_path, source, size, name="p"):
     return str(cfg)
 
 
+@pytest.mark.tf214
 def test_store_is_identical_on_one_and_two_workers(tmp_path, jpeg_folder, capsys):
     cfg = _config(tmp_path, jpeg_folder, 16)
     for n in (1, 2):
@@ -72,6 +73,7 @@ def test_store_is_identical_on_one_and_two_workers(tmp_path, jpeg_folder, capsys
     assert not os.path.exists(tmp_path / "w1.h5.partial")  # removed once the store is in place
 
 
+@pytest.mark.tf214
 def test_one_image_path_for_training_and_serving(tmp_path, jpeg_folder, capsys):
     """Each stored image is ``model_image`` of its file (the function infer's predictor calls),
     and train's in-memory prepare makes the same images as the store."""
@@ -175,6 +177,7 @@ def fashion(tmp_path_factory):
     return cfg, ref, _digests(ref)
 
 
+@pytest.mark.slow
 def test_sigkilled_three_times_then_finished_equals_uninterrupted(tmp_path, fashion):
     cfg, _, reference = fashion
     out = str(tmp_path / "killed.h5")
@@ -205,6 +208,7 @@ def test_sigkilled_three_times_then_finished_equals_uninterrupted(tmp_path, fash
     assert not os.path.exists(f"{out}.partial")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_chunk_boundary_with_75_and_a_changed_config_is_refused(tmp_path, fashion, capsys):
     cfg, _, reference = fashion
     out = str(tmp_path / "stopped.h5")
