@@ -116,12 +116,13 @@ def prepare_rate(folder, size, workers, out):
 
 
 def staging_copy():
-    """The staging copy function (issue 26 item 4, another branch), or None where absent."""
+    """The staging copy (issue 26 item 4: ``hpcjobs.data.stage.copy_verified(src, dest)``,
+    merged from branch issue-26b), or None in a tree without it."""
     try:
-        from hpcjobs.data import stage  # noqa: F401
+        from hpcjobs.data import stage
     except ImportError:
         return None
-    return getattr(stage, "copy_store", None)
+    return getattr(stage, "copy_verified", None)
 
 
 def copy_rates(store, scratch):
@@ -130,10 +131,10 @@ def copy_rates(store, scratch):
     size = os.path.getsize(store) / 1e6
     copy = staging_copy()
     if copy is None:
-        # TODO(lead): issue 26 item 4's staging copy lives on branch issue-26b; once merged, staging_copy()
-        # finds it (hpcjobs.data.stage.copy_store(src, dst)) and this measures it instead of shutil.copyfile.
-        print("staging copy: hpcjobs.data.stage.copy_store not in this tree; measuring shutil.copyfile "
-              "in its place (TODO for the lead after merging issue 26 item 4)")
+        # TODO(lead): issue 26 item 4's staging copy came from branch issue-26b; in a tree with it merged,
+        # staging_copy() finds hpcjobs.data.stage.copy_verified and this shutil.copyfile stand-in is not used.
+        print("staging copy: hpcjobs.data.stage.copy_verified not in this tree; measuring shutil.copyfile "
+              "(+ fsync) in its place (TODO for the lead: merge issue 26 item 4 first)")
 
         def copy(src, dst):
             shutil.copyfile(src, dst)
