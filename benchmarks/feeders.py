@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FEEDS = ("memory", "hybrid", "disk")
 PNG = "per-file PNG"
-TARGETS = {"hybrid": 0.9, "disk": 0.25}  # x memory, issue 15
+TARGETS = {"hybrid": 0.9, "disk": 0.5}  # x memory (issue 15; disk raised from 0.25 by issue 26)
 HEADROOM = 3.0  # feeder samples/s over train-step images/s, for hybrid and disk
 
 

@@ -42,8 +42,19 @@ COMMANDS = (
             "learning-rate range test: lr_find.json, lr_find.csv, plots/lr_find.png", arguments=None),
     Command("weights", "models.command", "cmd_weights", "pretrained backbone weights (on a login node)",
             config=False, common=False),
+    Command("doctor", "doctor.command", "cmd_doctor",
+            "check the environment, the run directory and the time limit before a submission",
+            config=False, common=False),
     Command("status", "slurm.command", "cmd_status", "progress of a run (or the table of a search)",
             config=False, common=False, arguments="add_status_arguments"),
+    Command("runs", "slurm.command", "cmd_runs", "a table of every run under a folder (default runs/)",
+            config=False, common=False, arguments="add_runs_arguments"),
+    Command("cancel", "slurm.command", "cmd_cancel",
+            "stop every Slurm job of a run with a checkpoint; no requeue, no next slot",
+            config=False, common=False, arguments="add_cancel_arguments"),
+    Command("clean", "train.command", "cmd_clean",
+            "free the space of finished runs (keeps the export, the best epoch and the last checkpoint)",
+            config=False, common=False, arguments="add_clean_arguments"),
 )
 
 
@@ -55,13 +66,17 @@ def _common(sp, config: bool):
     sp.add_argument("--run-dir", help="run directory (default runs/<config name>)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every command of COMMANDS; importing their modules imports no TensorFlow."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command of COMMANDS; importing their modules imports no TensorFlow.  ``only``: the
+    command about to run, the one module imported (the others are listed by name and help), so a
+    quick command such as ``runs`` or ``status`` starts in a fraction of a second."""
     p = argparse.ArgumentParser(prog="hpcjobs", description="Train Keras image classifiers on Slurm clusters.")
     sub = p.add_subparsers(dest="command", required=True)
     for c in COMMANDS:
-        module = importlib.import_module(f".{c.module}", __package__)
         sp = sub.add_parser(c.name, help=c.help)
+        if only is not None and c.name != only:
+            continue
+        module = importlib.import_module(f".{c.module}", __package__)
         if c.arguments:
             getattr(module, c.arguments)(sp)
         if c.common:
@@ -72,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if any(c.name == chosen for c in COMMANDS) else None).parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

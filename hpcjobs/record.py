@@ -59,6 +59,9 @@ class SessionEntry(_Fields):
     stopped_by: str | None = None
     job_id: str | None = None
     host: str | None = None
+    # what the session cost: startup_seconds, first_call_seconds, longest_call_seconds, save_seconds
+    # (hpcjobs.cluster.costs reads them; written by hpcjobs.train.session)
+    costs: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -68,7 +71,7 @@ class SessionEntry(_Fields):
     def begin(cls, job_id: str | None) -> "SessionEntry":
         """A session starting now, here; every field of it is written."""
         entry = cls(start=time.time(), job_id=job_id, host=os.uname().nodename)
-        entry._given = set(entry._names())
+        entry._given = set(entry._names()) - {"costs"}  # written once there is a figure
         return entry
 
 

@@ -386,6 +386,60 @@ class RunDir:
         atomic_write(self.metrics_csv, buf.getvalue(), fsync=False)
 
 
+# --------------------------------------------------------------------------- runs under a folder
+def is_run(path: str) -> bool:
+    """A run directory (run.json), or a search's (search/results.csv: it has no run.json)."""
+    return os.path.isfile(os.path.join(path, "run.json")) or \
+        os.path.isfile(os.path.join(path, "search", "results.csv"))
+
+
+def find_runs(root: str, depth: int = 4, inside: bool = False) -> list[str]:
+    """The runs under ``root`` (``root`` itself when it is one), sorted, at most ``depth``
+    folders down.  A run's own subfolders (trials, folds) are not listed unless ``inside``."""
+    found = []
+
+    def visit(path: str, level: int):
+        if is_run(path):
+            found.append(path)
+            if not inside:
+                return
+        if level >= depth:
+            return
+        try:
+            entries = sorted((e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if not e.name.startswith(".") and e.name not in ("checkpoints", "tensorboard", "export", "plots"):
+                visit(e.path, level + 1)
+
+    visit(root, 0)
+    return found
+
+
+# --------------------------------------------------------------------------- the cancel marker
+CANCELLED = "CANCELLED"  # RUN/CANCELLED: written by `hpcjobs cancel`; read by the job scripts (slurm/_job_body.sh)
+
+
+def cancelled(run_dir: str) -> bool:
+    """Whether ``hpcjobs cancel`` marked the run: its jobs neither requeue nor renew, nor start training."""
+    return os.path.lexists(os.path.join(run_dir, CANCELLED))
+
+
+def mark_cancelled(run_dir: str, job_ids: list[str]):
+    atomic_write(os.path.join(run_dir, CANCELLED),
+                 json.dumps({"cancelled": time.time(), "jobs": job_ids}, indent=2) + "\n")
+
+
+def clear_cancelled(run_dir: str) -> bool:
+    """Forget a cancel (``hpcjobs train`` or ``submit`` on the run again); whether there was one."""
+    try:
+        os.remove(os.path.join(run_dir, CANCELLED))
+        return True
+    except FileNotFoundError:
+        return False
+
+
 if __name__ == "__main__":  # python -m hpcjobs.rundir finished RUN: exit 0 if the run is finished (the job scripts)
     import sys
 

@@ -2,7 +2,14 @@
 # Runs `$PYTHON -m hpcjobs "${STEP[@]}"` as one srun step (or one mpirun).  USR1 (Slurm's warning before
 # the time limit) or TERM reaching this shell is passed on to the step, whose tasks stop
 # with a checkpoint and exit with 75; the job then requeues itself (up to MAX_REQUEUES),
-# or with ON_STOP=next-slot leaves the rest to the next job of its chain.
+# or with ON_STOP=next-slot leaves the rest to the next job of its chain, or with ON_STOP=renew
+# submits that next job itself.  `hpcjobs cancel` writes RUN_DIR/CANCELLED: then the job
+# neither starts the step, nor requeues, nor renews.
+if [ -e "$RUN_DIR/CANCELLED" ]; then
+    echo "$RUN_DIR was cancelled (hpcjobs cancel); nothing to do (hpcjobs train or submit on it clears the cancel)"
+    exit 0
+fi
+export HPCJOBS_JOB_SCRIPT=1  # hpcjobs train in this job leaves a cancel in place
 step_pid=""
 pending=""
 resend_pid=""
@@ -43,7 +50,22 @@ done
 [ -n "$resend_pid" ] && kill "$resend_pid" 2>/dev/null
 echo "$WHAT exited with $rc at $(date +%T)"
 
+if [ "$rc" -eq 75 ] && [ -e "$RUN_DIR/CANCELLED" ]; then
+    echo "stopped with a checkpoint; $RUN_DIR was cancelled (hpcjobs cancel): not requeued, no next slot"
+    exit 0
+fi
+if [ "${ON_STOP:-requeue}" = renew ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 75 ]; then
+    echo "this slot failed (exit $rc): the chain ends here, no next slot is submitted"
+    "$PYTHON" -m hpcjobs.slurm.chain failed "$RUN_DIR" "${SLURM_JOB_ID:-?}" "$rc"
+fi
 if [ "$rc" -eq 75 ]; then  # stopped cleanly with a checkpoint, more to do
+    if [ "${ON_STOP:-requeue}" = renew ]; then
+        if "$PYTHON" -m hpcjobs.slurm.chain renew "$RUN_DIR" "${SLURM_JOB_ID:-?}"; then
+            exit 0
+        fi
+        echo "the next slot could not be submitted: submit again to continue from the checkpoint"
+        exit 75
+    fi
     if [ "${ON_STOP:-requeue}" = next-slot ]; then
         echo "stopped with a checkpoint; the next job of the chain continues"
         exit 0

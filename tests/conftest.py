@@ -38,6 +38,16 @@ def need_horovod():
         pytest.skip("Horovod not built here: bash slurm/install-horovod.sh")
 
 
+def need_keras_hub():
+    try:
+        import keras_hub
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("keras-hub missing in CI: bash tests/setup.sh installs it")
+        pytest.skip("keras-hub not installed (README, KerasHub presets)")
+    return keras_hub
+
+
 # --------------------------------------------------------------------------- the local Slurm cluster
 def pytest_configure(config):
     # one id per pytest run, shared with pytest-xdist's workers (they inherit the environment)
@@ -81,9 +91,12 @@ def on_cluster(cluster, monkeypatch, tmp_path):
 # mostly wait on Slurm's clock go first, each beside one of the longest CPU-bound modules, so that
 # their waits overlap CPU work; then the other modules, longest first, so that no long module runs
 # alone at the end.
-FIRST = ["test_slurm_jobs.py", "test_checkpoint.py", "test_search_slurm.py", "test_distribute.py", "test_slurm.py",
-         "test_hostile.py", "test_transfer.py", "test_recipe.py", "test_select.py", "test_search.py",
-         "test_precision.py", "test_train.py", "test_infer.py", "test_export.py"]
+FIRST = ["test_slurm_jobs.py", "test_checkpoint.py", "test_search_slurm.py", "test_slot_renew.py", "test_losses.py",
+         "test_distribute.py", "test_slurm.py", "test_init_weights.py", "test_signal_margin.py", "test_staging.py",
+         "test_prepare_slurm.py", "test_hostile.py", "test_source_split.py", "test_transfer.py", "test_plugins.py",
+         "test_recipe.py", "test_select.py", "test_search.py", "test_prepare_parallel.py", "test_precision.py",
+         "test_search_dashboard.py", "test_train.py", "test_infer.py", "test_export.py", "test_runs_clean.py",
+         "test_kerashub.py", "test_doctor.py"]
 
 
 def pytest_collection_modifyitems(items):

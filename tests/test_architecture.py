@@ -16,12 +16,12 @@ HPCJOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = [  # top first; a package's `command` module sits in the commands layer, whatever its package
     ("entry", {"cli", "__main__"}),
     ("commands", {"*.command"}),
-    ("command packages", {"infer", "search", "slurm"}),
+    ("command packages", {"infer", "search", "slurm", "doctor"}),
     ("training", {"train"}),
     ("models and data", {"models", "data"}),
     ("what training ends with", {"evaluation", "export"}),
     ("config and cluster", {"config", "cluster"}),
-    ("base", {"", "rundir", "record", "digest", "errors", "units", "compat"}),
+    ("base", {"", "rundir", "record", "digest", "errors", "units", "compat", "plugins"}),
 ]
 __doc__ += "\n".join(f"  {name}: {', '.join(sorted(parts)) or 'hpcjobs'}" for name, parts in LAYERS)
 

@@ -111,7 +111,7 @@ def test_deep_and_alias_bomb_configs_are_refused_at_once(tmp_path, name):
     """In a subprocess with a time limit: a regression would hang or eat the memory."""
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "hpcjobs", "prepare", os.path.join(HOSTILE, name),
-                        "--output", str(tmp_path / "s.h5")], capture_output=True, text=True, timeout=60)
+                        "--output", str(tmp_path / "s.h5")], capture_output=True, text=True, timeout=240)
     assert time.monotonic() - start < 20
     _check_one_line(r.returncode, r.stdout, r.stderr, name)
 
@@ -397,17 +397,17 @@ def test_status_of_a_run_json_that_is_a_device_or_a_fifo_is_one_line(tmp_path):
         run = tmp_path / f"run-{name}"
         run.mkdir()
         os.symlink(tmp_path / name, run / "run.json")
-        _one_line(_limited(["status", run], tmp_path, timeout=60), 2, f"{run / 'run.json'}: {kind}, not a regular file")
+        _one_line(_limited(["status", run], tmp_path), 2, f"{run / 'run.json'}: {kind}, not a regular file")
 
 
 def test_a_config_or_base_that_is_a_device_or_a_fifo_is_one_line(tmp_path):
     """Items 7 and 8: a config, or its base:, is /dev/zero, /dev/urandom or a FIFO."""
     kinds = _bad_files(tmp_path)
     for name, kind in kinds.items():
-        r = _limited(["prepare", tmp_path / name, "--output", tmp_path / "s.h5"], tmp_path, timeout=60)
+        r = _limited(["prepare", tmp_path / name, "--output", tmp_path / "s.h5"], tmp_path)
         _one_line(r, 2, f"{tmp_path / name}: {kind}, not a regular file")
         (tmp_path / f"c-{name}.yaml").write_text(f"base: {name}\n")
-        r = _limited(["prepare", tmp_path / f"c-{name}.yaml", "--output", tmp_path / "s.h5"], tmp_path, timeout=60)
+        r = _limited(["prepare", tmp_path / f"c-{name}.yaml", "--output", tmp_path / "s.h5"], tmp_path)
         _one_line(r, 2, f"{tmp_path / name}: {kind}, not a regular file")
     assert not (tmp_path / "s.h5").exists()
 
@@ -652,22 +652,20 @@ def test_a_stage_of_zero_top_blocks_names_the_rule(tmp_path, capsys):
 
 
 def test_init_weights_that_are_no_usable_model_say_what_is_accepted(one_epoch_run, tmp_path, capsys):
-    """A truncated model.keras ("File not found" for a file that exists), a .weights.h5
-    (Keras' "No model config found"), and a model with a Lambda (which suggested --unsafe,
-    a flag train does not have)."""
+    """A truncated model.keras ("File not found" for a file that exists) and a model with a
+    Lambda (which suggested --unsafe, a flag train does not have).  (A .weights.h5, once
+    Keras' "No model config found", is accepted since issue 24: tests/test_init_weights.py.)"""
     import keras
 
     truncated = tmp_path / "cut" / "model.keras"
     truncated.parent.mkdir()
     data = (one_epoch_run / "export" / "model.keras").read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    weights = next((one_epoch_run / "checkpoints" / "best").glob("epoch-*.weights.h5"))
     lam = tmp_path / "lam" / "model.keras"
     lam.parent.mkdir()
     inp = keras.Input((8, 8, 1))
     keras.Model(inp, keras.layers.Lambda(lambda x: x * 2)(inp)).save(lam)
     for source, words in ((truncated, "not a readable .keras model (truncated or damaged)"),
-                          (weights, "not a readable .keras model (a weights file, which holds no model)"),
                           (lam, "model.init_from never runs a model's code")):
         err = _refused(capsys, ["train", QUICKSTART, "--run-dir", tmp_path / "run", "--init-weights", source],
                        words=[source, words])
@@ -730,7 +728,7 @@ def test_run_json_follows_a_running_session_at_each_checkpoint(tmp_path):
     assert train(cfg, str(tmp_path / "run"), hooks=[Peek()], verbose=False) == 0
     assert seen == [(10, 0), (20, 10), (30, 20)]
     assert subprocess.run([sys.executable, "-m", "hpcjobs", "status", str(tmp_path / "run")], capture_output=True,
-                          text=True, timeout=60).stdout.startswith("run quickstart: finished, step 30/30")
+                          text=True, timeout=240).stdout.startswith("run quickstart: finished, step 30/30")
 
 
 # --------------------------------------------------------------------------- surprising successes
@@ -889,6 +887,6 @@ def test_an_idx_folder_with_a_fifo_or_a_header_bomb_is_one_line(tmp_path):
             images.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4_000_000, 1000, 1000) + bytes(1 << 20))
         cfg = tmp_path / f"{kind}.yaml"
         cfg.write_text(f"data:\n  source: {folder}\n")
-        r = _limited(["prepare", cfg, "--output", tmp_path / "s.h5"], tmp_path, timeout=60)
+        r = _limited(["prepare", cfg, "--output", tmp_path / "s.h5"], tmp_path)
         words = "a FIFO, not a regular file" if kind == "fifo" else "declares 4,000,000,000,000 bytes"
         _one_line(r, 2, f"{images}: {words}")

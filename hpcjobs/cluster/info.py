@@ -42,6 +42,8 @@ class ClusterInfo:
     # whether output may reach a terminal: not in a Slurm batch job, whose log is a file even
     # where the launcher hands the ranks a pty (Open MPI's mpirun does); srun --pty is a terminal
     terminal: bool = True
+    # node-local scratch for staging (data.stage: auto): $SLURM_TMPDIR, else $TMPDIR
+    scratch: Optional[str] = None
 
     @property
     def is_chief(self) -> bool:
@@ -138,7 +140,8 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterInfo:
     """Describe how this process was launched."""
     env = os.environ if env is None else env
     return replace(_detect(env), cpus=cpu_count(env), node=env.get("SLURMD_NODENAME") or os.uname().nodename,
-                   terminal="SLURM_JOB_ID" not in env or "SLURM_PTY_PORT" in env)
+                   terminal="SLURM_JOB_ID" not in env or "SLURM_PTY_PORT" in env,
+                   scratch=env.get("SLURM_TMPDIR") or env.get("TMPDIR") or None)
 
 
 def _detect(env: Mapping[str, str]) -> ClusterInfo:

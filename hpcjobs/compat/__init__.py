@@ -243,5 +243,5 @@ def submitit_requeue_handler():
 
 # --------------------------------------------------------------------------- Keras 2 and 3
 from .keras_api import (init_random_layers, is_keras3, is_loss_scaled, keras_major, loss_scale, loss_scale_optimizer, ops,  # noqa: E402
-                        optimizer_options, scale_loss, seed_variables, set_random_seed, tf_variables, to_numpy,
-                        unscale_gradients, write_export_archive)
+                        optimizer_options, registered_object, scale_loss, seed_variables, set_random_seed,
+                        tf_variables, to_numpy, unscale_gradients, write_export_archive, load_weights_skipping)

@@ -187,3 +187,25 @@ def write_export_archive(archive, path: str) -> None:
 
     with contextlib.redirect_stdout(io.StringIO()):
         archive.write_out(path)
+
+
+def load_weights_skipping(model, path: str) -> None:
+    """Load a ``.weights.h5`` into ``model``, skipping what does not fit (another shape, a
+    layer missing): Keras 3 matches its own layout (layers in order), Keras 2's HDF5 weights
+    are matched by layer name.  Checked with Keras 3.15.1 and 2.14.0."""
+    if is_keras3():
+        model.load_weights(path, skip_mismatch=True)
+    else:
+        model.load_weights(path, by_name=True, skip_mismatch=True)
+
+
+def registered_object(name: str):
+    """The class registered with Keras under ``name`` (``package>Class``), or None.
+    Keras 3: ``keras.saving.get_registered_object``; Keras 2.14 has the same under
+    ``tf.keras.saving`` (which is ``keras.saving``).  Checked with Keras 3.15.1 and 2.14.0."""
+    import keras
+
+    try:
+        return keras.saving.get_registered_object(name)
+    except (AttributeError, ValueError, TypeError):
+        return None

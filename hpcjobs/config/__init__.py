@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from .checks import BUILTIN_ARCHS, check_across, check_arch, check_model, unknown_arch  # noqa: F401
 from .loader import ConfigError, build, read_with_base
@@ -23,9 +23,11 @@ from .loader import dump, read_yaml, to_dict  # noqa: F401  (hpcjobs.config's na
 from .overrides import apply_overrides, parse_override  # noqa: F401
 from .search import ParamSpec, SearchConfig  # noqa: F401
 from .transfer import HeadConfig, TransferConfig
-from .train import SEED_MAX, OptimizerConfig, StageConfig, TopBlocks, TrainingConfig  # noqa: F401
+from .train import (SEED_MAX, HookConfig, LossConfig, OptimizerConfig, StageConfig, TopBlocks,  # noqa: F401
+                    TrainingConfig)
 from .train import (MONITORS, DiagnoseConfig, EarlyStoppingConfig, PlateauConfig,  # noqa: F401
                     ScheduleConfig, StopAtConfig, check_monitor, direction)  # (hpcjobs.config's names too)
+from .. import plugins
 from ..units import SLURM_MEM, check_time_budget, parse_bytes, parse_shard, slurm_seconds
 
 
@@ -59,13 +61,23 @@ class DataConfig:
     source: str = "digits"
     # HDF5 store written by `hpcjobs prepare` and read by `train`; null = keep in memory.
     store: Optional[str] = None
+    # node-local staging of data.store: null (read in place), auto (copy it to the node's
+    # $SLURM_TMPDIR, else $TMPDIR, else /tmp, once per node) or a folder to copy it to
+    stage: Optional[str] = None
     image_size: Optional[tuple[int, int]] = None  # (height, width); null = the source's
     channels: Optional[int] = None  # 1 or 3; null = the source's
     validation_split: float = 0.1
-    test_split: Optional[float] = None  # null: 20% below 1,000 samples, 10% below 10,000, else 5%
+    # null: 20% below 1,000 samples, 10% below 10,000, else 5%; source: the source's own test set
+    # (IDX t10k files, an .npz's x_test/y_test, a folder's test/ class tree), validation then from the rest
+    test_split: Optional[Union[float, Literal["source"]]] = None
     feed: Literal["auto", "memory", "disk", "hybrid"] = "auto"
     memory_budget: str = "4GiB"
     epochs_per_segment: int = 2
+    # at a session's start, the feeder's samples/s measured against the train step's (a second
+    # or two; run.json feed_check); a warning when the feed has less than feed_headroom x the step's.
+    # auto: in every session of a Slurm job (not in local runs, where the CPU is both feed and step)
+    feed_check: Union[bool, Literal["auto"]] = "auto"
+    feed_headroom: float = 1.2
     normalize: Literal["standardize", "rescale"] = "standardize"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classes: tuple[str, ...] = ()  # only these classes of the source (in this order); empty: all
@@ -77,9 +89,10 @@ class DataConfig:
     def __post_init__(self):
         if not 0 <= self.validation_split < 1:
             raise ValueError("validation_split: must be in [0, 1)")
-        if self.test_split is not None and not 0 <= self.test_split < 1:
-            raise ValueError("test_split: must be in [0, 1)")
-        if self.validation_split + (self.test_split or 0) >= 1:
+        share = self.test_split if isinstance(self.test_split, float) else 0
+        if not 0 <= share < 1:
+            raise ValueError("test_split: must be in [0, 1), source or null")
+        if self.validation_split + share >= 1:
             raise ValueError("validation_split: validation_split + test_split must be below 1")
         if self.image_size is not None and not 1 <= min(self.image_size) <= max(self.image_size) <= 8192:
             raise ValueError("image_size: must be [height, width], each from 1 to 8192")
@@ -87,6 +100,13 @@ class DataConfig:
             raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
         if self.channels not in (None, 1, 3):
             raise ValueError("channels: must be 1, 3 or null")
+        if self.stage is not None and not self.store:
+            raise ValueError("stage: needs data.store (a store written by `hpcjobs prepare`); an in-memory "
+                             "prepare has nothing to stage")
+        if not self.feed_headroom > 0:
+            raise ValueError("feed_headroom: must be > 0 (the feed's samples/s over the train step's)")
+        if self.stage == "":
+            raise ValueError("stage: null, auto or a folder")
         if self.epochs_per_segment < 1:
             raise ValueError("epochs_per_segment: must be >= 1")
         if self.max_per_class is not None and self.max_per_class < 1:
@@ -107,17 +127,24 @@ class DataConfig:
 
 @_frozen
 class ModelConfig:
-    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2)
+    # simple_cnn | small_resnet | any keras.applications name (e.g. ResNet50, MobileNetV2) | kerashub:PATH (a
+    # KerasHub preset folder: its backbone, weights and image preprocessing, and a new head)
     arch: str = "simple_cnn"
     weights: Optional[str] = None  # keras.applications: a weights file, or imagenet (from the cache); never downloaded
     weights_cache: Optional[str] = None  # where imagenet weights are; null: $KERAS_HOME/models or ~/.keras/models
     head: HeadConfig = field(default_factory=HeadConfig)
     bn_trainable: bool = False  # BatchNormalization of unfrozen blocks trains too (default: inference mode)
-    init_from: Optional[str] = None  # an hpcjobs export or .weights.h5: copy matching layers
+    # an hpcjobs run or export, or a .weights.h5 written for this architecture: copy the layers that match by
+    # name and shape (those filled and those left are reported)
+    init_from: Optional[str] = None
     freeze_backbone: bool = False
     dropout: float = 0.5
     width: int = 32  # filters of the first conv layer of the built-in nets
     l2: float = 0.0  # L2 penalty on the built-in nets' kernels (and their head)
+    # your own model.arch (path/to/file.py:build or package.module:build): build(input_shape, num_classes,
+    # **options); its output is probabilities or logits (then hpcjobs adds the softmax)
+    options: dict[str, Any] = field(default_factory=dict)
+    outputs: Literal["probabilities", "logits"] = "probabilities"
 
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
@@ -180,7 +207,9 @@ class SlurmConfig:
     activate: Optional[str] = None  # e.g. path/to/venv/bin/activate (sourced), or a conda env name
     extra_sbatch: tuple[str, ...] = ()  # more #SBATCH options, e.g. --constraint=v100
     max_requeues: int = 10
-    signal_margin: int = 120  # seconds before the time limit for SIGUSR1
+    # seconds before the time limit for SIGUSR1; auto: what the run's measured sessions need
+    # (the slowest save + the longest call + a safety term; hpcjobs.cluster.costs)
+    signal_margin: int | Literal["auto"] = 120
     python: Optional[str] = None  # the job's interpreter; null: the one running `hpcjobs submit`
     srun_args: tuple[str, ...] = ()  # more srun options, e.g. --mpi=pmix for Horovod
     launcher: str = "srun"  # srun, or mpirun: Open MPI's own Slurm support (Bede's bede-mpirun; no PMI needed)
@@ -195,7 +224,7 @@ class SlurmConfig:
     slot: Optional[str] = None  # daily (or other) time slots: each job's --time, e.g. 01:00:00
     slot_every: str = "day"  # day, week, or a duration like 12h
     slot_at: Optional[str] = None  # HH:MM of the first slot
-    slot_count: int = 7  # jobs in the chain
+    slot_count: Optional[int] = None  # a cap on the chain's jobs; null: each slot submits the next until the run is done
     trials_per_node: int = 1  # submit --search: search workers per array task, one GPU each (Bede 4, JADE 8)
 
     _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:+-]*")
@@ -212,11 +241,13 @@ class SlurmConfig:
         for name in ("ntasks_per_node", "cpus_per_task", "array_parallel"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1 or null")
-        if self.array < 0 or self.slot_count < 1:
-            raise ValueError("array: must be >= 0" if self.array < 0 else "slot_count: must be >= 1")
+        if self.array < 0:
+            raise ValueError("array: must be >= 0")
+        if self.slot_count is not None and self.slot_count < 1:
+            raise ValueError("slot_count: must be >= 1 or null (until the run is done)")
         if not 1 <= self.trials_per_node <= 64:
             raise ValueError("trials_per_node: must be from 1 to 64")
-        if self.signal_margin < 1:
+        if self.signal_margin != "auto" and self.signal_margin < 1:
             raise ValueError("signal_margin: must be >= 1")
         # nothing that reaches a job script may carry a line break or another control character
         for f in dataclasses.fields(self):
@@ -268,7 +299,7 @@ class SlurmConfig:
         if self.slot_at is not None and not self._AT.fullmatch(self.slot_at.strip()):
             raise ValueError(f"slot_at: {self.slot_at!r}: expected HH:MM (24-hour clock)")
         limit = seconds.get("slot", seconds["time"])
-        if self.signal_margin >= limit:
+        if self.signal_margin != "auto" and self.signal_margin >= limit:
             raise ValueError(f"signal_margin: {self.signal_margin} s is not below the time limit "
                              f"({int(limit)} s): lower signal_margin or raise time")
         if self.slot is not None:
@@ -304,6 +335,9 @@ class InferConfig:
     shard: Optional[str] = None  # "i/n"; null = from the Slurm array or MPI rank, else 0/1
     time_budget: Optional[str] = None  # stop after the chunk that would cross it (exit 75)
     submission: Optional[SubmissionConfig] = None  # also STEM.submission.csv, Kaggle style (id, label)
+    # import the Python code an export carries (a model of the trainer's own: export/code/); importing code
+    # runs it, so only for a source you trust (the same as --trust-code; how `submit --infer` says it)
+    trust_code: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "chunk_size"):
@@ -363,8 +397,33 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
-def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None = None) -> Config:
-    values = apply_overrides(dict(values or {}), list(overrides or []))
+def absolute_code_paths(values: dict, base_dir: str) -> dict:
+    """``values`` with every relative ``file.py:name`` of the user's code made absolute."""
+    def fix(section: str, key: str):
+        sec = values.get(section)
+        if isinstance(sec, dict) and key in sec:
+            values[section] = dict(sec, **{key: plugins.absolute(sec[key], base_dir)})
+
+    fix("model", "arch")
+    fix("data", "source")
+    fix("training", "loss")
+    loss = values.get("training", {}).get("loss") if isinstance(values.get("training"), dict) else None
+    if isinstance(loss, dict) and "name" in loss:  # training.loss: {name: my_loss.py:fn, ...}
+        values["training"] = dict(values["training"], loss=dict(loss, name=plugins.absolute(loss["name"], base_dir)))
+    hooks = values.get("training", {}).get("hooks") if isinstance(values.get("training"), dict) else None
+    if isinstance(hooks, list):
+        values["training"] = dict(values["training"], hooks=[
+            plugins.absolute(h, base_dir) if isinstance(h, str) else
+            dict(h, hook=plugins.absolute(h["hook"], base_dir)) if isinstance(h, dict) and "hook" in h else h
+            for h in hooks])
+    return values
+
+
+def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None = None,
+              base_dir: str | None = None) -> Config:
+    """A Config from ``values`` (and ``--set`` ``overrides``); code files relative to
+    ``base_dir`` (default: the current directory)."""
+    values = absolute_code_paths(apply_overrides(dict(values or {}), list(overrides or [])), base_dir or os.getcwd())
     try:
         return build(Config, values, where, "")
     except ConfigError as e:
@@ -375,8 +434,10 @@ def from_dict(values: dict, where: str = "<config>", overrides: list[str] | None
 
 
 def load(path: str, overrides: list[str] | None = None) -> Config:
-    """Load a config file.  ``base: other.yaml`` (relative to the file) is read first."""
+    """Load a config file.  ``base: other.yaml`` (relative to the file) is read first.
+    The user's code files (``file.py:name`` in model.arch, data.source, training.loss,
+    training.hooks) are relative to the file, and made absolute here."""
     values = read_with_base(path)
     if "name" not in values:
         values["name"] = os.path.splitext(os.path.basename(path))[0]
-    return from_dict(values, path, overrides)
+    return from_dict(values, path, overrides, base_dir=os.path.dirname(os.path.abspath(path)))

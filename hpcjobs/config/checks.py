@@ -40,8 +40,20 @@ def unknown_arch(arch: str, names) -> str | None:
             "or a keras.applications name such as ResNet50 or MobileNetV2)")
 
 
+KERASHUB = "kerashub:"  # model.arch: kerashub:PATH, a KerasHub preset folder (the prefix is reserved)
+
+
 def check_arch(arch: str):
-    """A built-in net or a keras.applications model name, else a ValueError with a hint."""
+    """A built-in net, a keras.applications model name, ``kerashub:PATH`` or the user's own
+    (``file.py:build``, ``package.module:build``), else a ValueError with a hint."""
+    from .. import plugins
+
+    if arch.startswith(KERASHUB):
+        if not arch[len(KERASHUB):].strip():
+            raise ValueError("arch: kerashub: needs the path of a KerasHub preset folder (kerashub:PATH)")
+        return
+    if plugins.is_spec(arch):
+        return  # found and called when the model is built (the file's path is checked there, in one line)
     names = application_names() if _NAME.fullmatch(arch) else frozenset()
     message = unknown_arch(arch, names)
     if message:
@@ -50,12 +62,31 @@ def check_arch(arch: str):
 
 def check_model(m):
     """A ModelConfig's fields against each other."""
+    from .. import plugins
+
     check_arch(m.arch)
     builtin = m.arch in BUILTIN_ARCHS
+    if m.arch.startswith(KERASHUB) and (m.weights is not None or m.head.include_top):
+        raise ValueError(f"{'weights' if m.weights is not None else 'head.include_top'}: a KerasHub preset "
+                         "brings its own weights and gets a new head (leave model.weights null, include_top false)")
+    if plugins.is_spec(m.arch):
+        if m.weights is not None:
+            raise ValueError("weights: a keras.applications weights file, but model.arch is your own model "
+                             "(to start from another hpcjobs model, use model.init_from)")
+        if m.head.include_top or m.head.dense:
+            raise ValueError("head: model.arch is your own model, which ends in its own classifier "
+                             "(head.dense and head.include_top are for keras.applications backbones)")
+    else:
+        if m.options:
+            raise ValueError(f"options: only for your own model.arch (path/to/file.py:build), not {m.arch}")
+        if m.outputs != "probabilities":
+            raise ValueError(f"outputs: only for your own model.arch (path/to/file.py:build); {m.arch} "
+                             "outputs probabilities")
     if builtin and m.weights is not None:
         raise ValueError(f"weights: a keras.applications weights file, but {m.arch} is built in "
                          "(to start from another hpcjobs model, use model.init_from)")
-    if m.freeze_backbone and m.init_from is None and (builtin or m.weights is None):
+    if m.freeze_backbone and m.init_from is None and (builtin or m.weights is None) \
+            and not m.arch.startswith(KERASHUB):  # a preset's backbone has its weights
         what = f"{m.arch} has no pretrained backbone" if builtin else f"{m.arch}'s backbone would stay random"
         raise ValueError(f"freeze_backbone: {what}: set model.init_from"
                          f"{'' if builtin else ' or model.weights'}, or freeze_backbone: false")
@@ -68,6 +99,13 @@ def check_across(cfg):
         raise ValueError(f"training.early_stopping.monitor: {es.monitor} needs a validation split, but "
                          "data.validation_split is 0: monitor loss or accuracy, or set a validation_split")
     t = cfg.training
+    from .. import plugins
+
+    for i, st in enumerate(t.stages):
+        if hasattr(st.trainable, "top_blocks") and plugins.is_spec(cfg.model.arch):
+            raise ValueError(f"training.stages[{i}].trainable: top_blocks, but model.arch is your own model, "
+                             "which has no blocks: name its layers (trainable: [names or prefixes]), or use "
+                             "head or all")
     if t.jit_compile is True and cfg.distribute.strategy == "horovod":
         raise ValueError("training.jit_compile: Horovod's allreduce cannot run inside an XLA cluster; "
                          "use jit_compile: false (or auto) with horovod, or a tf.distribute strategy")

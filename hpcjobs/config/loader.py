@@ -256,6 +256,8 @@ def _scalar(value: Any, tp, where: str, key: str):
 
 def _convert(value: Any, tp, where: str, key: str):
     origin = typing.get_origin(tp)
+    if tp is Any:  # a free value (model.options): what safe YAML makes, as it is
+        return value
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}

@@ -26,15 +26,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+SHORT_FORMS = {("training", "loss")}  # sections that a config may give as their name alone
+
+
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` strings (values parsed as YAML scalars) to a raw dict."""
     for text in overrides or []:
         path, value = parse_override(text)
         node = values
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
+            if isinstance(nxt, str) and tuple(path[:i + 1]) in SHORT_FORMS:  # loss: focal, then loss.gamma=3
+                nxt = node[part] = {"name": nxt}
             if not isinstance(nxt, dict):
                 raise ConfigError("--set", ".".join(path), f"'{part}' is not a section")
             node = nxt

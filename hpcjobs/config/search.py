@@ -3,8 +3,8 @@
     search:
       method: random            # grid | random | tpe
       trials: 12                # null with grid: the whole grid
-      metric: val_accuracy      # loss | accuracy | val_loss | val_accuracy
-      direction: auto           # auto: max for accuracies, else min
+      metric: val_accuracy      # a column of metrics.csv: loss | accuracy | val_loss | val_accuracy | val_f1 (macro-F1) | ...
+      direction: auto           # auto: max for accuracies and F1, else min
       epochs: 2                 # each trial's budget (null: training.epochs)
       space:
         optimizer.learning_rate: {log_uniform: [1.0e-4, 1.0e-1]}
@@ -103,7 +103,8 @@ class LRFindConfig:
 class SearchConfig:
     method: Literal["grid", "random", "tpe"] = "random"
     trials: Optional[int] = None  # null: the grid's size (grid); random and tpe need a number
-    metric: Literal["loss", "accuracy", "val_loss", "val_accuracy"] = "val_accuracy"
+    # any numeric column of metrics.csv (hpcjobs.rundir.METRIC_FIELDS); val_f1 is the macro-F1 on validation
+    metric: Literal["loss", "accuracy", "val_loss", "val_accuracy", "val_f1", "lr", "seconds"] = "val_accuracy"
     direction: Literal["auto", "min", "max"] = "auto"
     epochs: Optional[int] = None  # each trial's budget; null: training.epochs
     seed: int = 0  # of the sampler
@@ -132,4 +133,4 @@ class SearchConfig:
 
     @property
     def maximize(self) -> bool:
-        return self.direction == "max" or (self.direction == "auto" and self.metric.endswith("accuracy"))
+        return self.direction == "max" or (self.direction == "auto" and self.metric.endswith(("accuracy", "f1")))

@@ -5,7 +5,7 @@ other section lives; split out only to keep each module short.
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from .loader import section as _frozen
 from ..units import check_time_budget
@@ -40,7 +40,8 @@ class StageConfig:
     """One stage of a run: epochs with a trainable set and its own learning rate."""
 
     epochs: int
-    trainable: Union[Literal["head", "all"], TopBlocks] = "all"
+    # head, all, {top_blocks: N}, or a list of layer names or name prefixes (any model)
+    trainable: Union[Literal["head", "all"], TopBlocks, tuple[str, ...]] = "all"
     learning_rate: Optional[float] = None  # null: optimizer.learning_rate
 
     def __post_init__(self):
@@ -48,6 +49,23 @@ class StageConfig:
             raise ValueError("epochs: must be >= 1")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError("learning_rate: must be > 0 or null")
+        if isinstance(self.trainable, tuple) and (not self.trainable or not all(n.strip() for n in self.trainable)):
+            raise ValueError("trainable: a list of layer names or prefixes, none empty")
+
+
+@_frozen
+class HookConfig:
+    """One of your own hooks: ``path/to/file.py:Class`` (relative to the config file) or
+    ``package.module:Class``, built as ``Class(**options)``."""
+
+    hook: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .. import plugins
+
+        if not plugins.is_spec(self.hook):
+            raise ValueError(f"hook: {self.hook!r}: expected path/to/file.py:Class or package.module:Class")
 
 
 @_frozen
@@ -186,6 +204,33 @@ class DiagnoseConfig:
                              "bounces: must be >= 1" if self.bounces < 1 else "plateau_delta: must be >= 0")
 
 
+LOSSES = ("crossentropy", "focal")  # built in; a name with ':' is the user's (module:function, file.py:function)
+
+
+@_frozen
+class LossConfig:
+    """``training.loss``: a name (``training.loss: focal``) or a mapping with the loss's options."""
+
+    name: str = "crossentropy"
+    label_smoothing: float = 0.0  # targets (1 - s) * onehot + s / classes (crossentropy and focal)
+    gamma: float = 2.0  # focal: the down-weighting of easy examples, (1 - p)^gamma
+    alpha: Optional[tuple[float, ...]] = None  # focal: one weight per class (null: 1 for every class)
+
+    def __post_init__(self):
+        if self.name not in LOSSES and ":" not in self.name:
+            raise ValueError(f"name: must be one of {', '.join(LOSSES)}, or module:function for your own, "
+                             f"got {self.name!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing: must be in [0, 1)")
+        if self.name != "focal" and (self.gamma != 2.0 or self.alpha is not None):
+            raise ValueError(f"{'gamma' if self.gamma != 2.0 else 'alpha'}: only the focal loss has it "
+                             f"(this loss is {self.name})")
+        if self.gamma < 0:
+            raise ValueError("gamma: must be >= 0")
+        if self.alpha is not None and (not self.alpha or min(self.alpha) < 0):
+            raise ValueError("alpha: one weight >= 0 per class, or null")
+
+
 @_frozen
 class TrainingConfig:
     epochs: int = 10
@@ -206,12 +251,25 @@ class TrainingConfig:
     stop_on: tuple[Literal["diverging", "plateau", "bouncing"], ...] = ()  # finish on these signs
     # null, balanced (n / (classes x count)), or {class name or index: weight} (others 1)
     class_weight: Optional[Union[Literal["balanced"], dict[str, float]]] = None
+    # crossentropy (default) | focal | module:function, or {name: focal, gamma: 2.0, alpha: [...],
+    # label_smoothing: 0.1}; also the validation loss (val_loss)
+    loss: Union[LossConfig, str] = field(default_factory=LossConfig)
     # stages of one run, e.g. [{epochs: 3, trainable: head, learning_rate: 1e-3}, {epochs: 5, trainable:
     # {top_blocks: 2}, learning_rate: 1e-4}, {epochs: 5, trainable: all, learning_rate: 1e-5}];
     # with stages, the run is as long as their epochs together (epochs is not used)
     stages: tuple[StageConfig, ...] = ()
+    # your own hooks, after the built-in ones: path/to/file.py:Class (relative to the config file),
+    # package.module:Class, or {hook: ..., options: {...}} (built as Class(**options))
+    hooks: tuple[Union[str, HookConfig], ...] = ()
 
     def __post_init__(self):
+        hooks = []
+        for i, h in enumerate(self.hooks):
+            try:
+                hooks.append(HookConfig(hook=h) if isinstance(h, str) else h)
+            except ValueError as e:
+                raise ValueError(f"hooks[{i}].{e}") from None
+        object.__setattr__(self, "hooks", tuple(hooks))
         for name in ("epochs", "batch_size", "steps_per_call", "log_every_steps", "loss_scale_growth_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
@@ -220,3 +278,8 @@ class TrainingConfig:
         if not 0 <= self.seed <= SEED_MAX:
             raise ValueError(f"seed: must be from 0 to {SEED_MAX}")
         check_time_budget(self.time_budget)
+        if isinstance(self.loss, str):  # the short form: a name only
+            try:
+                object.__setattr__(self, "loss", LossConfig(name=self.loss))
+            except ValueError as e:
+                raise ValueError(f"loss.{e}") from None

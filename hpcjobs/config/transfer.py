@@ -13,7 +13,9 @@ class HeadConfig:
 
     pooling: Literal["avg", "max", "flatten"] = "avg"
     dense: tuple[int, ...] = ()  # units of dense (relu) layers before the classifier
-    include_top: bool = False  # keras.applications: the pretrained classifier as it is (its classes)
+    # keras.applications: keep the pretrained classifier as it is, only where the data has as many classes as it
+    # (imagenet: 1,000; else exit 2); false: a new head for the data's classes
+    include_top: bool = False
 
     def __post_init__(self):
         if any(u < 1 for u in self.dense):

@@ -36,7 +36,7 @@ from .rows import RowReader, take_rows
 from .store import Prepared, Split
 
 __all__ = ["AUG_PARAMS", "BlockPlan", "Feeder", "Plan", "apply_augment", "augment_params", "choose_feed",
-           "segment_size", "stratified_segments"]
+           "measure_feed", "segment_size", "stratified_segments"]
 
 BLOCK_ROWS = 1024  # the largest disk block
 GROUP_SAMPLES = 8192  # global samples per run of the training generator
@@ -50,8 +50,10 @@ class BatchError(UserError, ValueError):
 class _Set:
     """Resident rows: their images, labels, and where a split row is among them."""
 
-    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]], mapped: bool = False):
-        """``mapped``: a single range may be a view of the mapped store file."""
+    def __init__(self, split: Split, reader: RowReader, ranges: list[tuple[int, int]], mapped: bool = False,
+                 ask=None):
+        """``mapped``: a single range may be a view of the mapped store file, whose pages
+        ``ask`` (a function of the range; ``reader.ask`` by default) has the kernel read ahead."""
         images = split.images
         if ranges == [(0, len(split))] and isinstance(images, np.ndarray) and images.flags.c_contiguous \
                 and images.ctypes.data % 64 == 0:
@@ -59,7 +61,7 @@ class _Set:
         else:
             view = reader.view(*ranges[0]) if mapped and len(ranges) == 1 else None
             if view is not None:
-                reader.ask(*ranges[0])
+                (ask or reader.ask)(*ranges[0])
             self.images = view if view is not None else reader.read(ranges)
         self.labels = np.concatenate([split.labels[lo:hi] for lo, hi in ranges]).astype(np.int32)
         self.starts = np.array([lo for lo, _ in ranges])
@@ -85,7 +87,13 @@ class _Resident:
     def _load(self, key: int) -> _Set:
         if self.plan.single:
             return self.feeder.whole()
-        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key), self.feeder.feed == "hybrid")
+        return _Set(self.feeder.train, self.feeder.reader, self.plan.ranges(key), self.feeder.feed == "hybrid",
+                    ask=self._ask)
+
+    def _ask(self, lo: int, hi: int):
+        """The read-ahead of a mapped set's pages, on the reading thread: a posix_fadvise over
+        tens of MB walks the page cache (and may wait to queue reads), off the generator's path."""
+        self.pool.submit(self.feeder.reader.ask, lo, hi)
 
     def _use(self, key: int):
         """The set of ``key`` and its arrays if they were not the last handed out; starts
@@ -192,10 +200,19 @@ class Feeder:
         self.cpus, self.device = cpus or cpu_count(), device
         self.reader = RowReader(train.images, data.path)
         self._whole: _Set | None = None
+        self._ahead: bool | None = None
 
     @property
     def steps_per_pass(self) -> int:
         return max(1, len(self.train) // self.global_batch)
+
+    @property
+    def ahead(self) -> bool:
+        """Whether the generator may run a group ahead: the resident rows it holds then stay
+        the whole split, or views of the mapped file (a read set would be one more buffer)."""
+        if self._ahead is None:
+            self._ahead = self.feed == "memory" or self.plan.single or (self.feed == "hybrid" and self.maps(0))
+        return self._ahead
 
     def maps(self, key: int) -> bool:
         """Whether the resident rows of ``key`` are a view of the mapped store file."""
@@ -254,8 +271,9 @@ class Feeder:
         finally:
             resident.close()
 
-    def train_dataset(self, start_step: int = 0):
-        """This worker's per-replica training batches (float images, labels) from start_step."""
+    def train_dataset(self, start_step: int = 0, to_device: bool = True):
+        """This worker's per-replica training batches (float images, labels) from start_step;
+        ``to_device`` False leaves out the prefetch onto the device (so more may follow)."""
         import tensorflow as tf
 
         h, w, c = self.data.image_shape
@@ -272,6 +290,12 @@ class Feeder:
             prev = tf.cond(keep > 0, lambda: tf.cond(new, lambda: held[:2], lambda: held[2:]), lambda: empty)
             return (*cur, *prev), (*cur, *prev, rows, params)
 
+        if self.ahead:
+            # the generator runs a group ahead of the batches, so a change of resident rows (the
+            # generator's numpy and the hand-over to TensorFlow) overlaps the batches before it
+            # instead of stalling the parallel calls; only where that holds no more memory:
+            # one set for all, or sets that are views of the mapped store
+            ds = ds.prefetch(1)
         ds = ds.scan((*empty, *empty), hold)
         ds = ds.flat_map(lambda *g: tf.data.Dataset.zip(tf.data.Dataset.from_tensors(g[:4]).repeat(),
                                                         tf.data.Dataset.from_tensor_slices(g[4:])))
@@ -279,7 +303,7 @@ class Feeder:
         device = self.device
         if device == "gpu":  # the first visible GPU, if there is one
             device = next((d.name for d in tf.config.list_logical_devices("GPU")), None)
-        if device:
+        if device and to_device:
             ds = ds.apply(tf.data.experimental.prefetch_to_device(device, 2))
         return ds.with_options(_options(self.cpus))
 
@@ -334,6 +358,27 @@ class Feeder:
         ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
         ds = ds.map(lambda x, y, wt: (tf.cast(x, tf.float32), y, wt))
         return ds.prefetch(2).with_options(_options())
+
+
+def measure_feed(feeder: Feeder, seconds: float = 1.0, warmup: int = 3, least: int = 5) -> float:
+    """Samples/s of a fresh training pipeline of ``feeder`` (this worker's share), timed after
+    ``warmup`` batches for about ``seconds`` (at least ``least`` batches).  The pipeline is
+    its own, from step 0: a training iterator is not touched, and the stream is a pure
+    function of the position, so nothing a run trains on changes.  The one measurement of
+    a store's read rate through the feeder (the feed check at a session's start; doctor)."""
+    import time
+
+    it = iter(feeder.train_dataset(0, to_device=False))
+    try:
+        for _ in range(warmup):
+            next(it)
+        n, k, t = 0, 0, time.perf_counter()
+        while k < least or time.perf_counter() - t < seconds:
+            x, _ = next(it)
+            n, k = n + int(x.shape[0]), k + 1
+        return n / (time.perf_counter() - t)
+    finally:
+        del it
 
 
 def _options(cpus: int | None = None):

@@ -41,6 +41,9 @@ class Samples:
     origin: str  # what was read, for messages and the store's metadata
     arrays: np.ndarray | None = None  # in-memory images, (N, H, W) or (N, H, W, C)
     paths: Sequence[str] | None = None  # or one file per sample
+    # the samples of the source's own test set (IDX t10k files, an .npz's x_test, a test/ folder), if known
+    test_index: np.ndarray | None = None
+    test_origin: str = ""  # what that test set is, in words
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -205,7 +208,7 @@ def read_idx_folder(folder: str, class_names: list[str] | None = None) -> Sample
     """Pairs of ``*images-idx3-ubyte[.gz]`` and ``*labels-idx1-ubyte[.gz]`` files (train first)."""
     files = sorted(os.listdir(folder))
     image_files = [f for f in files if "images" in f and "idx3" in f]
-    images, labels = [], []
+    images, labels, test_files = [], [], []
     # train before t10k, so the order is the conventional one
     for name in sorted(image_files, key=lambda f: (not f.startswith("train"), f)):
         label_name = name.replace("images", "labels").replace("idx3", "idx1")
@@ -215,6 +218,9 @@ def read_idx_folder(folder: str, class_names: list[str] | None = None) -> Sample
         y = read_idx(os.path.join(folder, label_name))
         if len(x) != len(y):
             raise SourceError(f"{os.path.join(folder, label_name)}: {len(y)} labels for {len(x)} images")
+        if not name.startswith("train") and images:  # t10k (or test) files after a train file: the test set
+            start = sum(len(a) for a in images)
+            test_files.append((name, np.arange(start, start + len(x), dtype=np.int64)))
         images.append(x)
         labels.append(y)
     if not images:
@@ -222,7 +228,9 @@ def read_idx_folder(folder: str, class_names: list[str] | None = None) -> Sample
     y = np.concatenate(labels).astype(np.int64)
     names = _numbered_classes(y, folder)
     names = class_names if class_names and len(class_names) >= len(names) else names
-    return Samples(_check_labels(y, len(names), folder), names, folder, arrays=np.concatenate(images))
+    test = np.concatenate([i for _, i in test_files]) if test_files else None
+    return Samples(_check_labels(y, len(names), folder), names, folder, arrays=np.concatenate(images),
+                   test_index=test, test_origin=", ".join(os.path.join(folder, n) for n, _ in test_files))
 
 
 def read_folder(folder: str) -> Samples:
@@ -288,8 +296,10 @@ def _numbered_classes(y: np.ndarray, origin: str) -> list[str]:
     return [str(i) for i in range(hi + 1)]
 
 
-def read_npz(path: str) -> Samples:
-    """``images`` (or ``x``) and ``labels`` (or ``y``); optional ``class_names``."""
+def read_npz(path: str, own_test: bool = False) -> Samples:
+    """``images`` (or ``x``) and ``labels`` (or ``y``); optional ``class_names``.  With
+    ``own_test`` an ``x_test``/``y_test`` pair is read too, after the training arrays, as
+    the source's own test set."""
     with open_npz(path) as z:
         keys = set(z.files)
         xk = next((k for k in ("images", "x", "x_train") if k in keys), None)
@@ -299,17 +309,96 @@ def read_npz(path: str) -> Samples:
         check_npz_arrays(path, z, [k for k in (xk, yk, "class_names") if k in keys], SourceError)
         x, y = z[xk], z[yk]
         names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
+        test = None
+        if own_test and {"x_test", "y_test"} <= keys:
+            check_npz_arrays(path, z, ["x_test", "y_test"], SourceError)
+            xt, yt = z["x_test"], z["y_test"]
+            if len(xt) != len(yt):
+                raise SourceError(f"{path}: y_test: {len(yt)} labels for {len(xt)} images")
+            if xt.shape[1:] != x.shape[1:]:
+                raise SourceError(f"{path}: x_test: images of shape {xt.shape[1:]}, {xk}'s are {x.shape[1:]}")
+            test = np.arange(len(x), len(x) + len(xt), dtype=np.int64)
+            x, y = np.concatenate([x, xt]), np.concatenate([np.asarray(y).reshape(-1), np.asarray(yt).reshape(-1)])
     if len(x) != len(y):
         raise SourceError(f"{path}: {len(y)} labels for {len(x)} images")
     if names is None:
         names = _numbered_classes(y, path)
-    return Samples(_check_labels(y, len(names), path), names, path, arrays=x)
+    return Samples(_check_labels(y, len(names), path), names, path, arrays=x, test_index=test,
+                   test_origin=f"{path} (x_test, y_test)" if test is not None else "")
 
 
-def open_source(source: str, base_dir: str = ".") -> Samples:
-    """Samples for a built-in name or a path (relative paths against ``base_dir``)."""
+def read_train_test_folders(folder: str) -> Samples:
+    """A folder holding ``train/`` and ``test/``, each with one sub-folder per class: the
+    classes are train's; test/ is the source's own test set (its classes must be train's)."""
+    train = read_folder(os.path.join(folder, "train"))
+    test = read_folder(os.path.join(folder, "test"))
+    lookup = {name: i for i, name in enumerate(train.class_names)}
+    extra = [n for n in test.class_names if n not in lookup]
+    if extra:
+        raise SourceError(f"{os.path.join(folder, 'test')}: class folder(s) {', '.join(extra[:5])} are not in "
+                          f"{os.path.join(folder, 'train')}")
+    test_labels = np.array([lookup[test.class_names[c]] for c in test.labels], np.int64)
+    n = len(train)
+    return Samples(np.concatenate([train.labels, test_labels]), train.class_names, folder,
+                   paths=list(train.paths) + list(test.paths), test_index=np.arange(n, n + len(test), dtype=np.int64),
+                   test_origin=os.path.join(folder, "test"))
+
+
+def user_source(spec: str) -> Samples:
+    """``data.source: my_data.py:load``: ``load()`` returns (images uint8 N x H x W [x C],
+    labels, class_names) or (paths, labels, class_names) of image files."""
+    from .. import plugins
+
+    key, where = "data.source", plugins.where(spec)
+    fn = plugins.resolve(spec, "data", key)
+    out = plugins.call(fn, key, where)
+    what = f"{key}: {where}: {fn.__name__}() returned"
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise SourceError(f"{what} a {type(out).__name__}; expected (images, labels, class_names) or "
+                          "(paths, labels, class_names)")
+    x, labels, names = out
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__len__") or not len(names):
+        raise SourceError(f"{what} class_names {names!r}; expected a list of class names")
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names):
+        raise SourceError(f"{what} a class name twice")
+    try:
+        labels = np.asarray(labels)
+    except Exception as e:
+        raise SourceError(f"{what} labels that are no array ({type(e).__name__})") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise SourceError(f"{what} labels of shape {labels.shape} and type {labels.dtype}; expected one integer "
+                          "per sample")
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+            raise SourceError(f"{what} images of shape {x.shape} and type {x.dtype}; expected uint8 N x H x W "
+                              "or N x H x W x C (C 1 or 3)")
+        arrays, paths = x, None
+    else:
+        paths = [str(p) for p in x] if isinstance(x, (list, tuple)) else None
+        if paths is None or not all(isinstance(p, str) for p in x):
+            raise SourceError(f"{what} a {type(x).__name__} as images; expected a uint8 array or a list of paths")
+        missing = next((p for p in paths if not os.path.isfile(p)), None)
+        if missing is not None:
+            raise SourceError(f"{what} a path that is no file: {missing}")
+        arrays = None
+    if len(labels) != (len(arrays) if arrays is not None else len(paths)):
+        raise SourceError(f"{what} {len(labels)} labels for {len(arrays) if arrays is not None else len(paths)} "
+                          "images")
+    return Samples(_check_labels(labels, len(names), where), names, where, arrays=arrays, paths=paths)
+
+
+def open_source(source: str, base_dir: str = ".", own_test: bool = False) -> Samples:
+    """Samples for a built-in name, the user's own loader (``file.py:load``) or a path
+    (relative paths against ``base_dir``).  ``own_test`` (``data.test_split: source``): read
+    the source's own test set too, where a source keeps it apart (an .npz's x_test, a
+    folder's test/ tree); IDX folders always mark theirs."""
     if source in BUILTIN:
         return BUILTIN[source]()
+    from .. import plugins
+
+    if plugins.is_spec(source):
+        return user_source(source)
     path = source if os.path.isabs(source) else os.path.join(base_dir, source)
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file or folder (built-in sources: {', '.join(BUILTIN)})")
@@ -317,9 +406,11 @@ def open_source(source: str, base_dir: str = ".") -> Samples:
     if os.path.isdir(path):
         if any("idx3" in f for f in os.listdir(path)):
             return read_idx_folder(path)
+        if own_test and all(os.path.isdir(os.path.join(path, d)) for d in ("train", "test")):
+            return read_train_test_folders(path)
         return read_folder(path)
     if lower.endswith((".csv", ".json")):
         return read_listing(path)
     if lower.endswith(".npz"):
-        return read_npz(path)
+        return read_npz(path, own_test)
     raise SourceError(f"{path}: unknown source type (a folder, .csv, .json, .npz, an IDX folder or a built-in)")

@@ -106,6 +106,8 @@ class Prepared:
     path: str | None = None  # the store file, if any
     skipped: list[tuple[str, str]] = field(default_factory=list)
     _file: Any = None
+    test_origin: str = ""  # data.test_split: source: the source's own test set, in words ("": split here)
+    staged: Any = None  # stage.Staged: where a staged store was copied from, in how long
     image_path: str = "tf/1"  # how raw images became these (images.IMAGE_PATHS); older stores: tf/1
 
     @property
@@ -166,7 +168,7 @@ class PrepareStopped(Exception):
 
 
 def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None,
-            val_share: float, test_share: float | None, seed: int, out_path: str | None = None,
+            val_share: float, test_share: float | str | None, seed: int, out_path: str | None = None,
             strict: bool = False, progress: bool = False, force: bool = False, workers: int | None = None,
             stop=None) -> Prepared:
     """Preprocess, split and store a source.  ``out_path`` None keeps it in memory.
@@ -187,8 +189,12 @@ def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None
     if n == 0:
         raise SourceError(f"{samples.origin}: no samples")
     check_classes(samples)
-    test_share = default_test_share(n) if test_share is None else test_share
-    parts = stratified_split(samples.labels, val_share, test_share, seed, samples.class_names)
+    if test_share == "source":
+        parts = own_test_split(samples, val_share, seed)
+    else:
+        test_share = default_test_share(n) if test_share is None else test_share
+        parts = stratified_split(samples.labels, val_share, test_share, seed, samples.class_names)
+    test_origin = samples.test_origin if test_share == "source" else ""
     first = _first_readable(samples)
     if size is None:
         size = tuple(first.shape[:2])
@@ -196,13 +202,13 @@ def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None
         channels = native_channels(first)
     shape = (size[0], size[1], channels)
     meta = dict(class_names=samples.class_names, source=samples.origin, seed=seed,
-                val_share=val_share, test_share=test_share, image_path=IMAGE_PATH)
+                val_share=val_share, test_share=test_share, test_origin=test_origin, image_path=IMAGE_PATH)
     job = _Job(samples, parts, shape, strict, chunk_rows(shape), workers or default_workers(), stop)
     if not out_path:
         splits, skipped, stats = job.in_memory(progress)
         mean, std = stats.mean_std()
         return Prepared(splits, list(samples.class_names), mean.astype(np.float32), std.astype(np.float32),
-                        samples.origin, skipped=skipped, image_path=IMAGE_PATH)
+                        samples.origin, skipped=skipped, test_origin=test_origin, image_path=IMAGE_PATH)
     check_output(out_path, samples, force)
     identity = dict(format="hpcjobs-prepare-chunks/1", source=samples.origin,
                     fingerprint=source_fingerprint(samples), shape=list(shape), seed=seed, val_share=val_share,
@@ -221,6 +227,19 @@ def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None
                                               skipped=[list(s) for s in skipped]))
     partial.remove()
     return open_store(out_path)
+
+
+def own_test_split(samples: Samples, val_share: float, seed: int) -> dict[str, np.ndarray]:
+    """``data.test_split: source``: the source's own test set is the test split, and
+    validation is split from the rest, stratified by class, as usual."""
+    if samples.test_index is None or not len(samples.test_index):
+        raise SourceError(f"data.test_split: source: {samples.origin} has no test set of its own (IDX t10k files, "
+                          "an .npz with x_test and y_test, or a folder with train/ and test/ class folders); "
+                          "give a share (e.g. 0.1) or null")
+    rest = np.setdiff1d(np.arange(len(samples), dtype=np.int64), samples.test_index)
+    parts = stratified_split(samples.labels[rest], val_share, 0.0, seed, samples.class_names)
+    return {"train": rest[parts["train"]], "val": rest[parts["val"]],
+            "test": np.sort(np.asarray(samples.test_index, np.int64))}
 
 
 def check_classes(samples: Samples):
@@ -449,4 +468,5 @@ def open_store(path: str) -> Prepared:
     return Prepared(splits, meta["class_names"], np.array(meta["mean"], np.float32),
                     np.array(meta["std"], np.float32), meta["source"], path=path,
                     skipped=[tuple(s) for s in meta.get("skipped", [])], _file=f,
+                    test_origin=str(meta.get("test_origin") or ""),
                     image_path=meta.get("image_path", LEGACY_PATH))

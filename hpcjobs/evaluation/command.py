@@ -53,6 +53,9 @@ def add_arguments(p):
     p.add_argument("--output", help="results folder (default RUN_OR_EXPORT/evaluation)")
     p.add_argument("--unsafe", action="store_true",
                    help="load a model.keras that holds code (a Lambda layer); only for a source you trust")
+    p.add_argument("--trust-code", action="store_true",
+                   help="import the Python code an export carries (a model of the trainer's own, in code/); "
+                        "importing code runs it: only for a source you trust")
 
 
 def run_config(path: str, folder: str) -> str | None:
@@ -73,9 +76,11 @@ def _from_split(data, split: str, where: str) -> Labelled:
 
 
 def _from_config(path: str, split: str, overrides) -> Labelled:
-    from .. import config
+    from .. import config, plugins
     from ..data import load_data
 
+    if os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), plugins.CODE_DIR)):
+        plugins.use_run_code(os.path.dirname(os.path.abspath(path)))  # a run's data loader: its own copy
     return _from_split(load_data(config.load(path, overrides)), split, path)
 
 
@@ -143,17 +148,34 @@ def _fit(images, shape, image_path: str):
     return np.stack([model_image(np.asarray(img), tuple(shape[:2]), shape[2], image_path) for img in images])
 
 
+def _run_loss(args, folder: str, num_classes: int):
+    """The run's ``training.loss`` on arrays, where the model is a run's (its config.yaml);
+    crossentropy for a bundle on its own.  Both from the loss factory of training."""
+    from .. import config
+    from ..train.losses import numpy_loss
+
+    path = run_config(args.model, folder)
+    loss = config.LossConfig()
+    if path:
+        try:
+            loss = config.load(path).training.loss
+        except config.ConfigError:
+            pass  # a run config this version cannot read: the bundle's crossentropy
+    return numpy_loss(loss, num_classes)
+
+
 def cmd_evaluate(args) -> int:
     from . import metrics
     from ..export.formats import open_runner
 
-    runner = open_runner(args.model, unsafe=args.unsafe)
+    runner = open_runner(args.model, unsafe=args.unsafe, trust_code=args.trust_code)
     names = [str(n) for n in runner.info["class_names"]]
     shape = tuple(runner.info["input_shape"])
     image_path = str(runner.info.get("image_path", "tf/1"))  # the export's (tf/1 if made before it was recorded)
     data = labelled(args, runner.folder, shape, image_path)
     labels = model_labels(data, names)
-    report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape, image_path)), names)
+    report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape, image_path)), names,
+                                      loss=_run_loss(args, runner.folder, len(names)))
     base = args.model if os.path.isdir(args.model) and runner.kind != "saved_model" else runner.folder
     out = args.output or os.path.join(base, "evaluation")
     check_output_folder(out, "metrics.json", metrics.is_evaluation, "evaluation")

@@ -119,9 +119,11 @@ def from_sums(sums: np.ndarray, class_names: list[str]) -> Report:
     return Report(list(class_names), confusion, hits, float(sums[0]), correct=float(sums[1]))
 
 
-def from_predictions(labels, probs, class_names: list[str]) -> Report:
+def from_predictions(labels, probs, class_names: list[str], loss=None) -> Report:
     """A report from true labels and predicted probabilities (N, C).  A class is in the
-    top k when fewer than k classes are more probable (``tf.math.in_top_k``'s rule)."""
+    top k when fewer than k classes are more probable (``tf.math.in_top_k``'s rule).
+    ``loss``: the run's per-example loss on arrays (``hpcjobs.train.losses.numpy_loss``);
+    None: crossentropy, the loss of a bundle evaluated without its run."""
     labels = np.asarray(labels, np.int64)
     probs = np.asarray(probs, np.float64)
     c = len(class_names)
@@ -132,8 +134,8 @@ def from_predictions(labels, probs, class_names: list[str]) -> Report:
     own = probs[np.arange(len(labels)), labels]
     above = (probs > own[:, None]).sum(1)
     hits = {k: int((above < k).sum()) for k in top_ks(c)}
-    loss = float(-np.log(np.clip(own, 1e-7, 1.0)).sum())
-    return Report(list(class_names), confusion, hits, loss)
+    total = float(-np.log(np.clip(own, 1e-7, 1.0)).sum()) if loss is None else float(np.sum(loss(labels, probs)))
+    return Report(list(class_names), confusion, hits, total)
 
 
 # --------------------------------------------------------------------------- tables

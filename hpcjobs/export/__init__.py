@@ -7,6 +7,8 @@
     export/model.tflite         float32 TFLite, converted from the SavedModel                  (export.formats)
     export/model.int8.tflite    dynamic-range int8 TFLite                                     (export.formats)
     export/model.onnx           ONNX (tf2onnx) from the SavedModel                            (export.formats)
+    export/code/                the model's own code when it is the user's (model.arch: file.py:build),
+                                with code.json (its sha256); loading imports it: --trust-code
     export/model_card.md        data and splits, test metrics, parity, input format, limits
     export/SHA256SUMS           every file above (``sha256sum -c SHA256SUMS``)
 
@@ -25,6 +27,7 @@ import shutil
 import numpy as np
 
 from . import model as export
+from .. import plugins
 from ..digest import file_digest
 from ..errors import RunFailure
 from ..rundir import atomic_write
@@ -90,19 +93,20 @@ def write(model, folder: str, *, cfg, data, report, training: dict, wanted=None)
     wanted = tuple(wanted or cfg.export.formats)
     check_available(wanted)
     info = export.preprocessing_info(data, cfg.data.normalize)
+    code = plugins.bundle_code(cfg, folder)  # the model's own code, if it is the user's: before it is loaded
     export.save(model, info, folder)
     atomic_write(os.path.join(folder, "labels.txt"), "".join(f"{c}\n" for c in info["class_names"]))
     _remove_stale(folder, wanted)
     figures, split_name = {}, None
     if set(wanted) - {"keras"}:
-        reference = open_runner(folder)
+        reference = open_runner(folder, trust_code=True)  # the code this run has imported already
         paths = formats.write_formats(reference.model, folder, wanted)
         split_name, split = parity_split(data)
         figures = parity(reference, paths, split.images) if split is not None else {}
     bad = [fmt for fmt, p in figures.items() if p["agreement"] < cfg.export.min_agreement]
     _remove_stale(folder, [f for f in wanted if f not in bad])
     card.write(folder, cfg=cfg, data=data, report=report, training=training, info=info, parity=figures,
-               parity_split=split_name, formats=wanted, failed=bad, model=model)
+               parity_split=split_name, formats=wanted, failed=bad, model=model, code=code)
     atomic_write(os.path.join(folder, "SHA256SUMS"), sha256sums(folder))
     if bad:
         shown = ", ".join(f"{fmt} ({figures[fmt]['agreement']:.2%})" for fmt in bad)

@@ -101,6 +101,9 @@ def data_section(cfg, data) -> str:
              f"- Split: stratified by class (seed {d.seed}): "
              + " / ".join(f"{len(data.splits[s]):,} {w}" for s, w in SPLIT_WORDS.items())
              + (f"; K-fold: fold {d.fold} of {d.folds}" if d.folds else ""),
+             *([f"- Test split: the source's own test set, {len(data.splits['test']):,} images ({data.test_origin}), "
+                "kept apart as the source published it (`data.test_split: source`); validation is split from "
+                "the rest"] if getattr(data, "test_origin", "") else []),
              f"- Images: {_shape_words(data.image_shape)} after the preprocessing below; normalisation "
              f"`{d.normalize}` inside the model",
              f"- Image path: `{data.image_path}` made these images ({data.image_path_about}); "
@@ -229,11 +232,34 @@ def limits_section(cfg, data, report) -> str:
 """
 
 
-def write(folder: str, *, cfg, data, report, training, info, parity, parity_split, formats, failed, model):
-    parts = [header(cfg, report), model_section(cfg, info, training, model), data_section(cfg, data),
+def code_section(code) -> str:
+    """The user's code the model needs: the files this folder carries, the modules it imports."""
+    if not code:
+        return ""
+    lines = []
+    for e in code:
+        if "copy" in e:
+            lines.append(f"- `code/{e['copy']}` (sha256 `{e['sha256']}`): defines the model (`{e['name']}`) "
+                         "and its layers")
+        else:
+            what = ", ".join(x for x in (e.get("version"), f"sha256 `{e['sha256']}`" if e.get("sha256") else "")
+                             if x)
+            lines.append(f"- module `{e['module']}`{f' ({what})' if what else ''}: defines the model "
+                         f"(`{e.get('name', '?')}`); it must be importable where the model is loaded")
+    carries = any("copy" in e for e in code)
+    return ("## Code\n\nThe model is the trainer's own, and loading it needs its code:\n\n" + "\n".join(lines)
+            + ("\n\nLoading imports these files, and importing code runs it: `hpcjobs infer` and `hpcjobs evaluate` "
+               "refuse this folder unless given `--trust-code`. In Python, import them (which registers the "
+               "layers) before `keras.saving.load_model(..., safe_mode=True)`." if carries else "") + "\n")
+
+
+def write(folder: str, *, cfg, data, report, training, info, parity, parity_split, formats, failed, model,
+          code=None):
+    parts = [header(cfg, report), model_section(cfg, info, training, model), code_section(code),
+             data_section(cfg, data),
              metrics_section(report), formats_section(folder, formats, parity, parity_split, failed),
              input_section(info), training_section(cfg, training), limits_section(cfg, data, report),
              "## Versions\n\n" + "\n".join(f"- {k} {v}" for k, v in versions(formats).items()) + "\n",
              "## Files\n\nEvery file of this folder is listed with its SHA-256 in `SHA256SUMS` "
              "(`sha256sum -c SHA256SUMS`).\n"]
-    atomic_write(os.path.join(folder, "model_card.md"), "\n".join(parts))
+    atomic_write(os.path.join(folder, "model_card.md"), "\n".join(p for p in parts if p))

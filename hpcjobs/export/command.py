@@ -66,7 +66,7 @@ def load_weights(model, rd, source: str, monitor: str, fallback: bool = False) -
 
 def export_run(run: str, overrides=(), wanted=None, source=None, output=None) -> dict:
     """Export run ``run`` (see the module docstring); the parity figures."""
-    from .. import config
+    from .. import config, plugins
     from . import model as export
     from ..evaluation import metrics
     from ..models import build as models
@@ -84,6 +84,7 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
     check_available(wanted)
     rd.lock()
     try:
+        plugins.use_run_code(rd.path)  # the run's own copy of its code (its own: no --trust-code)
         data = load_data(cfg)
         model = models.build(cfg.model, data.image_shape, data.num_classes, data.mean, data.std, cfg.data.normalize)
         training = load_weights(model, rd, source or cfg.export.from_, cfg.training.early_stopping.monitor,
@@ -95,7 +96,10 @@ def export_run(run: str, overrides=(), wanted=None, source=None, output=None) ->
         report = None
         if len(test):
             runner = formats.model_runner(model, export.preprocessing_info(data, cfg.data.normalize))
-            report = metrics.from_predictions(test.labels, runner.predict(test.images), data.class_names)
+            from ..train.losses import numpy_loss
+
+            report = metrics.from_predictions(test.labels, runner.predict(test.images), data.class_names,
+                                              loss=numpy_loss(cfg.training.loss, data.num_classes))
         try:
             figures = write(model, output or rd.export, cfg=cfg, data=data, report=report, training=training,
                             wanted=wanted)

@@ -199,8 +199,8 @@ def model_runner(model, info: dict) -> Runner:
     return Runner("keras", "", "", info, *keras_calls(model), model)
 
 
-def _keras(path, info, unsafe):
-    model = loading.load(os.path.dirname(path), unsafe=unsafe)[0]
+def _keras(path, info, unsafe, trust_code=False):
+    model = loading.load(os.path.dirname(path), unsafe=unsafe, trust_code=trust_code)[0]
     return (*keras_calls(model), model)
 
 
@@ -287,15 +287,17 @@ def check_sums(folder: str, files: list[str]) -> list[str]:
     return differ
 
 
-def open_runner(path: str, unsafe: bool = False) -> Runner:
+def open_runner(path: str, unsafe: bool = False, trust_code: bool = False) -> Runner:
     """A Runner for any export format (see ``locate``); the Keras model loads with
-    safe_mode unless ``unsafe``.  The output width must match the class names."""
+    safe_mode unless ``unsafe``, and a bundle carrying the user's code (``code/``) only
+    with ``trust_code``.  The output width must match the class names."""
     kind, model_path, folder = locate(path)
     info = export.read_info(folder)
     if kind == "onnx":
         check_available(["onnx"])
     try:
-        predict_batch, call, model = _OPEN[kind](model_path, info, unsafe)
+        extra = {"trust_code": trust_code} if kind == "keras" else {}  # the other formats hold no Python
+        predict_batch, call, model = _OPEN[kind](model_path, info, unsafe, **extra)
     except UserError:  # already one line: a missing file, code refused, another stack's model.keras
         raise
     except Exception as e:  # a damaged file: TF, TFLite and ONNX Runtime raise their own types

@@ -24,6 +24,9 @@ def add_arguments(parser):
     parser.add_argument("--merge", action="store_true", help="join the shards' part files into --output")
     parser.add_argument("--unsafe", action="store_true",
                         help="load a model.keras that holds code (a Lambda layer); only for a source you trust")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the Python code an export carries (a model of the trainer's own, in code/); "
+                             "importing code runs it: only for a source you trust")
 
 
 def _settings(args) -> InferConfig:
@@ -39,7 +42,7 @@ def _settings(args) -> InferConfig:
     model = args.model or cfg.infer.model or (default_run_dir(args.run_dir, cfg.name) if args.config
                                               else args.run_dir)
     flags = {"model": model, "input": args.input, "output": args.output, "split": args.split,
-             "shard": args.shard, "time_budget": args.time_budget}
+             "shard": args.shard, "time_budget": args.time_budget, "trust_code": args.trust_code or None}
     try:
         return dataclasses.replace(cfg.infer, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
@@ -53,4 +56,4 @@ def cmd_infer(args) -> int:
         if not cfg.output:
             raise InferError("--merge needs --output (the results file the shards were run with)")
         return merge(outputs_for(cfg.output, cfg.format, cfg.submission))
-    return infer(cfg, unsafe=args.unsafe)
+    return infer(cfg, unsafe=args.unsafe, trust_code=cfg.trust_code)

@@ -25,7 +25,8 @@ from .inputs import Inputs
 class Predictor:
     """The exported model, loaded once, and the preprocessing it was trained with."""
 
-    def __init__(self, model_path: str, info=None, devices: Optional[list[str]] = None, unsafe: bool = False):
+    def __init__(self, model_path: str, info=None, devices: Optional[list[str]] = None, unsafe: bool = False,
+                 trust_code: bool = False):
         import tensorflow as tf
 
         from ..cluster import distribute
@@ -37,7 +38,7 @@ class Predictor:
         keras = locate(model_path)[0] == "keras"
         self.strategy = distribute.inference_strategy(info, devices) if keras else tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.runner = open_runner(model_path, unsafe=unsafe)  # ExportError before any work
+            self.runner = open_runner(model_path, unsafe=unsafe, trust_code=trust_code)  # ExportError before any work
         self.model, self.info, self.folder = self.runner.model, self.runner.info, self.runner.folder
         self.shape = tuple(int(d) for d in self.info["input_shape"])
         self.class_names = [str(c) for c in self.info["class_names"]]

@@ -212,9 +212,11 @@ def _after_ranks(comm, info, status: str, error: Optional[BaseException], outs: 
     return 0
 
 
-def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None, log=_say, unsafe=False) -> int:
+def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None, log=_say, unsafe=False,
+          trust_code=False) -> int:
     """Run this process's shard of an inference job: 0 when done, 75 when stopped early.
-    ``unsafe`` loads a model.keras that holds code (``--unsafe``)."""
+    ``unsafe`` loads a model.keras that holds code (``--unsafe``); ``trust_code`` imports
+    the code an export carries (``--trust-code``)."""
     if not cfg.output:
         raise InferError("infer.output: required (--output FILE.h5 or FILE.csv)")
     outs = outputs_for(cfg.output, cfg.format, cfg.submission)
@@ -237,7 +239,7 @@ def infer(cfg: InferConfig, *, info=None, predictor: Optional[Predictor] = None,
         try:
             inputs = open_inputs(cfg.input, cfg.split)
             try:
-                predictor = predictor or Predictor(cfg.model, info, unsafe=unsafe)
+                predictor = predictor or Predictor(cfg.model, info, unsafe=unsafe, trust_code=trust_code)
                 lo, hi = shard.rows(len(inputs))
                 log(f"infer: {len(inputs)} inputs from {cfg.input}; shard {shard} ({why}): rows {lo}..{hi}; "
                     f"model {predictor.folder} {predictor.shape}, {predictor.replicas} replica(s)")

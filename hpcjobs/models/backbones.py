@@ -124,6 +124,35 @@ def resolve_weights(arch: str, setting: str | None, cache: str | None, input_sha
     return path
 
 
+def classifier_classes(weights_path: str) -> int | None:
+    """The class count of the classifier in a keras.applications weights file written with
+    its top (the ``predictions`` layer's kernel: Keras 2's and the downloads' layout name it;
+    Keras 3's ``.weights.h5`` numbers its dense layers, the classifier last); None if none."""
+    import h5py
+
+    kernels: list[tuple[str, tuple]] = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and len(obj.shape) == 2:
+            kernels.append((name, tuple(obj.shape)))
+
+    try:
+        with h5py.File(weights_path, "r") as f:
+            f.visititems(visit)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.weights: {weights_path}: not a readable weights file ({e})") from None
+    named = [shape for name, shape in kernels if "predictions" in name]
+    if named:
+        return int(named[-1][-1])
+
+    def dense_number(name: str) -> int | None:  # layers/dense_2/vars/0 -> 2, layers/dense/... -> 0
+        part = next((p for p in name.split("/") if p == "dense" or p.startswith("dense_")), None)
+        return None if part is None else int(part[6:]) if part[6:].isdigit() else 0
+
+    dense = sorted((dense_number(name), shape) for name, shape in kernels if dense_number(name) is not None)
+    return int(dense[-1][1][-1]) if dense else None
+
+
 def blocks(layers: list) -> list[list]:
     """[stem, block 1, ..., block N] of a backbone's layers in order (see the module doc)."""
     residual = any(type(layer).__name__ == "Add" for layer in layers)

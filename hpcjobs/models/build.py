@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import compat
+from .. import compat, plugins
+from ..errors import first_line
 from ..config import ModelConfig
 from ..config import BUILTIN_ARCHS as BUILTIN
 from ..config import unknown_arch
@@ -81,6 +82,12 @@ def _application(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
     shape = tuple(int(d) for d in x.shape[1:])
     top = cfg.head.include_top
     weights = backbones.resolve_weights(cfg.arch, cfg.weights, cfg.weights_cache, shape, top)
+    if top and weights is not None:  # the pretrained classifier is kept as it is: its classes must be the data's
+        theirs = 1000 if cfg.weights == "imagenet" else backbones.classifier_classes(weights)
+        if theirs is not None and theirs != num_classes:
+            raise ModelError(f"model.head.include_top: the pretrained classifier of {cfg.arch} has {theirs} classes, "
+                             f"the data {num_classes}; it is kept only for as many classes (set include_top: false "
+                             "for a new head)")
     kw = dict(classes=num_classes, classifier_activation="softmax") if top else dict(pooling=None)
     try:
         base = ctor(include_top=top, weights=weights, input_shape=shape, **kw)
@@ -95,6 +102,64 @@ def _application(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
     return _head(keras, pool(name="pool")(x), cfg, num_classes)
 
 
+KERASHUB = "kerashub:"
+
+
+def _kerashub(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
+    """A KerasHub preset saved in a local folder (``model.arch: kerashub:PATH``): its backbone,
+    with the preset's own image preprocessing (its ImageConverter: size, scale, offset) as plain
+    Keras layers in front, and a new head for the data's classes.  The backbone is re-wrapped
+    as a plain functional model, so stages and freezing see its layers as those of a
+    keras.applications backbone.  Nothing is downloaded: a folder that is no preset is exit 2."""
+    import json
+    import os
+
+    from . import backbones
+
+    path = cfg.arch[len(KERASHUB):]
+    try:
+        import keras_hub
+    except ImportError as e:
+        raise ModelError(f"model.arch: {cfg.arch}: KerasHub is not installed ({e}); install keras-hub 0.32 "
+                         "(pip install --no-deps 'keras-hub>=0.32,<0.33' tokenizers sentencepiece kagglehub, "
+                         "see the README)") from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model.arch: {cfg.arch}: {path} is not a KerasHub preset folder (no config.json; "
+                         "write one with save_to_preset)")
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(path)
+    except Exception as e:  # noqa: BLE001 -- KerasHub raises many types for a bad preset; one line, exit 2
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.arch: {cfg.arch}: cannot load the preset's backbone ({why[:200]})") from None
+    converter = {}
+    if os.path.isfile(os.path.join(path, "image_converter.json")):
+        with open(os.path.join(path, "image_converter.json"), encoding="utf-8") as f:
+            converter = json.load(f).get("config", {})
+    L = keras.layers
+    h, w, c = input_shape
+    if c == 1 and backbone.input_shape[-1] == 3:
+        x = backbones.apply([L.Concatenate(name="gray_to_rgb")], x)
+    size = converter.get("image_size")
+    if size and tuple(size) != (h, w):
+        x = L.Resizing(int(size[0]), int(size[1]), interpolation=converter.get("interpolation", "bilinear"),
+                       crop_to_aspect_ratio=bool(converter.get("crop_to_aspect_ratio", False)),
+                       name="resize_to_backbone")(x)
+    scale, offset = converter.get("scale"), converter.get("offset")
+    if scale is not None or offset is not None:
+        x = L.Rescaling(1.0 if scale is None else scale, offset=0.0 if offset is None else offset,
+                        name="preprocess_kerashub")(x)
+    name = "kerashub_" + (os.path.basename(os.path.normpath(path)) or "preset")
+    base = keras.Model(backbone.input, backbone.output, name=backbone.name)
+    base.trainable = not cfg.freeze_backbone
+    x = base(x)
+    if len(x.shape) == 3:  # tokens (a transformer's sequence): their mean
+        x = L.GlobalAveragePooling1D(name="pool")(x)
+    else:
+        pool = {"avg": L.GlobalAveragePooling2D, "max": L.GlobalMaxPooling2D, "flatten": L.Flatten}[cfg.head.pooling]
+        x = pool(name="pool")(x)
+    return _head(keras, x, cfg, num_classes), name
+
+
 def _head(keras, x, cfg: ModelConfig, num_classes: int):
     """``model.head.dense`` layers, dropout, and the classifier (float32 probabilities
     whatever the precision policy: mixed_float16/bfloat16 compute in half)."""
@@ -106,17 +171,59 @@ def _head(keras, x, cfg: ModelConfig, num_classes: int):
     return keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32", kernel_regularizer=l2)(x)
 
 
+USER_OUTPUT = "probabilities"  # the last layer of a model around the user's own (see ``freeze.parts``)
+
+
+def _user_net(keras, cfg: ModelConfig, input_shape, num_classes: int):
+    """The user's own network: ``build(input_shape, num_classes, **model.options)`` from
+    ``model.arch``, checked to be a keras.Model with ``(None, num_classes)`` outputs."""
+    fn = plugins.resolve(cfg.arch, "model", "model.arch")
+    where = plugins.where(cfg.arch)
+    net = plugins.call(fn, "model.arch", where, tuple(int(d) for d in input_shape), num_classes, **cfg.options)
+    if not isinstance(net, keras.Model):
+        raise ModelError(f"model.arch: {where}: {fn.__name__} returned a {type(net).__name__}, not a keras.Model")
+    try:
+        shape = tuple(net.output_shape)
+    except (AttributeError, ValueError, RuntimeError):
+        shape = None
+    if shape is None or len(shape) != 2 or shape[1] != num_classes:
+        raise ModelError(f"model.arch: {where}: {fn.__name__} returned a model with outputs of shape {shape}; "
+                         f"expected (None, {num_classes}): one {cfg.outputs} vector over the {num_classes} classes")
+    return net
+
+
+def _user(keras, inputs, cfg: ModelConfig, input_shape, num_classes: int, normalize: str, mean, std):
+    """The run's normalisation, the user's network, and (for logits) a softmax, in float32."""
+    net = _user_net(keras, cfg, input_shape, num_classes)
+    try:
+        x = net(_normalizer(keras, normalize, mean, std)(inputs))
+    except Exception as e:
+        raise ModelError(f"model.arch: {plugins.where(cfg.arch)}: the model does not take images of shape "
+                         f"{tuple(input_shape)} ({first_line(e)})") from None
+    if cfg.outputs == "logits":
+        return keras.layers.Softmax(dtype="float32", name=USER_OUTPUT)(x)
+    return keras.layers.Activation("linear", dtype="float32", name=USER_OUTPUT)(x)
+
+
 def build(cfg: ModelConfig, input_shape, num_classes: int, mean, std, normalize: str = "standardize"):
     """A Keras model from raw pixels (float 0..255) to class probabilities."""
     import keras
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if plugins.is_spec(cfg.arch):
+        outputs = _user(keras, inputs, cfg, input_shape, num_classes, normalize, mean, std)
+        model = keras.Model(inputs, outputs, name="user_model")
+        compat.init_random_layers(model)
+        return model
+    name = cfg.arch
     if cfg.arch in BUILTIN:
         x = _normalizer(keras, normalize, mean, std)(inputs)
         x = (_simple_cnn if cfg.arch == "simple_cnn" else _small_resnet)(keras, x, cfg)
         outputs = _head(keras, x, cfg, num_classes)
+    elif cfg.arch.startswith(KERASHUB):  # the preset's own preprocessing
+        outputs, name = _kerashub(keras, inputs, cfg, input_shape, num_classes)
     else:  # the backbone's own preprocessing, not the run's normalisation
         outputs = _application(keras, inputs, cfg, input_shape, num_classes)
-    model = keras.Model(inputs, outputs, name=cfg.arch)
+    model = keras.Model(inputs, outputs, name=name)
     compat.init_random_layers(model)  # their generator states exist before a checkpoint is made
     return model

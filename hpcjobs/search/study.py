@@ -66,29 +66,59 @@ def make_pruner(p):
     return optuna.pruners.NopPruner()
 
 
+OLD_STUDY_NAME = "search"  # the study's name in journals written before it took the run's name
+
+
+def study_name(storage, cfg: Config) -> str:
+    """The run's name (``cfg.name``), which optuna-dashboard shows; a journal begun before
+    that, whose one study is named ``search``, keeps its name and goes on."""
+    names = [s.study_name for s in storage.get_all_studies()]
+    return OLD_STUDY_NAME if names == [OLD_STUDY_NAME] else cfg.name
+
+
 def open_study(paths: Paths, cfg: Config):
-    """Create or load the study (under the ask lock, so two first workers make one study)."""
+    """Create or load the study (under the ask lock, so two first workers make one study),
+    named after the run, with the metric's name (``set_metric_names``) for optuna-dashboard."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.makedirs(paths.search, exist_ok=True)
     with journal.exclusive(paths.ask_lock):
-        return optuna.create_study(study_name="search", storage=journal.storage(paths.journal),
-                                   direction="maximize" if cfg.search.maximize else "minimize",
-                                   sampler=make_sampler(cfg.search, cfg.search.seed),
-                                   pruner=make_pruner(cfg.search.pruning), load_if_exists=True)
+        storage = journal.storage(paths.journal)
+        study = optuna.create_study(study_name=study_name(storage, cfg), storage=storage,
+                                    direction="maximize" if cfg.search.maximize else "minimize",
+                                    sampler=make_sampler(cfg.search, cfg.search.seed),
+                                    pruner=make_pruner(cfg.search.pruning), load_if_exists=True)
+        if study.metric_names != [cfg.search.metric]:  # a new study, or one from before metric names
+            import warnings
+
+            with warnings.catch_warnings():  # Optuna calls set_metric_names experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([cfg.search.metric])
+        return study
 
 
-def tell(study, trial_id: int, value=None, state=None, error: str | None = None):
-    """End a trial (skipped if it has ended already).  The sampler is swapped for a plain
+def trial_attrs(run_dir: str) -> dict:
+    """A trial's user attributes for optuna-dashboard: its run directory, steps and epochs."""
+    rd = RunDir(run_dir)
+    history = rd.read_metrics()
+    return {"run_dir": os.path.abspath(run_dir), "steps": rd.read_record().step or 0,
+            "epochs": history[-1]["epoch"] if history else 0}
+
+
+def tell(study, trial_id: int, value=None, state=None, error: str | None = None, run_dir: str | None = None):
+    """End a trial (skipped if it has ended already), with its user attributes (the error,
+    and from ``run_dir`` its steps and epochs).  The sampler is swapped for a plain
     one first: GridSampler's after_trial calls study.stop() once the grid is used up,
     which raises outside study.optimize(); each ask makes its own sampler anyway."""
     import optuna
 
     if compat.optuna_trial_finished(study, trial_id):  # told already (by a worker that then died)
         return
-    if error:  # before the tell: a finished trial takes no more attributes
-        optuna.trial.Trial(study, trial_id).set_user_attr("error", error)
+    trial = optuna.trial.Trial(study, trial_id)
+    attrs = dict(trial_attrs(run_dir) if run_dir else {}, **({"error": error} if error else {}))
+    for key, v in attrs.items():  # before the tell: a finished trial takes no more attributes
+        trial.set_user_attr(key, v)
     study.sampler = optuna.samplers.RandomSampler()
     study.tell(trial_id, value, state=state, skip_if_finished=True)
 
@@ -118,6 +148,8 @@ def _take(study, cfg: Config, paths: Paths, trial, adopted: bool) -> Optional[Cl
         return None
     live = optuna.trial.Trial(study, compat.optuna_trial_id(trial))
     params = suggest(live, cfg.search)  # already-suggested values come back as they were
+    if trial.user_attrs.get("run_dir") != os.path.abspath(run_dir):
+        live.set_user_attr("run_dir", os.path.abspath(run_dir))
     return Claim(trial.number, compat.optuna_trial_id(trial), params, run_dir, fd, adopted)
 
 
@@ -152,4 +184,4 @@ def claim(study, cfg: Config, paths: Paths, settle) -> tuple[Optional[Claim], in
         return None, busy
 
 
-__all__ = ["Claim", "Paths", "claim", "make_pruner", "make_sampler", "open_study", "tell"]
+__all__ = ["Claim", "Paths", "claim", "make_pruner", "make_sampler", "open_study", "study_name", "tell", "trial_attrs"]

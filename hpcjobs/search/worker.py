@@ -65,7 +65,7 @@ def settle(study, search, c: Claim, record: RunRecord) -> bool:
     interrupted = _last_stop(record) == "error: KeyboardInterrupt"
     if (record.status == "failed" and not interrupted) or _lost_sessions(record) >= search.max_attempts:
         tell(study, c.trial_id, state=state.FAIL,
-             error=record.error or f"its process died {_lost_sessions(record)} times")
+             error=record.error or f"its process died {_lost_sessions(record)} times", run_dir=c.run_dir)
         return True
     return False
 
@@ -74,13 +74,14 @@ def _tell_finished(study, search, trial_id: int, run_dir: str):
     import optuna
 
     if _last_stop(RunDir(run_dir).read_record()) == "pruned":
-        tell(study, trial_id, state=optuna.trial.TrialState.PRUNED)
+        tell(study, trial_id, state=optuna.trial.TrialState.PRUNED, run_dir=run_dir)
         return
     value = results.best_value(RunDir(run_dir).read_metrics(), search)
     if value is None:
-        tell(study, trial_id, state=optuna.trial.TrialState.FAIL, error=f"no {search.metric} in metrics.csv")
+        tell(study, trial_id, state=optuna.trial.TrialState.FAIL, error=f"no {search.metric} in metrics.csv",
+             run_dir=run_dir)
         return
-    tell(study, trial_id, value)
+    tell(study, trial_id, value, run_dir=run_dir)
 
 
 def run_trial(study, cfg: Config, c: Claim, verbose: bool, stop=None) -> int:
@@ -108,7 +109,7 @@ def run_trial(study, cfg: Config, c: Claim, verbose: bool, stop=None) -> int:
         time.sleep(POLL_SECONDS)
         return EX_OK
     except Exception as e:  # the trial failed (RunFailure, UserError or worse); the search goes on
-        tell(study, c.trial_id, state=optuna.trial.TrialState.FAIL, error=first_line(e))
+        tell(study, c.trial_id, state=optuna.trial.TrialState.FAIL, error=first_line(e), run_dir=c.run_dir)
         print(f"search: trial {c.number} failed: {first_line(e)}", flush=True)
         return EX_OK
     if rc == EX_TEMPFAIL:

@@ -17,12 +17,12 @@ import time
 from typing import Optional
 
 from ..config import Config, SlurmConfig, dump, to_dict
-from ..errors import first_line
-from ..rundir import RunDir, atomic_write, default_run_dir, refuse_overwriting
+from ..errors import EX_USAGE, first_line
+from ..rundir import RunDir, atomic_write, cancelled, clear_cancelled, default_run_dir, refuse_overwriting
 from .jobs import _record, job_states
 from . import search_array
 from .render import TASK_DIRS, _error, _package, render, store_path, template_params, trials
-from .options import FLAGS, slot_begins, slurm_section
+from .options import FLAGS, slot_begins, slot_period, slurm_section
 from .search_array import SECTION
 
 def add_arguments(parser):
@@ -39,6 +39,8 @@ def add_arguments(parser):
                         help="the training job starts only after the run's prepare job ended well (afterok) and "
                              "reads its store; with --prepare, both are submitted at once")
     parser.add_argument("--dry-run", action="store_true", help="print the script(s); write and submit nothing")
+    parser.add_argument("--no-check", action="store_true",
+                        help="submit even when hpcjobs doctor's fast checks find a blocker")
 
 
 def _overrides(args) -> dict:
@@ -178,8 +180,12 @@ def _print_dry_run(plan: _Plan):
         print(f"# {task_dir}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
     for i, begin in enumerate(plan.begins):
         dep = "" if i == 0 else f" --dependency=afterany:<job {i}>"
-        print(f"# slot {i + 1}/{len(plan.begins)}: sbatch --begin={begin.isoformat()}{dep} "
+        of = f"/{len(plan.begins)}" if plan.s.slot_count else ""
+        print(f"# slot {i + 1}{of}: sbatch --begin={begin.isoformat()}{dep} "
               f"{shlex.quote(plan.script_path)}")
+    if plan.begins and not plan.s.slot_count:
+        print(f"# then each slot that stops with more to do submits the next one, every {plan.s.slot_every}, "
+              "until the run is done")
     if plan.merge_script:
         print("# then, after the array (sbatch --dependency=afterok:<array job>):")
         print(plan.merge_script, end="")
@@ -209,12 +215,12 @@ def _write_script(path: str, text: str):
     os.chmod(path, 0o755)
 
 
-def _queue(run_dir: str, kind: str, path: str, name: str, extra: list[str], array: bool, **more) -> str:
+def _queue(run_dir: str, kind: str, path: str, name: str, extra: list[str], array: bool, **fields) -> str:
     """sbatch one script, record the job in jobs.json at once, say where its log goes."""
     job_id = _package()._sbatch(path, extra)
     log = os.path.join(run_dir, "slurm", f"{name}-{job_id}_<task>.out" if array else f"{name}-{job_id}.out")
     _record(run_dir, dict(job_id=job_id, kind=kind, script=path, log=log, sbatch_args=extra, submitted=time.time(),
-                          **more))
+                          **fields))
     when = "".join(f" ({a.replace('--begin=', 'from ').replace('--dependency=', 'after ')})" for a in extra)
     print(f"submitted {kind} job {job_id}{when}\n  log: {log}")
     return job_id
@@ -234,9 +240,12 @@ def _queue_all(plan: _Plan):
         return
     if plan.begins:
         previous = None
-        for begin in plan.begins:
+        for i, begin in enumerate(plan.begins):
             extra = [f"--begin={begin.isoformat()}"] + ([f"--dependency=afterany:{previous}"] if previous else [])
-            previous = _queue(run_dir, kind, plan.script_path, job_name, extra, False)
+            previous = _queue(run_dir, kind, plan.script_path, job_name, extra, False, slot=i + 1,
+                              begin=begin.isoformat(), every=slot_period(plan.s), renews=plan.s.slot_count is None)
+        if plan.s.slot_count is None:
+            print("  each slot that stops with more to do submits the next one (give --count N for a fixed chain)")
         return
     is_array = kind != "train" and bool(plan.params.get("array"))
     first = _queue(run_dir, kind, plan.script_path, job_name, [], is_array)
@@ -251,15 +260,29 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         _print_dry_run(plan)
         return 0
+    if plan.kind != "infer" and not getattr(args, "no_check", False):
+        from ..doctor.command import submission_blocker
+
+        check_cfg = plan.cfg
+        if plan.kind == "prepare" or plan.after is not None:  # the store is the prepare job's to make
+            check_cfg = dataclasses.replace(check_cfg, data=dataclasses.replace(check_cfg.data, store=None))
+        blocker = submission_blocker(check_cfg, plan.run_dir)
+        if blocker:
+            print(f"hpcjobs submit: refused: {blocker}", file=sys.stderr)
+            return EX_USAGE
     refuse_overwriting(args.config, plan.config_path, dump(plan.cfg))
     _write(plan)
     if plan.prepare is not None:
         _write(plan.prepare)
+    if clear_cancelled(plan.run_dir):
+        print(f"note: {plan.run_dir} was cancelled; submitting it again clears the cancel")
     _queue_all(plan)
     print(f"  script: {plan.script_path}\n  status: hpcjobs status {plan.run_dir}")
     if plan.kind == "prepare":
         print(f"  store: {plan.params['store']}\n  then: hpcjobs submit CONFIG --after-prepare "
               f"--run-dir {shlex.quote(plan.run_dir)}")
+    if plan.s.signal_margin == "auto" and "signal_margin" in plan.params:
+        print(f"  signal_margin auto: {plan.params['signal_margin']} s (--signal=B:USR1@{plan.params['signal_margin']})")
     if plan.kind == "train" and _finished(plan.run_dir):
         print(f"note: {plan.run_dir} is finished already, so the job will exit at once; "
               "give another --run-dir to train again")
@@ -292,6 +315,8 @@ def cmd_status(args) -> int:
         head, tail = _status_lines(st)
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
         raise RunDirError(f"{rd.run_json}: unreadable run.json (unexpected content: {first_line(e)})") from None
+    if cancelled(args.run):
+        head.append("  cancelled (hpcjobs cancel): its jobs neither requeue nor renew; hpcjobs train clears it")
     for line in head + [f"  {job}" for job in job_states(args.run)] + tail:
         print(line)
     return 0
@@ -306,6 +331,11 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
         lines.append(f"  session {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['start']))} "
                      f"steps {s.get('start_step')}->{s.get('end_step')} stopped by {s.get('stopped_by')}"
                      + (f" job {s['job_id']}" if s.get("job_id") else ""))
+    chain = st.get("chain")
+    if isinstance(chain, dict):
+        lines.append(f"  chain of slots: {chain['ended']}" if chain.get("ended") else
+                     f"  chain of slots: slot {chain.get('slots')} is job {chain.get('next_job')}, from "
+                     f"{chain.get('next_begin')}")
     tail = []
     if "last" in st:
         tail.append("  last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -318,3 +348,36 @@ def _status_lines(st: dict) -> tuple[list[str], list[str]]:
 
         tail += fold_table(st)
     return lines, tail
+
+
+# --------------------------------------------------------------------------- hpcjobs runs, hpcjobs cancel
+def add_runs_arguments(p):
+    p.add_argument("dir", nargs="?", default="runs", help="folder of runs (default runs/)")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
+
+
+def cmd_runs(args) -> int:
+    from ..rundir import RunDirError
+    from .runs import rows, rows_json, table_lines
+
+    if not os.path.isdir(args.dir):
+        raise RunDirError(f"{args.dir}: no such folder of runs")
+    table = rows(args.dir)
+    if args.json:
+        print(rows_json(table))
+    elif not table:
+        print(f"no runs under {args.dir}")
+    else:
+        print("\n".join(table_lines(table)))
+    return 0
+
+
+def add_cancel_arguments(p):
+    p.add_argument("run", help="run directory")
+
+
+def cmd_cancel(args) -> int:
+    from .runs import cancel
+
+    print("\n".join(cancel(args.run)))
+    return 0

@@ -28,7 +28,8 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "modules": ("--module", "MODULE", "module to load"),
     "activate": (None, "PATH", "environment to activate: venv activate script or conda env"),
     "extra_sbatch": ("--sbatch", "OPTION", "extra #SBATCH option, e.g. --constraint=v100"),
-    "signal_margin": (None, "SECONDS", "USR1 this long before the time limit"),
+    "signal_margin": (None, "SECONDS|auto", "USR1 this long before the time limit; auto: what the run's "
+                                            "measured sessions need"),
     "python": (None, "PATH", "interpreter for the job (default: this one)"),
     "srun_args": ("--srun-arg", "OPTION", "extra srun option"),
     "launcher": (None, "srun|mpirun", "start the tasks with srun (default) or Open MPI's mpirun"),
@@ -39,10 +40,22 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "slot": (None, "TIME", "submit a chain of jobs, each with this --time"),
     "slot_every": ("--every", "PERIOD", "slot period: day, week or a duration (default day)"),
     "slot_at": ("--at", "HH:MM", "time of day of the first slot"),
-    "slot_count": ("--count", "N", "number of slots (default 7)"),
+    "slot_count": ("--count", "N", "at most N slots, all queued now (default: each slot submits the next until the run is done)"),
     "trials_per_node": ("--trials-per-node", "K", "--search: K search workers per array task, one GPU each"),
 }
 _CONFIG_ONLY = ("infer_partition", "infer_time", "prepare_partition", "prepare_time")  # set in the config's slurm section only
+
+
+def _margin(text: str):
+    """--signal-margin: seconds, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds or auto") from None
 
 
 def _flag_table() -> list[tuple[str, str, dict]]:
@@ -62,6 +75,8 @@ def _flag_table() -> list[tuple[str, str, dict]]:
             help_ = f"{help_} (repeatable)" if help_ else "repeatable"
         elif kind is int:
             kw["type"] = int
+        if f.name == "signal_margin":
+            kw["type"] = _margin
         if f.name == "search":  # a bare --search: the config's search: section (hpcjobs.slurm.search_array)
             kw.update(nargs="?", const=SECTION)
             help_ = "the config's search: section as an array of search workers; or KEY=V1,V2: a grid (repeatable)"
@@ -94,8 +109,14 @@ def slurm_section(cfg: Config, overrides: dict) -> SlurmConfig:
     return s
 
 
+def slot_period(s: SlurmConfig) -> int:
+    """Seconds from one slot's start to the next (``slot_every``)."""
+    return {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or int(slurm_seconds(s.slot_every))
+
+
 def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.datetime]:
-    """Start times of a chain of slots: the next ``slot_at``, then every ``slot_every``."""
+    """Start times of a chain of slots: the next ``slot_at``, then every ``slot_every``;
+    ``slot_count`` of them, or only the first when the chain renews itself (no count)."""
     if not s.slot_at:
         raise _error("--at", "a chain of slots needs the first slot's time of day, e.g. --at 22:00")
     now = now or _dt.datetime.now().replace(microsecond=0)
@@ -103,5 +124,11 @@ def slot_begins(s: SlurmConfig, now: _dt.datetime | None = None) -> list[_dt.dat
     first = now.replace(hour=parts[0], minute=parts[1], second=parts[2] if len(parts) > 2 else 0)
     if first <= now:
         first += _dt.timedelta(days=1)
-    step = {"day": 86400, "week": 7 * 86400}.get(s.slot_every) or slurm_seconds(s.slot_every)
-    return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count)]
+    step = slot_period(s)
+    return [first + _dt.timedelta(seconds=step * i) for i in range(s.slot_count or 1)]
+
+
+def next_begin(anchor: _dt.datetime, period: int, now: _dt.datetime) -> _dt.datetime:
+    """The first start of the schedule ``anchor + k * period`` (k >= 1) that is after ``now``."""
+    k = max(1, int((now - anchor).total_seconds() // period) + 1)
+    return anchor + _dt.timedelta(seconds=period * k)

@@ -72,7 +72,7 @@ def _executor_parameters(s: SlurmConfig, params: dict) -> dict:
         additional[opt[2:].replace("-", "_")] = True if value is None else value
     setup = [line for line in _setup_lines(s).splitlines() if not line.startswith("#")]
     kw = dict(name=params["job_name"], nodes=s.nodes, tasks_per_node=params["ntasks_per_node"],
-              timeout_min=max(1, int(-(-slurm_seconds(s.time) // 60))), slurm_signal_delay_s=s.signal_margin,
+              timeout_min=max(1, int(-(-slurm_seconds(s.time) // 60))), slurm_signal_delay_s=params["signal_margin"],
               slurm_setup=setup, slurm_additional_parameters=additional)
     for name in ("partition", "account", "qos"):
         if getattr(s, name):

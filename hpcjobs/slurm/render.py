@@ -19,7 +19,7 @@ import sys
 from typing import Any, Optional
 
 from ..config import Config, ConfigError, SlurmConfig
-from ..units import format_slurm_mem, format_slurm_time
+from ..units import format_slurm_mem, format_slurm_time, slurm_seconds
 
 # A source checkout (or editable install) reads the repository's slurm/ folder; a wheel
 # installs the same templates as data files under <prefix>/share/hpcjobs/slurm.
@@ -246,8 +246,9 @@ def render(template: str, **params) -> str:
     Parameters: the SlurmConfig fields that shape a script (partition ... srun_args), and
     ``python`` (absolute path of the job's interpreter), ``run_dir`` (absolute), ``config``
     (train, infer: the resolved config the job reads), ``array`` (search, infer: number of
-    tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots),
-    ``merge`` (infer: join the shards' part files), ``store`` (prepare: the store's absolute path).  An unknown parameter is an error that
+    tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots,
+    ``renew`` in a chain that submits its own next slot), ``merge`` (infer: join the shards' part files),
+    ``store`` (prepare: the store's absolute path).  An unknown parameter is an error that
     lists the valid ones; every value is validated and shell-quoted.
     """
     s = _slurm_config(template, params)
@@ -259,8 +260,8 @@ def render(template: str, **params) -> str:
     if params.get("merge") not in (None, False, True) or (params.get("merge") and array is not None):
         raise _error("merge", "true or false, and not for an array")
     on_stop = params.get("on_stop") or "requeue"
-    if on_stop not in ("requeue", "next-slot"):
-        raise _error("on_stop", f"{on_stop!r}: must be requeue or next-slot")
+    if on_stop not in ("requeue", "next-slot", "renew"):
+        raise _error("on_stop", f"{on_stop!r}: must be requeue, next-slot or renew")
     if s.launcher == "mpirun":  # one rank per Slurm task; TensorFlow's threads want every core of the task
         launch = ["mpirun", "--bind-to", "none"] + [w for a in s.mpirun_args for w in a.split()]  # --mca btl tcp
     else:
@@ -343,6 +344,23 @@ def read_partial(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- from a config
+def signal_margin(s: SlurmConfig, run_dir: str) -> int:
+    """``slurm.signal_margin`` in seconds; ``auto``: what the run's measured sessions need
+    (``hpcjobs.cluster.costs``), else an estimate from its checkpoint, else the default;
+    never as long as the time limit."""
+    if s.signal_margin != "auto":
+        return s.signal_margin
+    from ..cluster import costs
+    from ..rundir import RunDir
+
+    margin = costs.auto_margin(costs.for_run(run_dir, RunDir(run_dir).read_record().to_dict()))
+    limit = slurm_seconds(s.slot or s.time)
+    if margin >= limit:
+        raise _error("slurm.signal_margin", f"auto: a stop needs {margin} s (measured sessions of {run_dir}), "
+                                            f"not below the time limit ({int(limit)} s): raise slurm.time")
+    return margin
+
+
 def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config_path: str | None) -> dict:
     """render() parameters for one job of ``kind`` from a config and its (overridden) slurm section."""
     horovod = cfg.distribute.strategy == "horovod"
@@ -361,14 +379,14 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
     elif kind == "prepare":  # one CPU task: the processes are its --cpus-per-task
         params.update(partition=s.prepare_partition or s.partition, time=s.prepare_time or s.time,
                       job_name=f"{s.job_name or cfg.name}-prepare", config=config_path, nodes=1, ntasks_per_node=1,
-                      gpus_per_node=0, max_requeues=s.max_requeues, signal_margin=s.signal_margin,
+                      gpus_per_node=0, max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir),
                       store=store_path(cfg))
     elif kind == "search":
-        params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, array=len(trials(cfg, s)),
+        params.update(max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir), array=len(trials(cfg, s)),
                       array_parallel=s.array_parallel)
     else:
-        params.update(max_requeues=s.max_requeues, signal_margin=s.signal_margin, config=config_path,
-                      on_stop="next-slot" if s.slot else "requeue")
+        params.update(max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir), config=config_path,
+                      on_stop=("next-slot" if s.slot_count else "renew") if s.slot else "requeue")
     return params
 
 

@@ -11,6 +11,10 @@ are fsync'ed before the save counts, and restore falls back to the previous
 checkpoint when the newest cannot be read.  The decision *when* to save is the
 loop's: this module offers ``due()`` for the configured cadence and a clock (the stop
 signals live in ``hpcjobs.signals``).
+
+Test only: ``HPCJOBS_TEST_SLOW_SAVE=SECONDS`` makes every checkpoint write sleep that long
+after its files are written (inside the measured write, as a slow file system would), so
+tests can show the signal margin following the saves (``hpcjobs.cluster.costs``).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 from .. import compat
 from ..cluster import signals
+from ..cluster.costs import SLOW_SAVE_ENV
 from ..config import CheckpointConfig
 from ..errors import RunFailure, UserError, first_line
 from ..rundir import atomic_path, fsync_dir, fsync_file
@@ -174,10 +179,13 @@ class Checkpoints:
         if not self.saves or step == self.last_save_step:
             return None
         t = time.monotonic()
+        slow_save = float(os.environ.get(SLOW_SAVE_ENV) or 0)
         self._wait()  # one write at a time
         start = time.monotonic()
 
         def written(path):  # runs after the files are written, before the state names them
+            if slow_save:  # test only (HPCJOBS_TEST_SLOW_SAVE): a slow file system, inside the measured write
+                time.sleep(slow_save)
             if self.writer:
                 _fsync_files(path)
             self.write_seconds.append(time.monotonic() - start)

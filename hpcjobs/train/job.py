@@ -8,6 +8,7 @@ import shutil
 import time
 
 from .. import export as bundle
+from .. import plugins
 from ..cluster import info as cluster_mod
 from ..cluster import signals
 from ..config import Config, ConfigError, to_dict
@@ -70,9 +71,26 @@ def _move_aside(rd: RunDir) -> str:
     return aside
 
 
+def _prepare_code(cfg: Config, rd: RunDir, verbose: bool):
+    """RUN/code/: the user's code files copied (first session) or checked against their
+    copies (later ones); None for a config that names none."""
+    if not plugins.config_specs(cfg):
+        return None
+    from .checkpoint import checkpoint_candidates
+
+    if rd.writer:
+        rd.makedirs()
+    return plugins.RunCode.prepare(cfg, rd.path, resuming=bool(checkpoint_candidates(rd.checkpoints)),
+                                   writer=rd.writer, say=print if verbose else (lambda text: None))
+
+
 def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None, time_budget=None,
           verbose=True, hooks=(), restart=False) -> int:
     """Train a run (resuming it if it has a checkpoint); 0 finished, 75 stopped with more to do.
+
+    ``hooks``: more hooks (``hpcjobs.train.Hook`` objects) after the built-in ones and
+    those of ``training.hooks``; their ``setup`` state is checkpointed too.  The user's
+    code that the config names is copied into RUN/code/ and imported from there.
 
     ``init_weights`` is the same as ``model.init_from``.  The chief locks the run
     directory first, before TensorFlow is even imported, so a second process on the
@@ -96,13 +114,16 @@ def train(cfg: Config, run_dir: str, *, from_checkpoint=None, init_weights=None,
             if not aside and rd.writer:
                 check_same_config(cfg, rd)
             try:
-                trainer = Trainer(cfg, run_dir, info=info, time_budget=time_budget, verbose=verbose, hooks=hooks)
+                code = _prepare_code(cfg, rd, verbose)
+                trainer = Trainer(cfg, run_dir, info=info, time_budget=time_budget, verbose=verbose, hooks=hooks,
+                                  code=code)
             except UserError:
                 if aside:
                     rd.unlock()
                     shutil.rmtree(rd.path)  # holds nothing but the lock file
                     os.rename(aside, rd.path)
                 elif created:
+                    shutil.rmtree(rd.sub(plugins.CODE_DIR), ignore_errors=True)  # copied before the refusal
                     rd.discard()
                 raise
             if aside and verbose:

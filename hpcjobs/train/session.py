@@ -11,6 +11,7 @@ import os
 import time
 
 from .. import export as bundle
+from ..cluster import costs
 from ..cluster.signals import StopFlag
 from ..config import ConfigError, dump
 from ..errors import EX_OK, EX_TEMPFAIL
@@ -18,7 +19,7 @@ from ..evaluation import files as report
 from ..evaluation import metrics
 from ..record import RunRecord, SessionEntry
 from ..rundir import RunDir, atomic_write
-from . import environment
+from . import environment, feedcheck
 from .checkpoint import CheckpointError, checkpoint_candidates, weights_digest
 from .hooks import Hook, is_final
 from .loop import Loop
@@ -67,6 +68,43 @@ class _Progress(Hook):
         self.record.write(step=loop.step, **({"last": loop.history[-1]} if loop.history else {}))
 
 
+_LAST_SESSION_END = [0.0]  # when this process's last session ended (Unix time)
+
+
+class _Costs(Hook):
+    """What this session costs, into its entry of run.json (``costs``; read by
+    ``hpcjobs.cluster.costs``): start-up to the first call done, the first call (its
+    compile), the longest call after it, and each checkpoint write as ``Checkpoints``
+    measured it for ``StopSignals`` (not measured again).  Brought up to date before each
+    progress write and at the session's end."""
+
+    def __init__(self, record: SessionLog):
+        self.record = record
+        # this process's start, or the end of its last session (a search worker trains trial after trial)
+        self.started = max(costs.process_start_time() or record.session.start, _LAST_SESSION_END[0])
+        self.startup = self.first = None
+        self.longest = 0.0
+
+    def after_steps(self, loop, step, sums, seconds):
+        if self.first is None:
+            self.startup, self.first = time.time() - self.started, seconds
+        else:
+            self.longest = max(self.longest, seconds)
+
+    def figures(self, loop) -> dict:
+        out = {"save_seconds": [round(x, 3) for x in loop.trainer.checkpoints.write_seconds[-100:]]}
+        if self.first is not None:
+            out.update(startup_seconds=round(self.startup, 3), first_call_seconds=round(self.first, 3),
+                       longest_call_seconds=round(self.longest, 3))
+        return out
+
+    def saved(self, loop, saved, stopping: bool):
+        self.record.session.update(costs=self.figures(loop))
+
+    def end(self, loop, reason):
+        self.record.session.update(costs=self.figures(loop))
+
+
 def run_session(trainer, from_checkpoint: str | None = None) -> int:
     """Restore, train, and finish; 0 when the run is finished, 75 when stopped with more to do."""
     cfg, rd = trainer.cfg, trainer.run_dir
@@ -78,24 +116,42 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
         atomic_write(rd.config_yaml, dump(cfg))
         environment.write(rd, stack)
     record = SessionLog(rd, trainer.info.job_id)
+    before = costs.measured(record.record.to_dict())
+    if before is not None:  # until this session has saved, StopSignals expects the slowest save recorded
+        trainer.checkpoints.first_guess = max(trainer.checkpoints.first_guess, before.slowest_save)
     stop = StopFlag()
     stop.install()
     try:
         origin = trainer.restore(from_checkpoint)
-        loop = Loop(trainer, [*trainer.hooks, _Progress(record)], stop)
+        spent = _Costs(record)
+        loop = Loop(trainer, [*trainer.hooks, spent, _Progress(record)], stop)
         record.start(loop.step, name=cfg.name, total_steps=trainer.total_steps,
                      steps_per_epoch=trainer.steps_per_epoch, feed=trainer.feeder.feed,
                      strategy=trainer.rt.kind, replicas=trainer.rt.replicas, stack=stack,
-                     class_names=[str(c) for c in trainer.data.class_names])
+                     class_names=[str(c) for c in trainer.data.class_names],
+                     test_images=len(trainer.data.splits["test"]),
+                     test_source=trainer.data.test_origin or "split from the source", **_stage_field(trainer),
+                     **({"code": trainer.code.entries} if getattr(trainer, "code", None) else {}))
         _announce(trainer, origin, loop.step)
+        check = cfg.data.feed_check
+        if (check is True or check == "auto" and trainer.info.job_id) and loop.step < trainer.total_steps:  # its own pipeline; the state put back
+            record.write(feed_check=feedcheck.feed_check(trainer))
         reason = loop.run()
-        return _finish(trainer, loop, reason, record)
+        return _finish(trainer, loop, reason, record, spent)
     except BaseException as e:
         record.fail(e)
         raise
     finally:
         stop.uninstall()
         trainer.checkpoints.close()
+        _LAST_SESSION_END[0] = time.time()
+
+
+def _stage_field(trainer) -> dict:
+    """run.json's ``stage``: this node's (the chief's) staged copy and the copy's time, or why
+    the store is read in place; nothing when data.stage is off."""
+    staged = getattr(trainer.data, "staged", None)
+    return {"stage": staged.record()} if staged is not None else {}
 
 
 def _refuse_lost_progress(rd: RunDir):
@@ -131,12 +187,14 @@ def _announce(trainer, origin: str, step: int):
         trainer.say("warning: training.stages[0] trains only the head over a backbone that starts random "
                     "(no model.weights, model.init_from or --from): its features stay random for that stage")
     trainer.say(f"training {cfg.name}: {len(d.splits['train'])} train / {len(d.splits['val'])} val / "
-                f"{len(d.splits['test'])} test images {d.image_shape}, {d.num_classes} classes, feed "
+                f"{len(d.splits['test'])} test images"
+                + (f" (the source's own: {d.test_origin})" if d.test_origin else "")
+                + f" {d.image_shape}, {d.num_classes} classes, feed "
                 f"{trainer.feeder.feed}, strategy {trainer.rt.kind} x{trainer.rt.replicas}, start {origin} "
                 f"at step {step}/{trainer.total_steps}")
 
 
-def _finish(trainer, loop: Loop, reason: str, record: SessionLog) -> int:
+def _finish(trainer, loop: Loop, reason: str, record: SessionLog, spent: _Costs) -> int:
     rd, step = trainer.run_dir, loop.step
     # the final state (no-op if just saved); an asynchronous write overlaps the test
     # evaluation and the export, and is waited for before run.json says it is done
@@ -149,6 +207,7 @@ def _finish(trainer, loop: Loop, reason: str, record: SessionLog) -> int:
     if finished:
         fields.update(_test_and_export(trainer, loop, dict(fields, sessions=record.earlier + 1)))
     trainer.checkpoints.wait()
+    spent.end(loop, reason)  # the last write's figure, now that it is on disk
     digest = weights_digest(trainer.model)
     print(f"worker {trainer.rt.worker}/{trainer.rt.workers} step {step} weights sha256 {digest} on {trainer.info.node}",
           flush=True)

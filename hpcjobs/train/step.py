@@ -24,15 +24,21 @@ class Steps:
     eval_step: Callable
 
 
-def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None, jit_compile: bool = False) -> Steps:
+def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None, jit_compile: bool = False,
+                loss=None) -> Steps:
     """``class_weights`` (one per class, or None) weight each example's training loss,
     as Keras' ``class_weight`` does; the reported training loss is the weighted one.
-    ``jit_compile`` compiles the replica steps with XLA."""
+    ``jit_compile`` compiles the replica steps with XLA.  ``loss`` is the per-example
+    loss of ``hpcjobs.train.losses`` (None: crossentropy), for training and evaluation alike."""
     import tensorflow as tf
 
+    if loss is None:
+        from .losses import crossentropy
+
+        loss = crossentropy()
     strategy, hvd = runtime.strategy, runtime.hvd
-    replica_step = _replica_train_step(model, optimizer, runtime, global_batch, class_weights)
-    replica_eval = _replica_eval_step(model)
+    replica_step = _replica_train_step(model, optimizer, runtime, global_batch, class_weights, loss)
+    replica_eval = _replica_eval_step(model, loss)
     if jit_compile:
         replica_step = tf.function(replica_step, jit_compile=True)
         replica_eval = tf.function(replica_eval, jit_compile=True)
@@ -63,11 +69,10 @@ def build_steps(model, optimizer, runtime, global_batch: int, class_weights=None
     return Steps(train_steps, eval_step)
 
 
-def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weights):
+def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weights, loss_fn):
     """One replica's train step: (loss sum, correct, count).  A ``LossScaleOptimizer``
     (mixed_float16) gets the scaled loss and unscales the gradients itself; under
     Horovod the scaled gradients are averaged first, so every rank unscales alike."""
-    import keras
     import tensorflow as tf
 
     hvd = runtime.hvd
@@ -81,7 +86,7 @@ def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weig
     def replica_step(x, y):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
-            per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+            per_example = tf.cast(loss_fn(y, probs), tf.float32)
             if weights is not None:
                 per_example *= tf.gather(weights, y)
             loss = tf.reduce_sum(per_example) / global_batch
@@ -106,16 +111,15 @@ def _replica_train_step(model, optimizer, runtime, global_batch: int, class_weig
     return replica_step
 
 
-def _replica_eval_step(model):
+def _replica_eval_step(model, loss_fn):
     """One replica's evaluation: weighted sums, top-k hits and the confusion matrix."""
-    import keras
     import tensorflow as tf
 
     num_classes = int(model.output_shape[-1])
 
     def replica_eval(x, y, w):
         probs = model(x, training=False)
-        per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+        per_example = tf.cast(loss_fn(y, probs), tf.float32)
         predicted = tf.argmax(probs, -1, output_type=tf.int32)
         correct = tf.cast(tf.equal(predicted, y), tf.float32)
         sums = tf.stack([tf.reduce_sum(per_example * w), tf.reduce_sum(correct * w), tf.reduce_sum(w)])

@@ -23,9 +23,11 @@ from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.feed import Feeder
 from ..rundir import RunDir
+from .. import plugins
 from ..units import parse_duration
 from . import hooks as hooks_mod
 from .optim import make_optimizer
+from . import losses
 from .step import build_steps
 
 
@@ -63,10 +65,12 @@ class Trainer:
     generators, reads and preprocesses the data (unless ``data`` is given), and builds
     the model, the optimizer, the hooks' state, the compiled steps and the checkpoint
     manager.  Nothing is restored, trained or written there: ``restore()`` and
-    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones."""
+    ``session.run_session`` do that.  ``hooks`` are added after the built-in ones and
+    those of ``training.hooks``; ``code`` is the run's copy of the user's code
+    (``plugins.RunCode.prepare``, which ``job.train`` makes before the Trainer)."""
 
     def __init__(self, cfg: Config, run_dir: str, *, runtime=None, info=None, data=None,
-                 time_budget: str | None = None, verbose: bool = True, hooks=()):
+                 time_budget: str | None = None, verbose: bool = True, hooks=(), code=None):
         import keras
         import tensorflow as tf
 
@@ -80,7 +84,8 @@ class Trainer:
         compat.set_op_determinism(t.deterministic)
         self.run_dir = RunDir(run_dir, writer=self.rt.is_chief)
         self.verbose = verbose and self.rt.is_chief
-        self.data = data or load_data(cfg)
+        # data.stage: the store copied to node-local scratch once per node (said by the rank that copies)
+        self.data = data or load_data(cfg, info=self.info, say=lambda line: print(line, flush=True))
         self.feeder = Feeder(self.data, feed=cfg.data.feed, memory_budget=cfg.data.memory_budget,
                              epochs_per_segment=cfg.data.epochs_per_segment, seed=cfg.data.seed + t.seed,
                              augment=cfg.data.augment, global_batch=t.batch_size, worker=self.rt.worker,
@@ -89,8 +94,12 @@ class Trainer:
         self.steps_per_epoch = t.steps_per_epoch or self.feeder.steps_per_pass
         self.epochs = sum(st.epochs for st in t.stages) if t.stages else t.epochs
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.hooks = hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget)) + list(hooks)
+        self.code = code  # RUN/code/: the user's code files and modules (hpcjobs.plugins.RunCode), or None
+        self.hooks = (hooks_mod.default_hooks(cfg, self._deadline(time_budget or t.time_budget))
+                      + hooks_mod.user_hooks(cfg) + list(hooks))
         self.jit_compile = use_xla(t, self.rt)
+        user_loss = losses.user_loss(t.loss.name, self.data.num_classes) if plugins.is_spec(t.loss.name) else None
+        self.loss = losses.make_loss(t.loss, self.data.num_classes, user_loss)
         self._build_state()
         self.compiled = self._build_steps()
         self._stage_steps = {0: self.compiled}
@@ -170,7 +179,8 @@ class Trainer:
         t = self.cfg.training
         weights = class_weights(t.class_weight, self.data.splits["train"].labels, self.data.num_classes,
                                 self.data.class_names)
-        return build_steps(self.model, self.optimizer, self.rt, t.batch_size, weights, jit_compile=self.jit_compile)
+        return build_steps(self.model, self.optimizer, self.rt, t.batch_size, weights, jit_compile=self.jit_compile,
+                           loss=self.loss)
 
     # -- compiled calls -----------------------------------------------------------------
     def call(self, iterator, n: int, flags) -> tuple[np.ndarray, np.ndarray]:
@@ -242,8 +252,10 @@ class Trainer:
             return "from_weights"
         if self.init is not None:
             self.init.apply(self.model)
+            left = self.init.left or []
             say(f"initialised {len(self.init.layers)} layers from {self.init.path}"
-                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else ""))
+                + (" (frozen)" if self.init.frozen else "") + (f"; {self.init.note}" if self.init.note else "")
+                + (f"; left as built: {', '.join(left[:10])}{' ...' if len(left) > 10 else ''}" if left else ""))
             return "init_from"
         return "scratch"
 

@@ -7,7 +7,8 @@
 * ``best``: the best epoch's metric and weights, early stopping, its restore;
 * ``stopping``: signals and the time budget, ``stop_at``, the checkpoint cadence, reduce on plateau;
 * ``diagnosis``: the bad signs of a curve;
-* ``stages``: ``training.stages``.
+* ``stages``: ``training.stages``;
+* ``user``: your own, from ``training.hooks``.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from .diagnosis import Diagnosis, diagnose
 from .logging import MetricsCSV, Progress, TensorBoard
 from .stages import Stages
 from .stopping import CheckpointCadence, ReduceOnPlateau, StopAt, StopSignals
+from .user import UserHook, user_hooks
 
 __all__ = ["BestMetric", "CheckpointCadence", "Diagnosis", "Hook", "MetricsCSV", "Progress",
            "ReduceOnPlateau", "Stages", "StopAt", "StopSignals", "TensorBoard", "best_weights_path", "default_hooks",
-           "diagnose", "is_final", "uses_best"]
+           "diagnose", "is_final", "user_hooks", "uses_best", "UserHook"]
 
 
 def default_hooks(cfg, deadline: float | None) -> list[Hook]:
