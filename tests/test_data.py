@@ -329,7 +329,7 @@ def test_the_store_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypa
     monkeypatch.setattr(store_mod, "fsync_file", lambda p: (synced.append((p, os.path.exists(p))), real(p)))
     out = tmp_path / "d.h5"
     prepare(open_source("digits"), None, None, 0.1, 0.1, seed=0, out_path=str(out)).close()
-    assert synced == [(f"{out}.tmp-{os.getpid()}", True)]
+    assert synced == [(f"{out}.partial/store.h5.tmp", True)]  # the temporary file goes with the chunks
 
 
 def test_a_failed_write_is_one_line_exit_1_and_keeps_the_old_store(tmp_path, capsys, monkeypatch):

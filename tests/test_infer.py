@@ -22,7 +22,6 @@ import pytest
 from hpcjobs import cli, infer
 from hpcjobs.cluster.info import ClusterInfo
 from hpcjobs.data import images, store
-from hpcjobs.data.images import decode
 from hpcjobs.data.sources import SourceError, read_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +146,7 @@ def test_prints_the_count_of_skipped_files(run_dir, photos, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- (b) same preprocessing
 def test_infer_preprocessing_is_the_training_store_preprocessing(run_dir, photos, unsharded, tmp_path):
-    assert infer.to_model_image is images.to_model_image is store.to_model_image
+    assert infer.model_image is images.model_image  # one image path: prepare's chunks call it too
     classes = tmp_path / "classes"
     for i, name in enumerate(GOOD):
         dest = classes / ("ab"[i % 2]) / os.path.basename(name)
@@ -159,8 +158,8 @@ def test_infer_preprocessing_is_the_training_store_preprocessing(run_dir, photos
     for split in store.SPLITS:
         sp = prepared.splits[split]
         for j in range(len(sp)):
-            raw = decode(samples.paths[sp.source_index[j]])
-            np.testing.assert_array_equal(predictor.preprocess(raw), sp.images[j])
+            path = samples.paths[sp.source_index[j]]
+            np.testing.assert_array_equal(predictor.preprocess(path), sp.images[j])
     prepared.close()
 
     # the whole pipeline: the store's images and the files themselves give the same predictions

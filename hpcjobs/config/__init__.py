@@ -216,6 +216,8 @@ class SlurmConfig:
     mpirun_args: tuple[str, ...] = ()  # more mpirun options, e.g. "--mca btl ^openib"
     infer_partition: Optional[str] = None  # inference jobs; null: partition
     infer_time: Optional[str] = None  # inference jobs; null: time
+    prepare_partition: Optional[str] = None  # `submit --prepare` CPU jobs; null: partition
+    prepare_time: Optional[str] = None  # `submit --prepare` jobs; null: time
     array: int = 0  # >0: a job array of this many tasks (training: repeats with seeds seed..seed+N-1)
     array_parallel: Optional[int] = None  # at most this many array tasks at once
     search: tuple[str, ...] = ()  # grid search as a job array: "key.path=v1,v2,..." each
@@ -253,7 +255,7 @@ class SlurmConfig:
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, str) and (not v.strip() or any(ord(c) < 32 or ord(c) == 127 for c in v)):
                     raise ValueError(f"{f.name}: {v!r}: empty, or has a line break or control character")
-        for name in ("partition", "account", "qos", "infer_partition"):
+        for name in ("partition", "account", "qos", "infer_partition", "prepare_partition"):
             v = getattr(self, name)
             if v is not None and not self._NAME.fullmatch(v):
                 raise ValueError(f"{name}: {v!r} is not a Slurm name (letters, digits, _ . , : + -)")
@@ -284,7 +286,7 @@ class SlurmConfig:
         """time, infer_time and the slot settings: Slurm times of a minute or more, the
         warning signal before the limit, a slot no longer than its period."""
         seconds = {}
-        for name in ("time", "infer_time", "slot", "slot_every"):
+        for name in ("time", "infer_time", "prepare_time", "slot", "slot_every"):
             v = getattr(self, name)
             if v is None or (name == "slot_every" and v in ("day", "week")):
                 continue

@@ -6,7 +6,7 @@ import os
 from ..config import Config
 from . import stage
 from .sources import SourceError, open_source
-from .store import Prepared, open_store, prepare
+from .store import Prepared, PrepareStopped, open_store, prepare
 
 
 def load_data(cfg: Config, base_dir: str = ".", progress: bool = False, info=None, say=print) -> Prepared:
@@ -43,13 +43,16 @@ def load_data(cfg: Config, base_dir: str = ".", progress: bool = False, info=Non
 
 
 def prepare_store(cfg: Config, out_path: str, base_dir: str = ".", strict: bool = False,
-                  progress: bool = True, force: bool = False) -> Prepared:
+                  progress: bool = True, force: bool = False, workers: int | None = None,
+                  stop=None) -> Prepared:
     """``hpcjobs prepare``: the source into the store ``out_path`` (``force``: even over
-    the source itself or a file that is not a store)."""
+    the source itself or a file that is not a store), on ``workers`` processes (default:
+    the CPUs this process may use), resumably: ``stop()`` true ends it at a chunk
+    boundary with ``PrepareStopped``, and a run again continues from there."""
     d = cfg.data
     samples = open_source(d.source, base_dir, own_test=d.test_split == "source")
     return prepare(samples, d.image_size, d.channels, d.validation_split, d.test_split, d.seed,
-                   out_path=out_path, strict=strict, progress=progress, force=force)
+                   out_path=out_path, strict=strict, progress=progress, force=force, workers=workers, stop=stop)
 
 
-__all__ = ["SourceError", "Prepared", "load_data", "prepare_store", "open_store"]
+__all__ = ["SourceError", "Prepared", "PrepareStopped", "load_data", "prepare_store", "open_store"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 
 import numpy as np
 
@@ -25,6 +26,21 @@ class ImageError(UserError, ValueError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # crosses from a prepare worker process to the parent
+        return type(self), (self.path, self.reason)
+
+
+# The image path: how a raw image becomes the model's input.  A store records the path
+# that made it (its card says so) and an export records the one its model was trained
+# with, so infer and evaluate preprocess as training did.
+IMAGE_PATH = "pil-draft/1"  # JPEG draft decoding at >= 2x the target size, Pillow's resize
+LEGACY_PATH = "tf/1"  # full decode, tf.image.resize: stores and exports made before the path was recorded
+IMAGE_PATHS = {
+    IMAGE_PATH: "Pillow decode (JPEG draft decoding at no less than twice the target size), "
+                "box (area) filter when shrinking, bicubic when enlarging",
+    LEGACY_PATH: "full decode, tf.image.resize: area when shrinking, bicubic when enlarging",
+}
 
 
 def _read(path: str) -> bytes:
@@ -59,7 +75,22 @@ def _decode_bytes(im) -> np.ndarray:
     return np.asarray(im)
 
 
-def decode(path: str) -> np.ndarray:
+def _draft(im, target: tuple[int, int] | None):
+    """JPEG draft decoding (libjpeg's DCT-domain downscale by 2, 4 or 8), only as far as
+    the image stays at no less than twice ``target`` (height, width) after padding to its
+    aspect: the largest scale k with max(h/k/H, w/k/W) >= 2."""
+    if target is None or im.format != "JPEG":
+        return
+    w, h = im.size
+    shrink = max(h / target[0], w / target[1])
+    k = 1
+    while k < 8 and shrink / (2 * k) >= 2:
+        k *= 2
+    if k > 1:
+        im.draft(im.mode, (-(-w // k), -(-h // k)))
+
+
+def decode(path: str, draft: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file into an array (H, W) or (H, W, C), keeping its bit depth.
 
     A file that is no regular file or is over MAX_FILE_BYTES is refused unread; a
@@ -74,6 +105,7 @@ def decode(path: str) -> np.ndarray:
     data = _read(path)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _draft(im, draft)
             w, h = im.size
             nbytes = w * h * (16 if im.mode.startswith(("I", "F")) else 8)  # PIL's own buffer, then a copy
             PIXELS.acquire(nbytes, path, ImageError)
@@ -152,12 +184,41 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def to_model_image(img: np.ndarray, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    """The deployment preprocessing: uint8 (H, W, channels) at the model's input size."""
+def resize_pil(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pillow's box filter (area averaging) when shrinking, bicubic when enlarging."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width):
+        return img
+    from PIL import Image
+
+    method = Image.Resampling.BOX if height * width < h * w else Image.Resampling.BICUBIC
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, 0]), "L").resize((width, height), method))] \
+        if img.shape[2] == 1 else None
+    if planes is None:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(img), "RGB").resize((width, height), method))
+    return planes[0][:, :, None]
+
+
+def to_model_image(img: np.ndarray, size: tuple[int, int] | None, channels: int,
+                   path: str = IMAGE_PATH) -> np.ndarray:
+    """The deployment preprocessing: uint8 (H, W, channels) at the model's input size,
+    by the image path ``path`` (IMAGE_PATH, or LEGACY_PATH for what was made before)."""
     img = to_channels(to_uint8(np.asarray(img)), channels)
     if size is not None:
-        img = resize(pad_to_aspect(img, *size), *size)
+        img = pad_to_aspect(img, *size)
+        img = resize(img, *size) if path == LEGACY_PATH else resize_pil(img, *size)
     return img
+
+
+def model_image(item, size: tuple[int, int] | None, channels: int, path: str = IMAGE_PATH) -> np.ndarray:
+    """The one function from a raw image to the model's input, for training and serving:
+    ``item`` is an image file (decoded here, with draft decoding on IMAGE_PATH) or an
+    array already decoded."""
+    if path not in IMAGE_PATHS:
+        raise UserError(f"image path {path!r} is unknown to this hpcjobs (known: {', '.join(IMAGE_PATHS)})")
+    if isinstance(item, (str, bytes, os.PathLike)):
+        item = decode(item, draft=size if path == IMAGE_PATH else None)
+    return to_model_image(item, size, channels, path)
 
 
 def native_channels(img: np.ndarray) -> int:

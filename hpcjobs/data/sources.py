@@ -97,14 +97,34 @@ BUILTIN: dict[str, Callable[[], Samples]] = {
 # --------------------------------------------------------------------------- file readers shared with infer
 def image_files(folder: str, *, skip_hidden: bool = False) -> list[str]:
     """The image files (by extension) below ``folder``: folder by folder in sorted order,
-    sorted within each.  ``skip_hidden`` leaves out dot-files and dot-folders."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        if skip_hidden:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.append((root, sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
-                                   and not (skip_hidden and f.startswith(".")))))
-    return [os.path.join(root, f) for root, names in sorted(found) for f in names]
+    sorted within each.  ``skip_hidden`` leaves out dot-files and dot-folders.
+
+    One ``os.scandir`` per folder (the entry's type comes with the listing: no stat per
+    file) and one sort of the whole list at the end, so a folder of a million files
+    lists in seconds."""
+    found: list[tuple[str, str]] = []
+    stack = [folder]
+    while stack:
+        root = stack.pop()
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            continue  # as os.walk: a folder that cannot be listed is left out
+        for e in entries:
+            name = e.name
+            if skip_hidden and name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows a link, as os.walk lists it (but does not descend into it)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not e.is_symlink():
+                    stack.append(e.path)
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((root, name))
+    found.sort()
+    return [os.path.join(root, name) for root, name in found]
 
 
 def listing_items(path: str, expected: str) -> list:

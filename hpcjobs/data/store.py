@@ -22,11 +22,12 @@ import numpy as np
 
 from ..errors import RunFailure, UserError
 from ..rundir import FileRefused, check_regular, fsync_dir, fsync_file, os_reason
-from .images import ImageError, native_channels, to_model_image
+from .images import LEGACY_PATH, ImageError, native_channels
 from .sources import Samples, SourceError
 
 SPLITS = ("train", "val", "test")
 CHUNK = 1024
+SMALL_ARRAYS = 20_000  # an in-memory source this small is prepared in this process (same result)
 
 
 def default_test_share(n: int) -> float:
@@ -107,10 +108,18 @@ class Prepared:
     _file: Any = None
     test_origin: str = ""  # data.test_split: source: the source's own test set, in words ("": split here)
     staged: Any = None  # stage.Staged: where a staged store was copied from, in how long
+    image_path: str = "tf/1"  # how raw images became these (images.IMAGE_PATHS); older stores: tf/1
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.splits["train"].images.shape[1:])
+
+    @property
+    def image_path_about(self) -> str:
+        """The image path that made these images, in words (for the model card)."""
+        from .images import IMAGE_PATHS
+
+        return IMAGE_PATHS.get(self.image_path, "unknown to this hpcjobs")
 
     @property
     def num_classes(self) -> int:
@@ -154,15 +163,28 @@ class _Progress:
         self.last = pct
 
 
+class PrepareStopped(Exception):
+    """A stop signal ended prepare at a chunk boundary; the chunks made are kept (exit 75)."""
+
+
 def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None,
             val_share: float, test_share: float | str | None, seed: int, out_path: str | None = None,
-            strict: bool = False, progress: bool = False, force: bool = False) -> Prepared:
+            strict: bool = False, progress: bool = False, force: bool = False, workers: int | None = None,
+            stop=None) -> Prepared:
     """Preprocess, split and store a source.  ``out_path`` None keeps it in memory.
 
     Images that cannot be read are skipped and listed (``strict`` makes them an error).
-    The store is written to a temporary file, fsync'ed, and renamed only when complete;
-    it never replaces its own source or a file that is not a store, unless ``force``.
+    The work runs in chunks on ``workers`` processes (default: the CPUs this process may
+    use); the result is the same, byte for byte, whatever their number.  A store is made
+    resumably (``chunks.PartialDir``): a killed prepare run again continues after the
+    chunks it completed; ``stop()`` turning true (a stop signal) ends it at a chunk
+    boundary with :class:`PrepareStopped`.  The store is written to a temporary file,
+    fsync'ed, and renamed only when complete; it never replaces its own source or a file
+    that is not a store, unless ``force``.
     """
+    from .chunks import PartialDir, chunk_rows, default_workers, source_fingerprint
+    from .images import IMAGE_PATH
+
     n = len(samples)
     if n == 0:
         raise SourceError(f"{samples.origin}: no samples")
@@ -180,18 +202,30 @@ def prepare(samples: Samples, size: tuple[int, int] | None, channels: int | None
         channels = native_channels(first)
     shape = (size[0], size[1], channels)
     meta = dict(class_names=samples.class_names, source=samples.origin, seed=seed,
-                val_share=val_share, test_share=test_share, test_origin=test_origin)
+                val_share=val_share, test_share=test_share, test_origin=test_origin, image_path=IMAGE_PATH)
+    job = _Job(samples, parts, shape, strict, chunk_rows(shape), workers or default_workers(), stop)
     if not out_path:
-        splits, skipped, stats = _fill(samples, parts, shape, strict, progress, None)
+        splits, skipped, stats = job.in_memory(progress)
         mean, std = stats.mean_std()
         return Prepared(splits, list(samples.class_names), mean.astype(np.float32), std.astype(np.float32),
-                        samples.origin, skipped=skipped, test_origin=test_origin)
+                        samples.origin, skipped=skipped, test_origin=test_origin, image_path=IMAGE_PATH)
     check_output(out_path, samples, force)
-    with _new_store(out_path) as h5:
-        _, skipped, stats = _fill(samples, parts, shape, strict, progress, h5)
+    identity = dict(format="hpcjobs-prepare-chunks/1", source=samples.origin,
+                    fingerprint=source_fingerprint(samples), shape=list(shape), seed=seed, val_share=val_share,
+                    test_share=test_share, image_path=IMAGE_PATH, chunk_rows=job.rows)  # not --strict: below
+    partial = PartialDir(out_path, identity)
+    try:
+        done = partial.open(force, StoreError)
+    except OSError as e:
+        folder = os.path.dirname(os.path.abspath(out_path))
+        raise StoreError(f"{out_path}: cannot write the store there ({os_reason(e, folder)})") from None
+    job.to_files(partial, done, progress)
+    with _new_store(out_path, os.path.join(partial.path, "store.h5.tmp")) as h5:
+        skipped, stats = job.assemble(partial, h5)
         mean, std = stats.mean_std()
         h5.attrs["hpcjobs"] = json.dumps(dict(meta, mean=mean.tolist(), std=std.tolist(),
                                               skipped=[list(s) for s in skipped]))
+    partial.remove()
     return open_store(out_path)
 
 
@@ -224,16 +258,15 @@ def check_classes(samples: Samples):
 
 
 class _Stats:
-    """Per-channel running sums of the training split's pixels."""
+    """Per-channel running sums of the training split's pixels, added chunk by chunk in order."""
 
     def __init__(self, channels: int):
         self.count, self.sums, self.sq = 0, np.zeros(channels), np.zeros(channels)
 
-    def add(self, arr: np.ndarray):
-        f = arr.reshape(-1, arr.shape[-1]).astype(np.float64)
-        self.count += len(f)
-        self.sums += f.sum(0)
-        self.sq += (f * f).sum(0)
+    def add_sums(self, sums: np.ndarray):
+        self.count += int(sums[0][0])
+        self.sums += sums[1]
+        self.sq += sums[2]
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         count = max(self.count, 1)
@@ -242,62 +275,106 @@ class _Stats:
         return mean, np.where(std < 1e-3, 1.0, std)
 
 
-def _fill(samples: Samples, parts: dict, shape: tuple, strict: bool, progress: bool, h5):
-    """Every split preprocessed into memory (``h5`` None) or into the store's datasets."""
-    splits, skipped, stats = {}, [], _Stats(shape[2])
-    bar = _Progress(sum(len(p) for p in parts.values()), "prepare") if progress else None
-    done = [0]
+class _Job:
+    """Every split cut into chunks (the same cut whatever the number of workers)."""
 
-    def tick(k: int):
-        done[0] += k
-        if bar:
-            bar.update(done[0])
+    def __init__(self, samples: Samples, parts: dict, shape: tuple, strict: bool, rows: int, workers: int,
+                 stop=None):
+        self.samples, self.parts, self.shape, self.strict = samples, parts, shape, strict
+        self.rows, self.workers, self.stop = rows, workers, stop or (lambda: False)
+        self.keys = [(s, k) for s in SPLITS for k in range(-(-len(parts[s]) // rows))]
+        self.total = sum(len(p) for p in parts.values())
+        if samples.paths is None and self.total < SMALL_ARRAYS:  # a pool would take longer to start than the work
+            self.workers = 1
 
-    for name in SPLITS:
-        idx = parts[name]
-        if h5 is not None:
-            g = h5.create_group(name)
-            images = g.create_dataset("images", shape=(len(idx), *shape), maxshape=(None, *shape),
-                                      dtype=np.uint8, chunks=(min(max(len(idx), 1), 256), *shape))
-        else:
-            images = np.empty((len(idx), *shape), np.uint8)
-        kept = _fill_split(samples, idx, shape, images, strict, skipped, stats if name == "train" else None, tick)
-        labels = samples.labels[kept].astype(np.int32)
-        if h5 is not None:
-            images.resize((len(kept), *shape))
-            g.create_dataset("labels", data=labels)
-            g.create_dataset("source_index", data=kept)
-        else:
-            images = images[:len(kept)]
-        splits[name] = Split(images, labels, kept)
-    if len(splits["train"]) == 0:
-        raise SourceError(f"{samples.origin}: no readable training images")
-    return splits, skipped, stats
+    def index(self, split: str, k: int) -> np.ndarray:
+        return self.parts[split][k * self.rows:(k + 1) * self.rows]
 
+    def task(self, key, out):
+        split, k = key
+        idx = self.index(split, k)
+        s = self.samples
+        items = [s.paths[int(i)] for i in idx] if s.paths is not None else [s.arrays[int(i)] for i in idx]
+        return (key, items, idx, self.shape, self.meta_path, self.strict, split == "train", out)
 
-def _fill_split(samples: Samples, idx: np.ndarray, shape: tuple, images, strict: bool, skipped: list,
-                stats: _Stats | None, tick) -> np.ndarray:
-    """Samples ``idx`` preprocessed into ``images`` in order, unreadable ones skipped (or raised
-    with ``strict``); returns the source indices kept."""
-    kept, out = [], 0
-    for start in range(0, len(idx), CHUNK):
-        block = []
-        for i in idx[start:start + CHUNK]:
-            try:
-                block.append(to_model_image(samples.load(int(i)), shape[:2], shape[2]))
-                kept.append(i)
-            except ImageError as e:
-                if strict:
-                    raise
-                skipped.append((e.path, e.reason))
-        if block:
-            arr = np.stack(block)
-            images[out:out + len(arr)] = arr
-            out += len(arr)
-            if stats is not None:
-                stats.add(arr)
-        tick(len(idx[start:start + CHUNK]))
-    return np.array(kept, dtype=np.int64)
+    @property
+    def meta_path(self) -> str:
+        from .images import IMAGE_PATH
+
+        return IMAGE_PATH
+
+    def _run(self, keys, out, bar_start: int, progress: bool):
+        from .chunks import run_chunks
+
+        bar = _Progress(self.total, "prepare") if progress else None
+        done = bar_start
+        if bar and done:
+            bar.update(done)
+        tasks = [self.task(key, out(key)) for key in keys]
+        for key, result in run_chunks(tasks, self.workers, self.stop):
+            done += len(self.index(*key))
+            if bar:
+                bar.update(done)
+            yield key, result
+
+    def in_memory(self, progress: bool):
+        results = dict(self._run(self.keys, lambda key: None, 0, progress))
+        if len(results) < len(self.keys):
+            raise PrepareStopped("prepare stopped by a signal before it was done")
+        return self._gather(lambda key: results[key], None)
+
+    def to_files(self, partial, done: set, progress: bool):
+        """The chunks not yet in ``partial``, each committed to its own file."""
+        import sys
+
+        start = sum(len(self.index(*key)) for key in done)
+        if done:
+            print(f"continuing at {start:,}/{self.total:,} ({len(done)} of {len(self.keys)} chunks done, "
+                  f"in {partial.path})", file=sys.stderr, flush=True)
+        todo = [key for key in self.keys if key not in done]
+        made = sum(1 for _ in self._run(todo, lambda key: partial.chunk(*key), start, progress))
+        if made < len(todo):
+            done_now = start + sum(len(self.index(*key)) for key in todo if os.path.exists(partial.chunk(*key)))
+            raise PrepareStopped(f"prepare stopped at a chunk boundary: {done_now:,}/{self.total:,} done "
+                                 f"(kept in {partial.path}); run it again to continue")
+
+    def assemble(self, partial, h5):
+        return self._gather(lambda key: partial.load(*key, images=False), h5, partial)[1:]
+
+    def _gather(self, result_of, h5, partial=None):
+        """The splits from the chunks' results, in order: kept indices, skipped images,
+        statistics; the images into ``h5`` (from the chunk files) or into memory."""
+        shape = self.shape
+        splits, skipped, stats = {}, [], _Stats(shape[2])
+        for name in SPLITS:
+            keys = [key for key in self.keys if key[0] == name]
+            results = [result_of(key) for key in keys]
+            kept = np.concatenate([r["kept"] for r in results]) if results else np.zeros(0, np.int64)
+            for r in results:
+                skipped += [tuple(x.split("\0", 1)) for x in r["skipped"]]
+                if name == "train":
+                    stats.add_sums(r["sums"])
+            labels = self.samples.labels[kept].astype(np.int32)
+            if h5 is not None:
+                g = h5.create_group(name)
+                images = g.create_dataset("images", shape=(len(kept), *shape), maxshape=(None, *shape),
+                                          dtype=np.uint8, chunks=(min(max(len(kept), 1), 256), *shape))
+                at = 0
+                for key in keys:
+                    arr = partial.load(*key, images=True)["images"]
+                    images[at:at + len(arr)] = arr
+                    at += len(arr)
+                g.create_dataset("labels", data=labels)
+                g.create_dataset("source_index", data=kept)
+            else:
+                parts = [r["images"] for r in results]
+                images = np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)
+            splits[name] = Split(images, labels, kept)
+        if self.strict and skipped:  # a chunk kept from a run without --strict
+            raise ImageError(*skipped[0])
+        if len(splits["train"]) == 0:
+            raise SourceError(f"{self.samples.origin}: no readable training images")
+        return splits, skipped, stats
 
 
 # --------------------------------------------------------------------------- the store file
@@ -338,13 +415,12 @@ def check_output(out_path: str, samples: Samples, force: bool = False):
 
 
 @contextlib.contextmanager
-def _new_store(out_path: str):
-    """An HDF5 file at a temporary name beside ``out_path``, fsync'ed and renamed over it
-    when the block succeeds, removed otherwise."""
+def _new_store(out_path: str, tmp: str):
+    """An HDF5 file at the temporary name ``tmp`` (on the same file system), fsync'ed and
+    renamed over ``out_path`` when the block succeeds, removed otherwise."""
     import h5py
 
     folder = os.path.dirname(os.path.abspath(out_path))
-    tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
         # chunks 4 KiB aligned: a feeder maps rows straight from the file (data/rows.py)
@@ -392,4 +468,5 @@ def open_store(path: str) -> Prepared:
     return Prepared(splits, meta["class_names"], np.array(meta["mean"], np.float32),
                     np.array(meta["std"], np.float32), meta["source"], path=path,
                     skipped=[tuple(s) for s in meta.get("skipped", [])], _file=f,
-                    test_origin=str(meta.get("test_origin") or ""))
+                    test_origin=str(meta.get("test_origin") or ""),
+                    image_path=meta.get("image_path", LEGACY_PATH))

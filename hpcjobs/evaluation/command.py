@@ -84,8 +84,8 @@ def _from_config(path: str, split: str, overrides) -> Labelled:
     return _from_split(load_data(config.load(path, overrides)), split, path)
 
 
-def _from_source(path: str, shape) -> Labelled:
-    from ..data.images import ImageError, to_model_image
+def _from_source(path: str, shape, image_path: str) -> Labelled:
+    from ..data.images import ImageError, model_image
     from ..data.sources import open_source
 
     samples = open_source(path)
@@ -93,7 +93,8 @@ def _from_source(path: str, shape) -> Labelled:
     images, labels, skipped = [], [], 0
     for i in range(len(samples)):
         try:
-            images.append(to_model_image(samples.load(i), (h, w), c))
+            item = samples.paths[i] if samples.paths is not None else samples.arrays[i]
+            images.append(model_image(item, (h, w), c, image_path))
             labels.append(int(samples.labels[i]))
         except ImageError:
             skipped += 1
@@ -102,7 +103,7 @@ def _from_source(path: str, shape) -> Labelled:
     return Labelled(np.stack(images), np.array(labels, np.int64), list(samples.class_names), path, skipped)
 
 
-def labelled(args, folder: str, shape) -> Labelled:
+def labelled(args, folder: str, shape, image_path: str | None = None) -> Labelled:
     """The images and labels ``args`` asks for (see the module docstring)."""
     data = args.data
     if data is None:
@@ -117,7 +118,9 @@ def labelled(args, folder: str, shape) -> Labelled:
         from ..data import open_store
 
         return _from_split(open_store(data), args.split, data)
-    return _from_source(data, shape)
+    from ..data.images import LEGACY_PATH
+
+    return _from_source(data, shape, image_path or LEGACY_PATH)
 
 
 def model_labels(data: Labelled, names: list[str]) -> np.ndarray:
@@ -136,13 +139,13 @@ def model_labels(data: Labelled, names: list[str]) -> np.ndarray:
     return lookup[np.asarray(data.labels, np.int64)]
 
 
-def _fit(images, shape):
+def _fit(images, shape, image_path: str):
     """Images of another size or channel count (a store prepared otherwise) as the model's input."""
     if tuple(images.shape[1:]) == tuple(shape):
         return images
-    from ..data.images import to_model_image
+    from ..data.images import model_image
 
-    return np.stack([to_model_image(np.asarray(img), tuple(shape[:2]), shape[2]) for img in images])
+    return np.stack([model_image(np.asarray(img), tuple(shape[:2]), shape[2], image_path) for img in images])
 
 
 def _run_loss(args, folder: str, num_classes: int):
@@ -168,9 +171,10 @@ def cmd_evaluate(args) -> int:
     runner = open_runner(args.model, unsafe=args.unsafe, trust_code=args.trust_code)
     names = [str(n) for n in runner.info["class_names"]]
     shape = tuple(runner.info["input_shape"])
-    data = labelled(args, runner.folder, shape)
+    image_path = str(runner.info.get("image_path", "tf/1"))  # the export's (tf/1 if made before it was recorded)
+    data = labelled(args, runner.folder, shape, image_path)
     labels = model_labels(data, names)
-    report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape)), names,
+    report = metrics.from_predictions(labels, runner.predict(_fit(data.images, shape, image_path)), names,
                                       loss=_run_loss(args, runner.folder, len(names)))
     base = args.model if os.path.isdir(args.model) and runner.kind != "saved_model" else runner.folder
     out = args.output or os.path.join(base, "evaluation")

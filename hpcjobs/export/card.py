@@ -105,7 +105,10 @@ def data_section(cfg, data) -> str:
                 "kept apart as the source published it (`data.test_split: source`); validation is split from "
                 "the rest"] if getattr(data, "test_origin", "") else []),
              f"- Images: {_shape_words(data.image_shape)} after the preprocessing below; normalisation "
-             f"`{d.normalize}` inside the model", "", "| class | train | validation | test |", "|---|---:|---:|---:|"]
+             f"`{d.normalize}` inside the model",
+             f"- Image path: `{data.image_path}` made these images ({data.image_path_about}); "
+             "`hpcjobs infer` preprocesses with the same", "",
+             "| class | train | validation | test |", "|---|---:|---:|---:|"]
     for c, name in list(enumerate(data.class_names))[:50]:
         lines.append(f"| {metrics.cell(name)} | " + " | ".join(str(int(counts[s][c])) for s in SPLIT_WORDS) + " |")
     if data.num_classes > 50:

@@ -20,6 +20,8 @@ class ExportError(UserError, ValueError):
 
 
 def preprocessing_info(data, normalize: str) -> dict:
+    """The input of the model.  ``image_path`` names the function that made the training
+    images (infer uses the same); an older export has none, and means ``tf/1``."""
     h, w, c = data.image_shape
     return {
         "format": FORMAT,
@@ -27,6 +29,7 @@ def preprocessing_info(data, normalize: str) -> dict:
         "input_dtype": "float32",
         "input_range": [0, 255],
         "channels": c,
+        "image_path": data.image_path,  # hpcjobs.data.images.IMAGE_PATHS: decode and resize as training did
         "resize": {"pad_to_aspect": True, "pad_mode": "edge", "shrink": "area", "enlarge": "bicubic"},
         "bit_depth": "16-bit and other depths scaled to 8-bit",
         "color": "grayscale = ITU-R 601 luma; alpha composited over white",

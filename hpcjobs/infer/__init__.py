@@ -26,7 +26,7 @@ The path of the data, one module a step:
 """
 from __future__ import annotations
 
-from ..data.images import to_model_image
+from ..data.images import model_image, to_model_image
 from ..errors import EX_TEMPFAIL
 from .chunks import ChunkDir
 from .errors import InferError
@@ -38,4 +38,4 @@ from .shards import Shard, choose_shard, parse_shard
 
 __all__ = ["EX_TEMPFAIL", "FORMAT", "ChunkDir", "InferError", "Inputs", "Outputs", "Piece", "Predictor", "Shard",
            "check_outputs", "choose_shard", "infer", "merge", "open_inputs",
-           "outputs_for", "parse_shard", "read_part", "to_model_image", "write_results"]
+           "outputs_for", "parse_shard", "read_part", "to_model_image", "model_image", "write_results"]

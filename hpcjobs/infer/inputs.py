@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..data.images import IMAGE_EXTENSIONS, decode
+from ..data.images import IMAGE_EXTENSIONS
 from ..data.limits import check_npz_arrays
 from ..data.sources import SourceError, image_files, listing_items, listing_path, open_npz
 
@@ -29,7 +29,7 @@ class Inputs:
 
     origin: str
     names: list[str]  # the ``path`` written for each row
-    load: Callable[[int], np.ndarray]  # raises ImageError for a bad file
+    load: Callable[[int], object]  # row i's raw image: a file path (decoded by images.model_image) or an array
     fingerprint: str  # changes when the row list (or an array file) changes
     close: Callable[[], None] = lambda: None
 
@@ -59,7 +59,7 @@ def _folder_inputs(folder: str) -> Inputs:
     if not found:
         raise SourceError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder tree")
     paths = [os.path.join(folder, r) for r in sorted(os.path.relpath(p, folder) for p in found)]
-    return Inputs(folder, [printable(p) for p in paths], lambda i: decode(paths[i]), _digest(paths))
+    return Inputs(folder, [printable(p) for p in paths], lambda i: paths[i], _digest(paths))
 
 
 def _json_entry(path: str, i: int, item) -> str:
@@ -83,7 +83,7 @@ def _listing_inputs(path: str) -> Inputs:
     if not any(os.path.isfile(p) for p in full):  # e.g. foo,bar: nothing to predict is no success
         raise SourceError(f"{path}: none of its {len(full)} entries is an existing file (the first column "
                           f"must be the image path; the first entry is {entries[0][:80]!r})")
-    return Inputs(path, entries, lambda i: decode(full[i]), _digest(full))
+    return Inputs(path, entries, lambda i: full[i], _digest(full))
 
 
 def _store_inputs(path: str, split: str) -> Inputs:

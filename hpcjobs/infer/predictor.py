@@ -1,8 +1,9 @@
 """The exported model, loaded once, and the images decoded for it.
 
-Every image goes through ``hpcjobs.data.images.decode`` and ``to_model_image`` (size and
-channels from preprocessing.json's ``input_shape``): the very function ``hpcjobs prepare``
-stores training images with.  Decoding runs on a pool of ``infer.workers`` threads, rows
+Every image goes through ``hpcjobs.data.images.model_image`` (size and channels from
+preprocessing.json's ``input_shape``, the image path from its ``image_path``, ``tf/1`` for
+an export made before it was recorded): the very function ``hpcjobs prepare`` stores
+training images with.  Decoding runs on a pool of ``infer.workers`` threads, rows
 kept in order, about two batches ahead of the model, feeding a ``tf.data`` pipeline
 (``from_generator``, prefetched, distributed over the replicas).  (Plain threads rather
 than a ``tf.numpy_function`` map: the eager resize inside ``to_model_image`` ran about
@@ -16,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from ..data.images import ImageError, to_model_image
+from ..data.images import LEGACY_PATH, ImageError, model_image
 from ..digest import file_digest
 from .inputs import Inputs
 
@@ -41,6 +42,7 @@ class Predictor:
         self.model, self.info, self.folder = self.runner.model, self.runner.info, self.runner.folder
         self.shape = tuple(int(d) for d in self.info["input_shape"])
         self.class_names = [str(c) for c in self.info["class_names"]]
+        self.image_path = str(self.info.get("image_path", LEGACY_PATH))
         self.fingerprint = file_digest(self.runner.files)[:20]  # preprocessing.json, then the model's file(s)
         self._steps: dict[int, Callable] = {}
 
@@ -48,10 +50,11 @@ class Predictor:
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
-    def preprocess(self, raw: np.ndarray) -> np.ndarray:
-        """A raw image as the model's input: the training preprocessing (uint8 H, W, C)."""
+    def preprocess(self, raw) -> np.ndarray:
+        """A raw image (a file or an array) as the model's input: the training
+        preprocessing (uint8 H, W, C)."""
         h, w, c = self.shape
-        img = to_model_image(raw, (h, w), c)
+        img = model_image(raw, (h, w), c, self.image_path)
         if img.shape != self.shape:
             raise ValueError(f"preprocessed to shape {img.shape}, expected {self.shape}")
         return img

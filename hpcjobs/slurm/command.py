@@ -21,7 +21,7 @@ from ..errors import EX_USAGE, first_line
 from ..rundir import RunDir, atomic_write, cancelled, clear_cancelled, default_run_dir, refuse_overwriting
 from .jobs import _record, job_states
 from . import search_array
-from .render import TASK_DIRS, _error, _package, render, template_params, trials
+from .render import TASK_DIRS, _error, _package, render, store_path, template_params, trials
 from .options import FLAGS, slot_begins, slot_period, slurm_section
 from .search_array import SECTION
 
@@ -32,6 +32,12 @@ def add_arguments(parser):
     parser.add_argument("--infer", action="store_true", help="submit batch inference (slurm/infer.sbatch)")
     parser.add_argument("--folds", action="store_true",
                         help="data.folds' K folds as a job array: task I trains RUN/folds/fold-I")
+    parser.add_argument("--prepare", action="store_true",
+                        help="submit `hpcjobs prepare` as a CPU job (slurm/prepare.sbatch; slurm.prepare_partition, "
+                             "--cpus-per-task processes); it requeues on its time limit and continues")
+    parser.add_argument("--after-prepare", action="store_true",
+                        help="the training job starts only after the run's prepare job ended well (afterok) and "
+                             "reads its store; with --prepare, both are submitted at once")
     parser.add_argument("--dry-run", action="store_true", help="print the script(s); write and submit nothing")
     parser.add_argument("--no-check", action="store_true",
                         help="submit even when hpcjobs doctor's fast checks find a blocker")
@@ -62,6 +68,8 @@ class _Plan:
     folds: bool = False  # --folds: the tasks are data.folds' folds
     merge_script: Optional[str] = None
     begins: list = dataclasses.field(default_factory=list)
+    prepare: Optional["_Plan"] = None  # --prepare: the prepare job this plan queues first (or alone)
+    after: Optional[dict] = None  # --after-prepare: the prepare job (recorded, or to be queued) it waits for
 
 
 def _plan(args) -> _Plan:
@@ -71,6 +79,15 @@ def _plan(args) -> _Plan:
     s = slurm_section(cfg, _overrides(args))
     cfg = dataclasses.replace(cfg, slurm=s)
     run_dir = os.path.abspath(default_run_dir(args.run_dir, cfg.name))
+    prepare = getattr(args, "prepare", False)
+    after = None
+    if prepare or getattr(args, "after_prepare", False):
+        _check_prepare(args, s)
+        prep = _prepare_plan(cfg, s, run_dir)
+        if not getattr(args, "after_prepare", False):
+            return prep
+        after = _recorded_prepare(run_dir) if not prepare else dict(job_id=None, store=prep.params["store"])
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=after["store"]))
     section = SECTION in (getattr(args, "slurm_search", None) or [])
     folds = getattr(args, "folds", False)
     if folds:
@@ -109,7 +126,38 @@ def _plan(args) -> _Plan:
         merge_params.update(nodes=1, ntasks_per_node=1, gpus_per_node=0, merge=True,
                             job_name=f"{params['job_name']}-merge")
         plan.merge_script = render("infer", **merge_params)
+    if after is not None:
+        plan.after = after
+        plan.prepare = prep if prepare else None
     return plan
+
+
+def _check_prepare(args, s: SlurmConfig):
+    flag = "--prepare" if getattr(args, "prepare", False) else "--after-prepare"
+    if args.infer or s.array or s.search or getattr(args, "folds", False) or s.slot \
+            or SECTION in (getattr(args, "slurm_search", None) or []):
+        raise _error(flag, "a prepare job goes with one training job: not with --infer, --array, --search, "
+                           "--folds or --slot")
+
+
+def _prepare_plan(cfg: Config, s: SlurmConfig, run_dir: str) -> _Plan:
+    """The prepare job: one task on --cpus-per-task CPUs, writing the store training reads."""
+    config_path = os.path.join(run_dir, "prepare-config.yaml")
+    params = template_params(cfg, s, "prepare", run_dir, config_path)
+    return _Plan(cfg=cfg, s=s, kind="prepare", run_dir=run_dir, config_path=config_path, params=params,
+                 script=render("prepare", **params), script_path=os.path.join(run_dir, "slurm", "prepare.sbatch"))
+
+
+def _recorded_prepare(run_dir: str) -> dict:
+    """The run's last prepare job, from RUN/slurm/jobs.json (where ``submit --prepare`` records it)."""
+    from .jobs import read_jobs
+
+    jobs = [j for j in read_jobs(run_dir) if j.get("kind") == "prepare" and j.get("store")]
+    if not jobs:
+        raise _error("--after-prepare", f"no prepare job recorded in {os.path.join(run_dir, 'slurm', 'jobs.json')}; "
+                                        "submit one first with `hpcjobs submit CONFIG --prepare` (the same --run-dir), "
+                                        "or give --prepare --after-prepare together")
+    return dict(job_id=str(jobs[-1]["job_id"]), store=jobs[-1]["store"])
 
 
 def _check_folds(cfg: Config, s: SlurmConfig, args):
@@ -122,6 +170,11 @@ def _check_folds(cfg: Config, s: SlurmConfig, args):
 
 
 def _print_dry_run(plan: _Plan):
+    if plan.prepare is not None:
+        print(plan.prepare.script, end="")
+        print("# then, after the prepare job (sbatch --dependency=afterok:<prepare job>):")
+    elif plan.after is not None:
+        print(f"# after the prepare job {plan.after['job_id']} (sbatch --dependency=afterok:{plan.after['job_id']}):")
     print(plan.script, end="")
     for task_dir, sets in zip(plan.task_dirs, plan.trial_sets):
         print(f"# {task_dir}: " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
@@ -175,6 +228,16 @@ def _queue(run_dir: str, kind: str, path: str, name: str, extra: list[str], arra
 
 def _queue_all(plan: _Plan):
     run_dir, kind, job_name = plan.run_dir, plan.kind, plan.params["job_name"]
+    if kind == "prepare":  # its store recorded with it: --after-prepare reads both
+        _queue(run_dir, kind, plan.script_path, job_name, [], False, store=plan.params["store"])
+        return
+    if plan.after is not None:
+        prepare_id = plan.after["job_id"]
+        if plan.prepare is not None:
+            prepare_id = _queue(run_dir, "prepare", plan.prepare.script_path, plan.prepare.params["job_name"], [],
+                                False, store=plan.prepare.params["store"])
+        _queue(run_dir, kind, plan.script_path, job_name, [f"--dependency=afterok:{prepare_id}"], False)
+        return
     if plan.begins:
         previous = None
         for i, begin in enumerate(plan.begins):
@@ -200,16 +263,24 @@ def cmd_submit(args) -> int:
     if plan.kind != "infer" and not getattr(args, "no_check", False):
         from ..doctor.command import submission_blocker
 
-        blocker = submission_blocker(plan.cfg, plan.run_dir)
+        check_cfg = plan.cfg
+        if plan.kind == "prepare" or plan.after is not None:  # the store is the prepare job's to make
+            check_cfg = dataclasses.replace(check_cfg, data=dataclasses.replace(check_cfg.data, store=None))
+        blocker = submission_blocker(check_cfg, plan.run_dir)
         if blocker:
             print(f"hpcjobs submit: refused: {blocker}", file=sys.stderr)
             return EX_USAGE
     refuse_overwriting(args.config, plan.config_path, dump(plan.cfg))
     _write(plan)
+    if plan.prepare is not None:
+        _write(plan.prepare)
     if clear_cancelled(plan.run_dir):
         print(f"note: {plan.run_dir} was cancelled; submitting it again clears the cancel")
     _queue_all(plan)
     print(f"  script: {plan.script_path}\n  status: hpcjobs status {plan.run_dir}")
+    if plan.kind == "prepare":
+        print(f"  store: {plan.params['store']}\n  then: hpcjobs submit CONFIG --after-prepare "
+              f"--run-dir {shlex.quote(plan.run_dir)}")
     if plan.s.signal_margin == "auto" and "signal_margin" in plan.params:
         print(f"  signal_margin auto: {plan.params['signal_margin']} s (--signal=B:USR1@{plan.params['signal_margin']})")
     if plan.kind == "train" and _finished(plan.run_dir):

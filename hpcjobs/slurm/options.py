@@ -43,7 +43,7 @@ _FLAG_DOC = {  # SlurmConfig field: (flag, when not --<field-with-dashes>; metav
     "slot_count": ("--count", "N", "at most N slots, all queued now (default: each slot submits the next until the run is done)"),
     "trials_per_node": ("--trials-per-node", "K", "--search: K search workers per array task, one GPU each"),
 }
-_CONFIG_ONLY = ("infer_partition", "infer_time")  # set in the config's slurm section only
+_CONFIG_ONLY = ("infer_partition", "infer_time", "prepare_partition", "prepare_time")  # set in the config's slurm section only
 
 
 def _margin(text: str):

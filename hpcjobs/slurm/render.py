@@ -27,7 +27,7 @@ _CHECKOUT_TEMPLATES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "slurm")
 TEMPLATE_DIR = _CHECKOUT_TEMPLATES if os.path.isfile(os.path.join(_CHECKOUT_TEMPLATES, "train.sbatch")) \
     else os.path.join(sys.prefix, "share", "hpcjobs", "slurm")
-TEMPLATES = ("train", "infer", "search", "trials")  # trials: workers of hpcjobs search
+TEMPLATES = ("train", "infer", "search", "trials", "prepare")  # trials: workers of hpcjobs search
 PARTIALS = ("job_body",)  # slurm/_<name>.sh, included by {{> name}}
 SRUN_WAIT = 120  # seconds the other tasks of a step may outlive the first one to end
 
@@ -36,12 +36,14 @@ _SLURM_PARAMS = ("partition", "account", "qos", "nodes", "ntasks_per_node", "gpu
                  "mem", "time", "job_name", "modules", "activate", "extra_sbatch", "max_requeues",
                  "signal_margin", "srun_args", "launcher", "mpirun_args", "array_parallel")
 _REQUIRED = {"train": ("python", "run_dir", "config"), "infer": ("python", "run_dir", "config"),
-             "search": ("python", "run_dir", "array"), "trials": ("python", "run_dir", "config", "array")}
+             "search": ("python", "run_dir", "array"), "trials": ("python", "run_dir", "config", "array"),
+             "prepare": ("python", "run_dir", "config", "store")}
 _ALLOWED = {
     "train": set(_SLURM_PARAMS) - {"array_parallel"} | {"python", "run_dir", "config", "on_stop"},
     "infer": set(_SLURM_PARAMS) - {"signal_margin"} | {"python", "run_dir", "config", "array", "merge"},
     "search": set(_SLURM_PARAMS) | {"python", "run_dir", "array", "tasks"},
     "trials": set(_SLURM_PARAMS) | {"python", "run_dir", "config", "array", "workers"},
+    "prepare": set(_SLURM_PARAMS) - {"array_parallel"} | {"python", "run_dir", "config", "store"},
 }
 # search: what each array task trains, as a printf pattern of its task id under RUN_DIR
 TASK_DIRS = {"trials": "trial-%03d", "folds": "folds/fold-%d"}
@@ -245,7 +247,8 @@ def render(template: str, **params) -> str:
     ``python`` (absolute path of the job's interpreter), ``run_dir`` (absolute), ``config``
     (train, infer: the resolved config the job reads), ``array`` (search, infer: number of
     tasks), ``on_stop`` (train: ``requeue``, or ``next-slot`` in a chain of time slots,
-    ``renew`` in a chain that submits its own next slot), ``merge`` (infer: join the shards' part files).  An unknown parameter is an error that
+    ``renew`` in a chain that submits its own next slot), ``merge`` (infer: join the shards' part files),
+    ``store`` (prepare: the store's absolute path).  An unknown parameter is an error that
     lists the valid ones; every value is validated and shell-quoted.
     """
     s = _slurm_config(template, params)
@@ -277,6 +280,8 @@ def render(template: str, **params) -> str:
     }
     if "config" in params and params["config"] is not None:
         values["config"] = shlex.quote(_path("config", params["config"]))
+    if params.get("store") is not None:  # prepare: the store it writes
+        values["store"] = shlex.quote(_path("store", params["store"]))
     return _fill(template, values)
 
 
@@ -371,6 +376,11 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
                       job_name=f"{s.job_name or cfg.name}-infer", config=config_path, max_requeues=s.max_requeues)
         if s.array:
             params.update(array=s.array, array_parallel=s.array_parallel)
+    elif kind == "prepare":  # one CPU task: the processes are its --cpus-per-task
+        params.update(partition=s.prepare_partition or s.partition, time=s.prepare_time or s.time,
+                      job_name=f"{s.job_name or cfg.name}-prepare", config=config_path, nodes=1, ntasks_per_node=1,
+                      gpus_per_node=0, max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir),
+                      store=store_path(cfg))
     elif kind == "search":
         params.update(max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir), array=len(trials(cfg, s)),
                       array_parallel=s.array_parallel)
@@ -378,6 +388,12 @@ def template_params(cfg: Config, s: SlurmConfig, kind: str, run_dir: str, config
         params.update(max_requeues=s.max_requeues, signal_margin=signal_margin(s, run_dir), config=config_path,
                       on_stop=("next-slot" if s.slot_count else "renew") if s.slot else "requeue")
     return params
+
+
+def store_path(cfg: Config) -> str:
+    """The store a prepare job writes and a training job after it reads: data.store, else
+    stores/<name>.h5, absolute (against the directory ``submit`` runs in)."""
+    return os.path.abspath(cfg.data.store or os.path.join("stores", f"{cfg.name}.h5"))
 
 
 def trials(cfg: Config, s: SlurmConfig) -> list[list[str]]:
