@@ -21,7 +21,7 @@ from ..errors import EX_USAGE, first_line
 from ..rundir import RunDir, atomic_write, cancelled, clear_cancelled, default_run_dir, refuse_overwriting
 from .jobs import _record, job_states
 from . import search_array
-from .render import TASK_DIRS, _error, _package, render, store_path, template_params, trials
+from .render import TASK_DIRS, _error, _package, render, template_params, trials
 from .options import FLAGS, slot_begins, slot_period, slurm_section
 from .search_array import SECTION
 
