@@ -436,7 +436,7 @@ def clear_cancelled(run_dir: str) -> bool:
     try:
         os.remove(os.path.join(run_dir, CANCELLED))
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no marker, or no run (what is wrong is said later)
         return False
 
 

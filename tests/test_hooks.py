@@ -7,7 +7,7 @@ import sys
 from hpcjobs import config
 from hpcjobs.train import Hook, train
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, REPO
 
 DET = ["training.deterministic=true", "checkpoint.async_write=false"]
 
@@ -74,7 +74,8 @@ def test_compiled_step_imports_alone_and_runs_without_data(tmp_path):
             "sums, flags = st.train_steps(iter(ds), tf.constant(3, tf.int64), tf.constant([1.0, 0.0]));"
             "print(sums.numpy()[2], flags.numpy()[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "HOME": str(tmp_path)})
+                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "HOME": str(tmp_path),
+                              "PYTHONPATH": REPO})  # this checkout, whichever one the install points at
     assert out.returncode == 0, out.stderr[-2000:]
     count, flag = map(float, out.stdout.split())
     assert count == 24.0 and flag == 1.0  # 3 steps of 8 examples; the flag summed over 1 worker
