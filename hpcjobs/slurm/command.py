@@ -260,6 +260,8 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         _print_dry_run(plan)
         return 0
+    for task_dir in ("", *plan.task_dirs):  # the run-dir rule first: its one line, before any check speaks
+        RunDir(os.path.join(plan.run_dir, task_dir)).check_usable()
     if plan.kind != "infer" and not getattr(args, "no_check", False):
         from ..doctor.command import submission_blocker
 
