@@ -24,6 +24,12 @@ from ..data.feed import measure_feed
 WARMUP_STEPS, TIMED_STEPS = 1, 5
 
 
+def wanted(setting, info) -> bool:
+    """``data.feed_check``: true always, false never, auto inside a Slurm job (``info``: the
+    session's ClusterInfo)."""
+    return setting is True or setting == "auto" and info.job_id is not None
+
+
 def advice(feed: str, staged: bool | None, cpus: int) -> str:
     """What to change when the feed is the bottleneck, by the feed in use: a disk feed reads
     every window from the store; a hybrid one a segment at a time (more of it in memory

@@ -131,11 +131,10 @@ def run_session(trainer, from_checkpoint: str | None = None) -> int:
                      class_names=[str(c) for c in trainer.data.class_names],
                      test_images=len(trainer.data.splits["test"]),
                      test_source=trainer.data.test_origin or "split from the source", **_stage_field(trainer),
-                     **({"code": trainer.code.entries} if getattr(trainer, "code", None) else {}))
+                     **({"code": trainer.code.entries} if trainer.code else {}))
         _announce(trainer, origin, loop.step)
-        check = cfg.data.feed_check
-        if (check is True or check == "auto" and trainer.info.job_id) and loop.step < trainer.total_steps:  # its own pipeline; the state put back
-            record.write(feed_check=feedcheck.feed_check(trainer))
+        if feedcheck.wanted(cfg.data.feed_check, trainer.info) and loop.step < trainer.total_steps:
+            record.write(feed_check=feedcheck.feed_check(trainer))  # its own pipeline; the state put back
         reason = loop.run()
         return _finish(trainer, loop, reason, record, spent)
     except BaseException as e:
