@@ -6,7 +6,6 @@ USR1, as from Slurm before a time limit, while a trial trains, and requeues itse
 trial must end exactly once, the killed and the stopped trials from their own
 checkpoints, with nothing left hanging.
 """
-import contextlib
 import glob
 import json
 import os
@@ -35,6 +34,7 @@ training:
   log_every_steps: 100000
 checkpoint:
   every_minutes: null
+  every_steps: 20
 search:
   method: random
   trials: 12
@@ -48,44 +48,51 @@ search:
 FINAL = ("finished", "pruned")
 
 
-def _kill_a_worker_mid_trial(run) -> str:
-    """SIGKILL the worker of a trial that has its first checkpoint and is still training."""
+def _checkpoint_step(trial) -> int | None:
+    """The step of a trial's latest checkpoint (``ckpt-<step>``), or None before its first."""
+    try:
+        with open(os.path.join(trial, "checkpoints", "checkpoint")) as f:
+            return int(f.readline().split('"')[1].rsplit("-", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _in_an_epoch(run, but=None):
+    """A trial, other than ``but``, in its first session, whose latest checkpoint is the one 20 steps
+    into an epoch (``checkpoint.every_steps: 20``): it trains the call after that checkpoint,
+    with 40 steps, four calls and two saves to go before the epoch ends and ASHA may prune
+    it.  So a kill or a stop sent now lands inside an epoch on a machine of any speed."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for trial in sorted(glob.glob(os.path.join(run, "trials", "*"))):
             st = status(trial)
-            if st.get("status") != "running" or len(st.get("sessions", [])) != 1 \
-                    or not os.path.exists(os.path.join(trial, "checkpoints", "checkpoint")):
+            if trial == but or st.get("status") != "running" or len(st["sessions"]) != 1 \
+                    or st["sessions"][0]["end"] is not None:
                 continue
-            try:
-                pid = int(open(os.path.join(trial, ".claim")).read().split()[1])
-                os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError, IndexError):
-                continue
-            return trial
-        time.sleep(0.1)
-    pytest.fail("no trial was ever running with a checkpoint")
+            step = _checkpoint_step(trial)
+            if step is not None and step % 60 == 20:
+                yield trial
+        time.sleep(0.05)
+    pytest.fail("no trial was ever 20 steps into an epoch")
+
+
+def _kill_a_worker_mid_trial(run) -> str:
+    """SIGKILL the worker of a trial in its first session, 20 steps into an epoch."""
+    for trial in _in_an_epoch(run):
+        try:
+            pid = int(open(os.path.join(trial, ".claim")).read().split()[1])
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+        return trial
 
 
 def _signal_the_array_mid_trial(run, job: str, killed: str) -> str:
     """USR1 to every task's batch shell (Slurm's warning before a time limit) while a trial
-    other than the killed one is in a session and has an epoch still to train (its first step
-    may still be ahead: a trial stopped while it builds stops at its start step)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        for trial in sorted(glob.glob(os.path.join(run, "trials", "*"))):
-            st = status(trial)
-            if trial == killed or st.get("status") != "running" or st["sessions"][-1]["end"] is not None:
-                continue
-            lines = 0
-            with contextlib.suppress(OSError), open(os.path.join(trial, "metrics.csv")) as f:
-                lines = len(f.read().strip().splitlines())
-            if lines > 1:  # a header and the first epoch's row: the last epoch may be ending
-                continue
-            subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
-            return trial
-        time.sleep(0.1)
-    pytest.fail("no other trial was ever running")
+    other than the killed one is 20 steps into an epoch: it stops inside that epoch."""
+    for trial in _in_an_epoch(run, but=killed):
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
+        return trial
 
 
 @pytest.mark.slurm
@@ -102,7 +109,7 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
     assert "#SBATCH --array=0-2\n" in script and "--workers 1)" in script
     job = [j for j in json.load(open(os.path.join(run, "slurm", "jobs.json")))][-1]["job_id"]
     killed = _kill_a_worker_mid_trial(run)
-    _signal_the_array_mid_trial(run, job, killed)
+    signalled = _signal_the_array_mid_trial(run, job, killed)
 
     def done():
         states = squeue_states(job)
@@ -130,6 +137,8 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
     stopped = [i for i, ss in sessions.items() if any(s["stopped_by"] in ("SIGUSR1", "SIGTERM", "time_budget")
                                                       for s in ss)]
     assert stopped and all(len(sessions[i]) >= 2 for i in stopped), sessions
+    first = status(signalled)["sessions"][0]  # stopped inside the epoch it was 20 steps into
+    assert first["stopped_by"] == "SIGUSR1" and first["end_step"] % 60 > 20, first
     assert "requeueing job" in text
     table = subprocess.run(["python", "-m", "hpcjobs", "status", run], capture_output=True, text=True).stdout
     assert "search fmnist-search: 12/12 trials" in table, table
