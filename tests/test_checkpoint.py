@@ -258,25 +258,26 @@ def _latest_named(ckpts) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async"])
-def test_sigkill_while_a_checkpoint_is_written(tmp_path, async_write):
-    """Kill -9 exactly while a checkpoint is being written: the moment its temporary
-    folder appears (data half-written), or the moment its index appears (files written,
-    not yet named latest).  Each restart resumes from the last complete checkpoint, and
-    the final weights equal the uninterrupted run's."""
-    items = [*DET, "model.width=256", "checkpoint.every_steps=2",  # 17 MB checkpoints
-             f"checkpoint.async_write={str(async_write).lower()}"]
+def test_sigkill_while_a_checkpoint_is_written(tmp_path):
+    """Kill -9 exactly while a checkpoint is being written, synchronously and asynchronously
+    (one run whose sessions change ``checkpoint.async_write``, a session key, in pairs): the
+    moment its temporary folder appears (data half-written), or the moment its index appears
+    (files written, not yet named latest).  Each restart resumes from the last complete
+    checkpoint, and the final weights equal the uninterrupted run's."""
+    # 17 MB checkpoints; 60 steps: the 12 kills' sessions go on 46 steps at most (2 x (skip + 1) each)
+    items = [*DET, "model.width=256", "checkpoint.every_steps=2", "training.epochs=5"]
     whole = tmp_path / "whole"
     assert train(whole, *items) == 0
     run = tmp_path / "killed"
     ckpts = run / "checkpoints"
     rng = random.Random(7)
-    kills = []  # (step being written, latest complete step) at each kill
-    for k in range(6):
+    kills = []  # (async, step being written, latest complete step) at each kill
+    for k in range(12):
         target = "_temp" if k % 2 == 0 else ".index"
+        async_write = (k // 2) % 2 == 1  # sync, sync, async, async, sync, ...: each mode both targets
         skip = rng.randint(0, 2)  # saves of this session allowed to complete first
         seen = set(os.listdir(ckpts)) if ckpts.exists() else set()
-        p = _spawn(run, *items)
+        p = _spawn(run, *items, f"checkpoint.async_write={str(async_write).lower()}")
         t0 = time.time()
         while p.poll() is None and time.time() - t0 < 120:
             names = set(os.listdir(ckpts)) if ckpts.exists() else set()
@@ -285,23 +286,25 @@ def test_sigkill_while_a_checkpoint_is_written(tmp_path, async_write):
             if fresh and skip <= 0:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
-                kills.append((int(fresh[0][5:].split("_")[0].split(".")[0]), _latest_named(ckpts)))
+                kills.append((async_write, int(fresh[0][5:].split("_")[0].split(".")[0]), _latest_named(ckpts)))
                 break
             skip -= len(fresh)
             time.sleep(0.0005)
         else:
             out, _ = p.communicate(timeout=120)
             raise AssertionError(f"no kill in session {k} (exit {p.returncode}):\n{out}")
-    mid_write = [(w, latest) for w, latest in kills if w > latest]
-    assert len(mid_write) >= 4, kills  # the checkpoint being written was not yet the latest
+    for mode in (False, True):  # the checkpoint being written was not yet the latest
+        mid_write = [(w, latest) for a, w, latest in kills if a == mode and w > latest]
+        assert len(mid_write) >= 4, (mode, kills)
     assert train(run, *items) == 0
     st = status(run)
     starts = [s["start_step"] for s in st["sessions"]]
-    assert starts[1:] == [latest for _, latest in kills], (starts, kills)  # the last complete one
+    assert starts[1:] == [latest for _, _, latest in kills], (starts, kills)  # the last complete one
     assert not [n for n in os.listdir(ckpts) if n.endswith("_temp") or n.startswith("checkpoint.tmp")]
     assert st["weights_sha256"] == status(whole)["weights_sha256"]
     assert metrics_without_seconds(run) == metrics_without_seconds(whole)
-    print(f"kills while a checkpoint was written: {len(mid_write)} of {len(kills)}: {kills}")
+    print(f"kills while a checkpoint was written: {sum(w > latest for _, w, latest in kills)} of {len(kills)}: "
+          f"{kills}")
 
 
 def test_failed_session_keeps_the_earlier_sessions(tmp_path):
