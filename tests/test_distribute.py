@@ -23,6 +23,11 @@ SAME = ["training.deterministic=true", "training.epochs=2", "training.steps_per_
         "data.augment.flip_horizontal=true", "data.augment.rotation=8"]
 
 
+# holds the process that is to be stopped by a signal until the signal has come (hold_for_signal.py)
+HOLD = [f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"]
+STOP_AT = {"HPCJOBS_TEST_HOLD_AT": "20"}  # after the call that reaches step 20: inside epoch 2 of 6
+
+
 def sets(items):
     return sum((["--set", s] for s in items), [])
 
@@ -137,8 +142,8 @@ def test_multiworker_two_processes(tmp_path, single):
 
 @pytest.mark.multiprocess
 def test_multiworker_stop_and_resume_is_exact(tmp_path):
-    items = SAME + ["distribute.strategy=multiworker", "training.epochs=25", "model.dropout=0.3",
-                    "checkpoint.every_steps=7"]  # periodic (asynchronous) saves by both workers
+    items = SAME + ["distribute.strategy=multiworker", "training.epochs=6", "model.dropout=0.3",
+                    "checkpoint.every_steps=7", *HOLD]  # periodic (asynchronous) saves by both workers
     whole = tmp_path / "whole"
     envs = tf_config_env(2)
     (c0, o0), (c1, o1) = finish([launch(whole, items, env=e) for e in envs])
@@ -146,6 +151,7 @@ def test_multiworker_stop_and_resume_is_exact(tmp_path):
     want = digest(o0)
     run = tmp_path / "parts"
     envs = tf_config_env(2)
+    envs[1].update(STOP_AT)  # the non-chief waits at step 20 for its signal; the chief waits for it
     procs = [launch(run, items, env=e) for e in envs]
     t = time.time()
     while not (run / "metrics.csv").exists() and time.time() - t < 120:
@@ -155,21 +161,21 @@ def test_multiworker_stop_and_resume_is_exact(tmp_path):
     assert (c0, c1) == (75, 75), (o0[-2000:], o1[-2000:])
     assert digest(o0) == digest(o1)
     st = json.loads((run / "run.json").read_text())
-    assert st["status"] == "stopped" and 0 < st["step"] < st["total_steps"]
+    assert st["status"] == "stopped" and 15 <= st["step"] <= 40, st  # within a call or two of step 20
     (c0, o0), (c1, o1) = finish([launch(run, items, env=e) for e in tf_config_env(2)])
     assert (c0, c1) == (0, 0), o0[-2000:]
     assert digest(o0) == digest(o1) == want
 
 
-def mpirun(run, items, n=2):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def mpirun(run, items, n=2, env_extra=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
     env.pop("TF_CONFIG", None)
     # output to a file, not a pipe: nobody reads a pipe while the test waits, and a full
     # pipe would block the ranks' progress output
     log = open(f"{run}.mpirun.log", "a+")
-    p = subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n),
-                          "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable, "-m", "hpcjobs", "train", QUICKSTART,
-                          "--run-dir", str(run), *sets(items)], stdout=log, stderr=subprocess.STDOUT,
+    exports = [a for k in ["TF_CPP_MIN_LOG_LEVEL", *(env_extra or {})] for a in ("-x", k)]
+    p = subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n), *exports,
+                          sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run), *sets(items)], stdout=log, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     p.log = log
     return p
@@ -205,20 +211,20 @@ def test_horovod_two_ranks_match_single_process(tmp_path, single):
 @pytest.mark.multiprocess
 def test_horovod_stop_and_resume_is_exact(tmp_path):
     need_horovod()
-    items = SAME + ["distribute.strategy=horovod", "training.epochs=25", "model.dropout=0.3",
-                    "checkpoint.every_steps=7"]
+    items = SAME + ["distribute.strategy=horovod", "training.epochs=6", "model.dropout=0.3",
+                    "checkpoint.every_steps=7", *HOLD]
     code, out = finish_mpirun(mpirun(tmp_path / "whole", items))
     assert code == 0, out[-2000:]
     want = digests(out)["0"]
     run = tmp_path / "parts"
-    p = mpirun(run, items)
+    p = mpirun(run, items, env_extra=STOP_AT)  # both ranks wait at step 20 for their signal
     t = time.time()
     while not (run / "metrics.csv").exists() and time.time() - t < 120:
         time.sleep(0.1)
     p.send_signal(signal.SIGUSR1)  # mpirun forwards it to the ranks
     code, out = finish_mpirun(p)
     st = json.loads((run / "run.json").read_text())
-    assert st["status"] == "stopped" and 0 < st["step"] < st["total_steps"], out[-2000:]
+    assert st["status"] == "stopped" and 15 <= st["step"] <= 40, out[-2000:]  # within a call or two of step 20
     code, out = finish_mpirun(mpirun(run, items))
     assert code == 0, out[-2000:]
     d = digests(out)
