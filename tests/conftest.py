@@ -22,6 +22,17 @@ def quickstart():
     return QUICKSTART
 
 
+def latest_checkpoint_step(checkpoints) -> int | None:
+    """The step of the checkpoint a run's state file (``checkpoints/checkpoint``, replaced
+    by a rename, so whole or absent) names as latest, ``ckpt-<step>``; None before the first."""
+    try:
+        with open(os.path.join(checkpoints, "checkpoint")) as f:
+            first = f.readline()  # model_checkpoint_path: "ckpt-N"
+    except FileNotFoundError:
+        return None
+    return int(first.split('"')[1].rsplit("-", 1)[1])
+
+
 def need_fashion_mnist():
     if not os.path.isdir(FASHION):
         if os.environ.get("CI"):

@@ -16,7 +16,7 @@ from hpcjobs.data import prepare_store
 from hpcjobs import config
 from hpcjobs.train import train as train_api
 
-from conftest import QUICKSTART, REPO
+from conftest import QUICKSTART, REPO, latest_checkpoint_step
 from stops import measured_budget, train_in_sessions
 
 # Deterministic, with Dropout (simple_cnn) and random augmentation on.
@@ -248,15 +248,6 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
     print(f"SIGKILLs: {kills}, sessions: {len(st['sessions'])}")
 
 
-def _latest_named(ckpts) -> int:
-    """The step of the checkpoint the state file names as latest (0: none)."""
-    state = ckpts / "checkpoint"
-    if not state.exists():
-        return 0
-    first = state.read_text().splitlines()[0]  # model_checkpoint_path: "ckpt-N"
-    return int(first.split('"')[1].split("-")[1])
-
-
 @pytest.mark.slow
 def test_sigkill_while_a_checkpoint_is_written(tmp_path):
     """Kill -9 exactly while a checkpoint is being written, synchronously and asynchronously
@@ -286,7 +277,8 @@ def test_sigkill_while_a_checkpoint_is_written(tmp_path):
             if fresh and skip <= 0:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
-                kills.append((async_write, int(fresh[0][5:].split("_")[0].split(".")[0]), _latest_named(ckpts)))
+                writing = int(fresh[0][5:].split("_")[0].split(".")[0])
+                kills.append((async_write, writing, latest_checkpoint_step(ckpts) or 0))
                 break
             skip -= len(fresh)
             time.sleep(0.0005)

@@ -175,7 +175,8 @@ def mpirun(run, items, n=2, env_extra=None):
     log = open(f"{run}.mpirun.log", "a+")
     exports = [a for k in ["TF_CPP_MIN_LOG_LEVEL", *(env_extra or {})] for a in ("-x", k)]
     p = subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n), *exports,
-                          sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run), *sets(items)], stdout=log, stderr=subprocess.STDOUT,
+                          sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run), *sets(items)],
+                         stdout=log, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     p.log = log
     return p

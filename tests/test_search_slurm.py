@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import FASHION, need_fashion_mnist
+from conftest import FASHION, latest_checkpoint_step, need_fashion_mnist
 from hpcjobs import cli
 from slurm_cluster import TERMINAL, logs, squeue_states, status, wait_for
 
@@ -48,15 +48,6 @@ search:
 FINAL = ("finished", "pruned")
 
 
-def _checkpoint_step(trial) -> int | None:
-    """The step of a trial's latest checkpoint (``ckpt-<step>``), or None before its first."""
-    try:
-        with open(os.path.join(trial, "checkpoints", "checkpoint")) as f:
-            return int(f.readline().split('"')[1].rsplit("-", 1)[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _in_an_epoch(run, but=None):
     """A trial, other than ``but``, in its first session, whose latest checkpoint is the one 20 steps
     into an epoch (``checkpoint.every_steps: 20``): it trains the call after that checkpoint,
@@ -69,7 +60,7 @@ def _in_an_epoch(run, but=None):
             if trial == but or st.get("status") != "running" or len(st["sessions"]) != 1 \
                     or st["sessions"][0]["end"] is not None:
                 continue
-            step = _checkpoint_step(trial)
+            step = latest_checkpoint_step(os.path.join(trial, "checkpoints"))
             if step is not None and step % 60 == 20:
                 yield trial
         time.sleep(0.05)
