@@ -116,3 +116,26 @@ def pytest_collection_modifyitems(items):
         return FIRST.index(name) if name in FIRST else len(FIRST)
 
     items.sort(key=rank)  # stable: the order inside a module stays
+
+
+# --------------------------------------------------------------------------- where the time goes
+# HPCJOBS_TEST_CPU_LOG=FILE: one line per test (worker, wall s, CPU s of this process and of the
+# subprocesses it waited for, node id), setup and teardown included, so a module fixture's
+# training counts in its first test. Slurm jobs' CPU is not in it (slurmd's children).
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item):
+    log = os.environ.get("HPCJOBS_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import resource
+
+    def cpu():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    t0, c0 = time.monotonic(), cpu()
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(log, "a") as f:
+        f.write(f"{worker}\t{time.monotonic() - t0:.1f}\t{cpu() - c0:.1f}\t{item.nodeid}\n")

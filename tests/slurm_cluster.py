@@ -10,7 +10,6 @@ import fcntl
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -104,18 +103,17 @@ def last_job(run) -> str:
     return slurm.read_jobs(str(run))[-1]["job_id"]
 
 
-def epoch_lines(run) -> int:
-    return len(re.findall(r"^epoch \d+/\d+ step \d+ ", logs(run), re.M))
-
-
 def stop_twice_by_signal(run, job: str):
-    """Cut a job's training into three sessions: each time the log shows an epoch more than
-    at the last stop, USR1 to the batch shell (what Slurm sends before a time limit), then
-    wait for the job to requeue itself. No bet on the machine's speed: every session has
-    trained an epoch before it is stopped, and the last one runs to the end."""
+    """Cut a job's training into three sessions.  Its config holds each of the first two
+    sessions after a set step until a stop signal comes (tests/hold_for_signal.py, with
+    HPCJOBS_TEST_HOLD_AT="a,b" in the job's environment); each time the log says a session
+    holds, USR1 to the batch shell (what Slurm sends before a time limit), then wait for the
+    job to requeue itself.  No bet on the machine's speed: every session trains to its step
+    and waits there for the signal, and the last one runs to the end."""
     for k in range(2):
-        seen = epoch_lines(run)
-        wait_for(lambda: epoch_lines(run) > seen or job_done(job), 600, f"an epoch of session {k + 1}", job, run)
+        seen = logs(run).count("holding at step")
+        wait_for(lambda: logs(run).count("holding at step") > seen or job_done(job), 600,
+                 f"session {k + 1} to hold for its signal", job, run)
         assert not job_done(job), logs(run)[-4000:]
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
         wait_for(lambda: logs(run).count("requeueing job") > k or job_done(job), 300,

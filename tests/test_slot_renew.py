@@ -1,8 +1,9 @@
 """A chain of time slots that renews itself (issue 27 item 2), and ``hpcjobs cancel`` on a
 running chain (item 3): on the real local Slurm cluster, compressed to one-minute slots.
 
-Each slot's stop is caused by the test (USR1 to the batch shell once the slot's log shows an
-epoch of its own), never by betting on the machine's speed; only the last slot is left to end."""
+Each slot's stop is caused by the test (USR1 to the batch shell once the slot's training holds
+at its step for a stop signal: tests/hold_for_signal.py), never by betting on the machine's
+speed; only the last slot is left to end."""
 from __future__ import annotations
 
 import datetime as dt
@@ -17,12 +18,13 @@ import pytest
 
 from hpcjobs import cli, slurm
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, REPO
 from slurm_cluster import job_done, squeue_states, status, wait_for
 
-# 12 short epochs: a slot stopped a moment after its first epoch has not finished them all (a stop
-# comes within an epoch or two of the signal), and what is left is little enough for one slot of a minute
-SETS = ["training.epochs=12", "checkpoint.every_minutes=null", "training.log_every_steps=100000"]
+# the first slots' sessions hold after the calls reaching steps 15, 35 and 55 (HPCJOBS_TEST_HOLD_AT, set
+# by each test) until their stop signal; 4 epochs (180 steps) leave the last slot little to do
+HOLD = f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"
+SETS = ["training.epochs=4", "checkpoint.every_minutes=null", "training.log_every_steps=100000", HOLD]
 SET_ARGS = [a for s in SETS for a in ("--set", s)]
 
 
@@ -43,16 +45,16 @@ def _log(run, job: str) -> str:
     return path.read_text(errors="replace") if path else ""
 
 
-def _epochs(run, job: str) -> int:
-    return len(re.findall(r"^epoch \d+/\d+ step \d+ ", _log(run, job), re.M))
+def _holds(run, job: str) -> bool:
+    return "holding at step" in _log(run, job)
 
 
 def _all_logs(run) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((run / "slurm").glob("*.out")))
 
 
-def _stop_after_an_epoch(run, job: str, what: str):
-    wait_for(lambda: _epochs(run, job) > 0 or job_done(job), 240, f"an epoch of {what}", job, run)
+def _stop_while_it_holds(run, job: str, what: str):
+    wait_for(lambda: _holds(run, job) or job_done(job), 240, f"{what} to hold for its signal", job, run)
     assert not job_done(job), _all_logs(run)[-4000:]
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
 
@@ -171,8 +173,9 @@ def test_dry_run_shows_one_slot_that_renews_itself_or_a_fixed_count(tmp_path, ca
 
 
 @pytest.mark.slurm
-def test_a_run_that_needs_four_slots_ends_with_exactly_four_jobs(on_cluster, tmp_path):
+def test_a_run_that_needs_four_slots_ends_with_exactly_four_jobs(on_cluster, tmp_path, monkeypatch):
     run = tmp_path / "chain"
+    monkeypatch.setenv("HPCJOBS_TEST_HOLD_AT", "15,35,55")
     assert submit([QUICKSTART, "--run-dir", str(run), "--slot", "00:01:00", "--every", "00:01:00",
                    "--at", _soon(), "--signal-margin", "5", *SET_ARGS]) == 0
     assert len(_jobs(run)) == 1  # the first slot only: the chain renews itself
@@ -180,7 +183,7 @@ def test_a_run_that_needs_four_slots_ends_with_exactly_four_jobs(on_cluster, tmp
         for k in range(3):
             wait_for(lambda: len(_jobs(run)) > k, 10, f"slot {k + 1} in jobs.json", None, run)
             job = _jobs(run)[k]
-            _stop_after_an_epoch(run, job, f"slot {k + 1}")
+            _stop_while_it_holds(run, job, f"slot {k + 1}")
             wait_for(lambda: job_done(job), 180, f"slot {k + 1} to end", job, run)
             wait_for(lambda: len(_jobs(run)) > k + 1, 10, f"slot {k + 1} to submit slot {k + 2}", job, run)
         last = _jobs(run)[3]
@@ -227,15 +230,15 @@ def test_a_failed_slot_does_not_renew_and_says_so(on_cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_cancel_stops_a_running_chain_with_a_checkpoint_and_train_resumes_it(on_cluster, tmp_path, capsys):
-    import sys
-
+def test_cancel_stops_a_running_chain_with_a_checkpoint_and_train_resumes_it(on_cluster, tmp_path, capsys,
+                                                                             monkeypatch):
     run = tmp_path / "cancelled"
+    monkeypatch.setenv("HPCJOBS_TEST_HOLD_AT", "15")
     assert submit([QUICKSTART, "--run-dir", str(run), "--slot", "00:01:00", "--every", "00:01:00",
                    "--at", _soon(), "--signal-margin", "5", *SET_ARGS]) == 0
     job = _jobs(run)[0]
     try:
-        wait_for(lambda: _epochs(run, job) > 0 or job_done(job), 240, "an epoch of the first slot", job, run)
+        wait_for(lambda: _holds(run, job) or job_done(job), 240, "the first slot to hold for its signal", job, run)
         assert not job_done(job)
         capsys.readouterr()
         assert cli.main(["cancel", str(run)]) == 0
@@ -250,13 +253,13 @@ def test_cancel_stops_a_running_chain_with_a_checkpoint_and_train_resumes_it(on_
         st = status(run)
         assert st["status"] == "stopped" and st["sessions"][-1]["stopped_by"] == "SIGUSR1", st
         stopped_at = st["step"]
-        assert 0 < stopped_at < st["total_steps"]
+        assert 15 <= stopped_at < st["total_steps"]
         assert cli.main(["runs", str(tmp_path)]) == 0
         assert "stopped (cancelled)" in capsys.readouterr().out
     finally:
         subprocess.run(["scancel", *_jobs(run)], capture_output=True)
     # trained again by hand: the cancel is cleared and the run resumes from its checkpoint
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCJOBS_TEST_HOLD_AT"))}
     p = subprocess.run([sys.executable, "-m", "hpcjobs", "train", str(run / "config.yaml"), "--run-dir", str(run)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -15,8 +15,14 @@ import pytest
 
 from hpcjobs import cli, config, slurm
 
-from conftest import QUICKSTART, need_horovod
+from conftest import QUICKSTART, REPO, need_horovod
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, stop_twice_by_signal, wait_for
+
+
+# the first two sessions of a requeued job hold after the calls reaching steps 15 and 35 until
+# their stop signal (tests/hold_for_signal.py); the uninterrupted reference trains straight through
+HOLD = [f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"]
+STOPS = ("HPCJOBS_TEST_HOLD_AT", "15,35")
 
 
 def submit(argv: list[str]) -> int:
@@ -42,20 +48,22 @@ def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_pa
 
 @pytest.mark.slurm
 @pytest.mark.horovod
-def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weights(on_cluster, tmp_path):
+def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weights(on_cluster, tmp_path,
+                                                                                     monkeypatch):
     # Open MPI's mpirun inside a 2-node allocation (its daemons started through Slurm, no PMI);
     # USR1 to the batch shell stops the ranks with a checkpoint, twice, and the job requeues itself
     need_horovod()
-    sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=12",
-            "checkpoint.every_minutes=null", "training.log_every_steps=100000"]
+    sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=4",
+            "checkpoint.every_minutes=null", "training.log_every_steps=100000", *HOLD]
     set_args = [a for s in sets for a in ("--set", s)]
     run = tmp_path / "hvd"
+    monkeypatch.setenv(*STOPS)  # the job's environment (sbatch --export=ALL), not the reference's
     assert submit([QUICKSTART, "--run-dir", str(run), "--nodes", "2", "--launcher", "mpirun", "--time", "20",
                    "--max-requeues", "10", *set_args]) == 0
     job = last_job(run)
     # the reference: the same training by mpirun on this one host, outside Slurm, uninterrupted
     reference = tmp_path / "reference"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != STOPS[0]}
     ref = subprocess.Popen(["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2",
                             sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
                             *set_args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -68,7 +76,7 @@ def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weig
     assert "\x1b" not in text  # mpirun hands the ranks a pty, but the log is a file: lines, no progress bar
     sessions = st["sessions"]
     assert [s["stopped_by"] for s in sessions] == ["SIGUSR1", "SIGUSR1", "finished"], sessions
-    assert 0 < sessions[1]["start_step"] < sessions[2]["start_step"] < st["total_steps"], sessions
+    assert 15 <= sessions[1]["start_step"] < 35 <= sessions[2]["start_step"] < st["total_steps"], sessions
     # the last step's weights on each rank (a progress line may run into the line: no \n)
     ranks = re.findall(rf"worker (\d)/2 step {st['total_steps']} weights sha256 (\w+) on (\S+)", text)
     assert sorted(ranks) == [("0", st["weights_sha256"], "node1"), ("1", st["weights_sha256"], "node2")], ranks
@@ -79,16 +87,18 @@ def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weig
 
 
 @pytest.mark.slurm
-def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(on_cluster, tmp_path):
-    # two stops by USR1 to the batch shell, each after an epoch of its session: three sessions
-    sets = ["training.epochs=12", "training.deterministic=true", "checkpoint.every_minutes=null",
-            "training.log_every_steps=100000"]
+def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(on_cluster, tmp_path,
+                                                                                   monkeypatch):
+    # two stops by USR1 to the batch shell, each while its session holds at a step: three sessions
+    sets = ["training.epochs=4", "training.deterministic=true", "checkpoint.every_minutes=null",
+            "training.log_every_steps=100000", *HOLD]
     set_args = [a for s in sets for a in ("--set", s)]
     reference = tmp_path / "reference"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != STOPS[0]}
     ref = subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
                             *set_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "requeue"
+    monkeypatch.setenv(*STOPS)
     assert submit([QUICKSTART, "--run-dir", str(run), "--time", "20", "--max-requeues", "20", *set_args]) == 0
     job = last_job(run)
     stop_twice_by_signal(run, job)
@@ -98,7 +108,7 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     assert st.get("status") == "finished", text[-4000:]
     sessions = st["sessions"]
     assert [s["stopped_by"] for s in sessions] == ["SIGUSR1", "SIGUSR1", "finished"], sessions
-    assert 0 < sessions[1]["start_step"] < sessions[2]["start_step"] < st["total_steps"], sessions
+    assert 15 <= sessions[1]["start_step"] < 35 <= sessions[2]["start_step"] < st["total_steps"], sessions
     assert all(a["end_step"] == b["start_step"] for a, b in zip(sessions, sessions[1:])), sessions
     assert text.count("requeueing job") == 2 and "restart 2," in text
     assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
