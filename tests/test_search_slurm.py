@@ -1,6 +1,6 @@
 """hpcjobs submit --search on the local Slurm cluster: a search that survives kills and time limits.
 
-A 12-trial random search on Fashion-MNIST (two short epochs per trial) as a 3-task job
+A 6-trial random search on Fashion-MNIST (two short epochs per trial) as a 3-task job
 array.  One task's worker is SIGKILLed in the middle of a trial; then every task gets
 USR1, as from Slurm before a time limit, while a trial trains, and requeues itself.  Every
 trial must end exactly once, the killed and the stopped trials from their own
@@ -37,7 +37,7 @@ checkpoint:
   every_steps: 20
 search:
   method: random
-  trials: 12
+  trials: 6
   epochs: 2
   seed: 3
   space:
@@ -111,9 +111,9 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
     assert sorted(states).count("COMPLETED") >= 2, (states, text[-4000:])
     with open(os.path.join(run, "search", "results.csv")) as f:
         rows = list(__import__("csv").DictReader(f))
-    assert len(rows) == 12 and {r["status"] for r in rows} <= {"complete", "pruned"}, rows
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"complete", "pruned"}, rows
     sessions = {}
-    for i in range(12):
+    for i in range(6):
         st = status(os.path.join(run, "trials", f"{i:03d}"))
         assert st["status"] == "finished", (i, st)
         ends = [s["stopped_by"] for s in st["sessions"]]
@@ -132,4 +132,4 @@ def test_a_search_array_survives_a_sigkill_and_time_limits(on_cluster, tmp_path)
     assert first["stopped_by"] == "SIGUSR1" and first["end_step"] % 60 > 20, first
     assert "requeueing job" in text
     table = subprocess.run(["python", "-m", "hpcjobs", "status", run], capture_output=True, text=True).stdout
-    assert "search fmnist-search: 12/12 trials" in table, table
+    assert "search fmnist-search: 6/6 trials" in table, table

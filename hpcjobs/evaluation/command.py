@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..rundir import check_output_folder, os_reason
+from ..rundir import check_output_folder, check_regular, os_reason
 
 
 class EvaluateError(UserError, ValueError):
@@ -165,6 +165,8 @@ def _run_loss(args, folder: str, num_classes: int):
 
 
 def cmd_evaluate(args) -> int:
+    if args.data is not None and os.path.exists(args.data) and not os.path.isdir(args.data):
+        check_regular(args.data, "--data file")  # a FIFO or a device: refused before TensorFlow loads the model
     from . import metrics
     from ..export.formats import open_runner
 
