@@ -15,6 +15,10 @@ import submitit  # noqa: E402,F401
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 FASHION = "/usr/share/datasets/fashion-mnist"
+# tests/hold_for_signal.py as a config's user hook: with HOLD_AT="a,b,..." in a training process's
+# environment, each session holds at its next listed step until a stop signal has come
+HOLD_HOOK = f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"
+HOLD_AT = "HPCJOBS_TEST_HOLD_AT"
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from hpcjobs.cluster import info as cluster
 from hpcjobs.cluster.info import ClusterError
 
-from conftest import QUICKSTART, REPO, need_horovod
+from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART, REPO, need_horovod
 
 # dropout off: with dropout, replicas draw their masks per replica, so curves differ by design
 SAME = ["training.deterministic=true", "training.epochs=2", "training.steps_per_epoch=15",
@@ -24,8 +24,8 @@ SAME = ["training.deterministic=true", "training.epochs=2", "training.steps_per_
 
 
 # holds the process that is to be stopped by a signal until the signal has come (hold_for_signal.py)
-HOLD = [f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"]
-STOP_AT = {"HPCJOBS_TEST_HOLD_AT": "20"}  # after the call that reaches step 20: inside epoch 2 of 6
+HOLD = [HOLD_HOOK]
+STOP_AT = {HOLD_AT: "20"}  # after the call that reaches step 20: inside epoch 2 of 6
 
 
 def sets(items):

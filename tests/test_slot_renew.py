@@ -18,13 +18,12 @@ import pytest
 
 from hpcjobs import cli, slurm
 
-from conftest import QUICKSTART, REPO
+from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART
 from slurm_cluster import job_done, squeue_states, status, wait_for
 
-# the first slots' sessions hold after the calls reaching steps 15, 35 and 55 (HPCJOBS_TEST_HOLD_AT, set
-# by each test) until their stop signal; 4 epochs (180 steps) leave the last slot little to do
-HOLD = f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"
-SETS = ["training.epochs=4", "checkpoint.every_minutes=null", "training.log_every_steps=100000", HOLD]
+# the first slots' sessions hold after the calls reaching steps 15, 35 and 55 (HOLD_AT, set by each
+# test) until their stop signal; 4 epochs (180 steps) leave the last slot little to do
+SETS = ["training.epochs=4", "checkpoint.every_minutes=null", "training.log_every_steps=100000", HOLD_HOOK]
 SET_ARGS = [a for s in SETS for a in ("--set", s)]
 
 
@@ -175,7 +174,7 @@ def test_dry_run_shows_one_slot_that_renews_itself_or_a_fixed_count(tmp_path, ca
 @pytest.mark.slurm
 def test_a_run_that_needs_four_slots_ends_with_exactly_four_jobs(on_cluster, tmp_path, monkeypatch):
     run = tmp_path / "chain"
-    monkeypatch.setenv("HPCJOBS_TEST_HOLD_AT", "15,35,55")
+    monkeypatch.setenv(HOLD_AT, "15,35,55")
     assert submit([QUICKSTART, "--run-dir", str(run), "--slot", "00:01:00", "--every", "00:01:00",
                    "--at", _soon(), "--signal-margin", "5", *SET_ARGS]) == 0
     assert len(_jobs(run)) == 1  # the first slot only: the chain renews itself
@@ -233,7 +232,7 @@ def test_a_failed_slot_does_not_renew_and_says_so(on_cluster, tmp_path):
 def test_cancel_stops_a_running_chain_with_a_checkpoint_and_train_resumes_it(on_cluster, tmp_path, capsys,
                                                                              monkeypatch):
     run = tmp_path / "cancelled"
-    monkeypatch.setenv("HPCJOBS_TEST_HOLD_AT", "15")
+    monkeypatch.setenv(HOLD_AT, "15")
     assert submit([QUICKSTART, "--run-dir", str(run), "--slot", "00:01:00", "--every", "00:01:00",
                    "--at", _soon(), "--signal-margin", "5", *SET_ARGS]) == 0
     job = _jobs(run)[0]
@@ -259,7 +258,7 @@ def test_cancel_stops_a_running_chain_with_a_checkpoint_and_train_resumes_it(on_
     finally:
         subprocess.run(["scancel", *_jobs(run)], capture_output=True)
     # trained again by hand: the cancel is cleared and the run resumes from its checkpoint
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCJOBS_TEST_HOLD_AT"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != HOLD_AT}
     p = subprocess.run([sys.executable, "-m", "hpcjobs", "train", str(run / "config.yaml"), "--run-dir", str(run)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -15,14 +15,14 @@ import pytest
 
 from hpcjobs import cli, config, slurm
 
-from conftest import QUICKSTART, REPO, need_horovod
+from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART, need_horovod
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, stop_twice_by_signal, wait_for
 
 
 # the first two sessions of a requeued job hold after the calls reaching steps 15 and 35 until
 # their stop signal (tests/hold_for_signal.py); the uninterrupted reference trains straight through
-HOLD = [f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"]
-STOPS = ("HPCJOBS_TEST_HOLD_AT", "15,35")
+HOLD = [HOLD_HOOK]
+STOPS = (HOLD_AT, "15,35")
 
 
 def submit(argv: list[str]) -> int:
