@@ -46,9 +46,13 @@ def runs(tmp_path_factory):
 def test_smoothing_and_focal_reach_crossentropys_accuracy(runs):
     base = status(runs["crossentropy"])["test_accuracy"]
     assert base > 0.8  # the runs learn at all: the comparison below means something
+    # 539 test images at about 98 %: one seed's accuracy is within about 0.006 (a standard error) of
+    # the loss's own, so two runs differ by up to about 0.017 (2 standard errors of a difference)
+    # with nothing wrong; a loss that trains worse falls further. (Focal: 0.9759 against 0.9907 on
+    # a CPU with AVX-512 and AMX, within 0.01 of crossentropy on the CPU before it.)
     for name in ("smoothing", "focal"):
         acc = status(runs[name])["test_accuracy"]
-        assert acc >= base - 0.01, (name, acc, base)
+        assert acc >= base - 0.02, (name, acc, base)
 
 
 def test_each_loss_is_its_runs_loss_and_val_loss(runs):

@@ -1,7 +1,7 @@
 """hpcjobs submit --search on the local Slurm cluster: a search that survives kills and time limits.
 
 A 6-trial random search on Fashion-MNIST (two short epochs per trial) as a 3-task job
-array.  One task's worker is SIGKILLed in the middle of a trial; then every task gets
+array.  One task's worker is SIGKILLed in the middle of a trial; then every running task gets
 USR1, as from Slurm before a time limit, while a trial trains, and requeues itself.  Every
 trial must end exactly once, the killed and the stopped trials from their own
 checkpoints, with nothing left hanging.
@@ -79,10 +79,16 @@ def _kill_a_worker_mid_trial(run) -> str:
 
 
 def _signal_the_array_mid_trial(run, job: str, killed: str) -> str:
-    """USR1 to every task's batch shell (Slurm's warning before a time limit) while a trial
-    other than the killed one is 20 steps into an epoch: it stops inside that epoch."""
+    """USR1 to every running task's batch shell (Slurm's warning before a time limit) while a
+    trial other than the killed one is 20 steps into an epoch: it stops inside that epoch.
+    Task by task: the killed worker's task may be pending its requeue just then, and a
+    signal to the whole array fails on a task that is not running."""
     for trial in _in_an_epoch(run, but=killed):
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
+        tasks = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-j", job, "-o", "%i"], capture_output=True,
+                               text=True, check=True).stdout.split()
+        sent = [subprocess.run(["scancel", "--batch", "--signal=USR1", t], capture_output=True, text=True)
+                for t in tasks]
+        assert any(p.returncode == 0 for p in sent), [(p.args, p.returncode, p.stderr) for p in sent]
         return trial
 
 
