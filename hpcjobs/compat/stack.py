@@ -10,6 +10,7 @@ Checked with TF 2.21.0 + Keras 3.15.1 and TF 2.14.1 + Keras 2.14.0 (tensorflow-c
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import platform
 import sys
@@ -51,14 +52,22 @@ def packages() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def current() -> dict:
-    """This process's stack record (imports TensorFlow and Keras)."""
+@functools.lru_cache(maxsize=1)
+def _current() -> dict:
     import keras
     import tensorflow as tf
 
     return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
             "tensorflow": tf.__version__, "keras": str(keras.__version__), **build_info(),
             "horovod": horovod_version(), "packages": packages()}
+
+
+def current() -> dict:
+    """This process's stack record (imports TensorFlow and Keras). Read once per process (the
+    installed packages' metadata take 0.2 s to read: a search or a test suite trains many runs
+    in one process, whose TensorFlow and Keras do not change); a copy each time."""
+    record = _current()
+    return dict(record, packages=dict(record["packages"]))
 
 
 def keras_major_of(record: dict | None) -> int:
