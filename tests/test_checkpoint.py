@@ -20,7 +20,7 @@ from conftest import QUICKSTART, REPO, latest_checkpoint_step
 from stops import measured_budget, train_in_sessions
 
 # Deterministic, with Dropout (simple_cnn) and random augmentation on.
-DET = ["training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12",
+DET = ["training.deterministic=true", "export.plots=false", "training.epochs=4", "training.steps_per_epoch=12",
        "training.batch_size=64",
        "data.augment.flip_horizontal=true", "data.augment.rotation=10", "data.augment.zoom=0.1",
        "checkpoint.every_minutes=null"]

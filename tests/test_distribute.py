@@ -18,7 +18,7 @@ from hpcjobs.cluster.info import ClusterError
 from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART, REPO, need_horovod
 
 # dropout off: with dropout, replicas draw their masks per replica, so curves differ by design
-SAME = ["training.deterministic=true", "training.epochs=2", "training.steps_per_epoch=15",
+SAME = ["export.plots=false", "training.deterministic=true", "training.epochs=2", "training.steps_per_epoch=15",
         "training.batch_size=64", "model.dropout=0", "checkpoint.every_minutes=null",
         "data.augment.flip_horizontal=true", "data.augment.rotation=8"]
 

@@ -9,7 +9,7 @@ from hpcjobs.train import Hook, train
 
 from conftest import QUICKSTART, REPO
 
-DET = ["training.deterministic=true", "checkpoint.async_write=false"]
+DET = ["export.plots=false", "training.deterministic=true", "checkpoint.async_write=false"]
 
 
 class RecordValidations(Hook):

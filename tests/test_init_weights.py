@@ -12,7 +12,7 @@ from hpcjobs import cli
 
 from conftest import QUICKSTART
 
-CHEAP = ["training.epochs=1", "training.steps_per_epoch=3", "checkpoint.every_minutes=null"]
+CHEAP = ["export.plots=false", "training.epochs=1", "training.steps_per_epoch=3", "checkpoint.every_minutes=null"]
 
 
 def sets(*items):

@@ -11,7 +11,7 @@ from hpcjobs import cli, config
 
 from conftest import QUICKSTART
 
-CHEAP = ["training.epochs=15", "data.test_split=0.3", "training.deterministic=true", "checkpoint.every_minutes=null"]
+CHEAP = ["export.plots=false", "training.epochs=15", "data.test_split=0.3", "training.deterministic=true", "checkpoint.every_minutes=null"]
 LOSSES = {
     "crossentropy": [],
     "smoothing": ["training.loss={name: crossentropy, label_smoothing: 0.1}"],
@@ -106,7 +106,7 @@ def test_focal_loss_values():
 
 
 # Deterministic, with dropout and augmentation, as tests/test_checkpoint.py's resume tests.
-DET = ["training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12",
+DET = ["training.deterministic=true", "export.plots=false", "training.epochs=4", "training.steps_per_epoch=12",
        "training.batch_size=64", "data.augment.flip_horizontal=true", "data.augment.rotation=10",
        "checkpoint.every_minutes=null"]
 FOCAL = ["training.loss={name: focal, gamma: 1.5, label_smoothing: 0.05, alpha: [1, 1, 2, 1, 1, 1, 1, 1, 0.5, 1]}",

@@ -14,7 +14,7 @@ from hpcjobs.train.trainer import class_weights
 
 from conftest import QUICKSTART
 
-FAST = ["training.epochs=2", "training.steps_per_epoch=12", "training.batch_size=64",
+FAST = ["export.plots=false", "training.epochs=2", "training.steps_per_epoch=12", "training.batch_size=64",
         "training.deterministic=true", "checkpoint.every_minutes=null"]
 
 

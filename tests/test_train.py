@@ -42,6 +42,17 @@ def test_run_directory_layout(quick_run):
     assert resolved.training.epochs == 2
 
 
+def test_a_run_without_plots_leaves_its_figures_as_csv_and_json_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "training.epochs=1", "training.steps_per_epoch=3", "export.plots=false") == 0
+    assert (run / "metrics.csv").is_file() and (run / "export" / "model.keras").is_file()
+    for name in ("metrics.json", "per_class.csv", "confusion_matrix.csv"):
+        assert (run / "evaluation" / name).is_file(), name
+    assert not list(run.rglob("*.png"))
+    assert "plots:" not in capsys.readouterr().out
+    assert json.loads((run / "run.json").read_text())["test_metrics"]["confusion_matrix"]
+
+
 def test_export_loads_with_plain_keras_and_predicts_the_same(quick_run):
     import keras
 

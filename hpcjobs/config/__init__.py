@@ -365,6 +365,9 @@ class ExportConfig:
     # tflite_int8 (dynamic-range int8), onnx (needs the onnx extra) are converted from it
     formats: tuple[Literal["keras", "saved_model", "tflite", "tflite_int8", "onnx"], ...] = ("keras",)
     min_agreement: float = 0.995  # every format's top-1 agreement with model.keras on the test split
+    # RUN/plots/training.png and the test split's evaluation/confusion_matrix.png (0.3 s and matplotlib
+    # per run: a search of many trials may go without); the CSV and JSON files are always written
+    plots: bool = True
 
     def __post_init__(self):
         if len(set(self.formats)) != len(self.formats):

@@ -217,9 +217,9 @@ def is_evaluation(metrics_json: str) -> bool:
     return isinstance(d, dict) and all(k in d for k in ("per_class", "class_names", "confusion_matrix", "macro_f1"))
 
 
-def write(report: Report, folder: str, about: dict | None = None):
+def write(report: Report, folder: str, about: dict | None = None, plot: bool = True):
     """``metrics.json`` (with ``about``: what was evaluated), ``per_class.csv``,
-    ``confusion_matrix.csv`` and ``confusion_matrix.png`` in ``folder``, each atomically."""
+    ``confusion_matrix.csv`` and (with ``plot``) ``confusion_matrix.png`` in ``folder``, each atomically."""
     from .files import plot_confusion
     from ..rundir import atomic_write
 
@@ -228,4 +228,5 @@ def write(report: Report, folder: str, about: dict | None = None):
                  json.dumps(dict(about or {}, **report.to_dict()), indent=2) + "\n", fsync=False)
     atomic_write(os.path.join(folder, "per_class.csv"), per_class_csv(report), fsync=False)
     atomic_write(os.path.join(folder, "confusion_matrix.csv"), confusion_csv(report), fsync=False)
-    plot_confusion(report.confusion, report.class_names, os.path.join(folder, "confusion_matrix.png"))
+    if plot:
+        plot_confusion(report.confusion, report.class_names, os.path.join(folder, "confusion_matrix.png"))

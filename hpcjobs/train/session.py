@@ -220,7 +220,8 @@ def _finish(trainer, loop: Loop, reason: str, record: SessionLog, spent: _Costs)
         return EX_TEMPFAIL
     if "test_accuracy" in fields:
         trainer.say(f"test accuracy {fields['test_accuracy']:.4f}, test loss {fields['test_loss']:.4f}")
-    trainer.say(f"model: {rd.export}/model.keras  plots: {rd.plots}/training.png  run: {rd.path}")
+    plots = f"  plots: {rd.plots}/training.png" if trainer.cfg.export.plots else ""
+    trainer.say(f"model: {rd.export}/model.keras{plots}  run: {rd.path}")
     return EX_OK
 
 
@@ -234,12 +235,13 @@ def _test_and_export(trainer, loop: Loop, summary: dict) -> dict:
                   "test_metrics": test.to_dict(confusion=test.num_classes <= 100)}
     if not rd.writer:
         return fields
+    plots = trainer.cfg.export.plots
     if test is not None:
-        metrics.write(test, rd.sub("evaluation"), {"model": rd.export, "data": "the run's test split"})
+        metrics.write(test, rd.sub("evaluation"), {"model": rd.export, "data": "the run's test split"}, plot=plots)
     training = dict(summary, step=loop.step, total_steps=trainer.total_steps,
                     epochs=loop.step // trainer.steps_per_epoch, weights=summary.get("final_weights"))
     fields["export_parity"] = bundle.write(trainer.model, rd.export, cfg=trainer.cfg, data=trainer.data,
                                            report=test, training=training)
-    if loop.history:
+    if loop.history and plots:
         report.plot_training(loop.history, os.path.join(rd.plots, "training.png"))
     return fields
