@@ -17,7 +17,8 @@ from hpcjobs import cli
 
 from conftest import QUICKSTART, need_keras_hub
 
-CHEAP = ["export.plots=false", "training.epochs=2", "training.steps_per_epoch=3", "training.batch_size=32", "checkpoint.every_minutes=null",
+CHEAP = ["export.plots=false",
+         "training.epochs=2", "training.steps_per_epoch=3", "training.batch_size=32", "checkpoint.every_minutes=null",
          "data.channels=1"]
 
 

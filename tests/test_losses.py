@@ -11,7 +11,8 @@ from hpcjobs import cli, config
 
 from conftest import QUICKSTART
 
-CHEAP = ["export.plots=false", "training.epochs=15", "data.test_split=0.3", "training.deterministic=true", "checkpoint.every_minutes=null"]
+CHEAP = ["export.plots=false",
+         "training.epochs=15", "data.test_split=0.3", "training.deterministic=true", "checkpoint.every_minutes=null"]
 LOSSES = {
     "crossentropy": [],
     "smoothing": ["training.loss={name: crossentropy, label_smoothing: 0.1}"],

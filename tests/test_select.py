@@ -89,7 +89,8 @@ def test_val_f1_as_the_monitor(tmp_path, capsys):
     assert st["best"] == pytest.approx(float(rows[0]["val_f1"]), abs=1e-6)
 
 
-DET = ["export.plots=false", "training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12", "training.batch_size=64",
+DET = ["export.plots=false",
+       "training.deterministic=true", "training.epochs=4", "training.steps_per_epoch=12", "training.batch_size=64",
        "data.augment.flip_horizontal=true", "checkpoint.every_minutes=null", "checkpoint.every_epochs=1",
        "checkpoint.max_to_keep=2", "training.early_stopping.monitor=val_f1"]
 

@@ -20,7 +20,8 @@ from hpcjobs import cli
 
 from conftest import QUICKSTART, REPO
 
-DET = ["export.plots=false", "training.deterministic=true", "checkpoint.every_minutes=null", "checkpoint.async_write=false"]
+DET = ["export.plots=false",
+       "training.deterministic=true", "checkpoint.every_minutes=null", "checkpoint.async_write=false"]
 APP = ["data.channels=3", "data.image_size=[32, 32]", "training.batch_size=32", "training.steps_per_epoch=4"]
 
 
