@@ -16,7 +16,9 @@ from hpcjobs.data import prepare_store
 from hpcjobs import config
 from hpcjobs.train import train as train_api
 
+import forked
 from conftest import QUICKSTART, REPO, latest_checkpoint_step
+from forked import Forked
 from stops import measured_budget, train_in_sessions
 
 # Deterministic, with Dropout (simple_cnn) and random augmentation on.
@@ -123,10 +125,9 @@ def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store):
 
 
 def _spawn(run, *items, env_extra=None):
+    """``hpcjobs train`` in a process of its own (forked: see forked.py), output and errors in one."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-                             *sets(*items)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=REPO)
+    return Forked(["train", QUICKSTART, "--run-dir", run, *sets(*items)], env=env, cwd=REPO)
 
 
 def _wait_for_step(run, proc, timeout=120):
@@ -135,7 +136,7 @@ def _wait_for_step(run, proc, timeout=120):
         if (run / "metrics.csv").exists():
             return
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
+            raise AssertionError(proc.output())
         time.sleep(0.1)
     raise AssertionError("training did not start")
 
@@ -316,11 +317,9 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line(tmp_path, async_w
     (run / "checkpoints").mkdir(parents=True)
     (run / ".lock").write_text("")  # a run directory hpcjobs made (the run-dir rule)
     (run / "checkpoints" / "ckpt-5_temp").write_text("")  # a file where TF writes its temporary folder
-    r = subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-                        *sets("training.epochs=1", "checkpoint.every_steps=5",
-                              f"checkpoint.async_write={str(async_write).lower()}")],
-                       capture_output=True, text=True, timeout=300, cwd=REPO,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    r = forked.run(["train", QUICKSTART, "--run-dir", run, *sets("training.epochs=1", "checkpoint.every_steps=5",
+                                                                   f"checkpoint.async_write={str(async_write).lower()}")],
+                   cwd=REPO, timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("hpcjobs: training failed: cannot write checkpoint") and "ckpt-5" in last, r.stderr[-2000:]

@@ -16,6 +16,7 @@ from hpcjobs.cluster import info as cluster
 from hpcjobs.cluster.info import ClusterError
 
 from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART, REPO, need_horovod
+from forked import Forked
 
 # dropout off: with dropout, replicas draw their masks per replica, so curves differ by design
 SAME = ["export.plots=false", "training.deterministic=true", "training.epochs=2", "training.steps_per_epoch=15",
@@ -35,9 +36,7 @@ def sets(items):
 def launch(run, items, env=None, extra=()):
     e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     e.pop("TF_CONFIG", None) if "TF_CONFIG" not in (env or {}) else None
-    return subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-                             *sets(items), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=e, cwd=REPO)
+    return Forked(["train", QUICKSTART, "--run-dir", run, *sets(items), *extra], env=e, cwd=REPO)  # forked.py
 
 
 def finish(procs, timeout=300):

@@ -24,6 +24,9 @@ from hpcjobs.cluster.info import ClusterInfo
 from hpcjobs.data import images, store
 from hpcjobs.data.sources import SourceError, read_folder
 
+import forked
+from forked import Forked
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 LAUNCHER_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_STEP_ID",
@@ -216,9 +219,8 @@ def test_sigkill_midway_then_restart_gives_the_uninterrupted_result(run_dir, pho
 
     out = tmp_path / "out.h5"
     chunks = tmp_path / "out.part-00000-of-00001.chunks"
-    cmd = [sys.executable, "-m", "hpcjobs", "infer", "--model", run_dir, "--input", str(listing),
-           "--output", str(out), *opts]
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["infer", "--model", run_dir, "--input", listing, "--output", out, *opts]
+    proc = Forked(args, env=clean_env())
     first = _wait_for_chunks(proc, chunks, 3)
     proc.kill()  # SIGKILL
     proc.wait()
@@ -226,7 +228,7 @@ def test_sigkill_midway_then_restart_gives_the_uninterrupted_result(run_dir, pho
     assert not out.exists()
 
     # restart; stop it with SIGUSR1 (as Slurm does before the time limit): exit 75
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Forked(args, env=clean_env())
     second = _wait_for_chunks(proc, chunks, _chunk_count(chunks) + 3)
     proc.send_signal(signal.SIGUSR1)
     log = proc.communicate(timeout=120)[0]
@@ -417,8 +419,7 @@ def _sha256(path) -> str:
 
 def _cli(*argv):
     """``python -m hpcjobs infer ...``: (exit code, stderr)."""
-    r = subprocess.run([sys.executable, "-m", "hpcjobs", "infer", *map(str, argv)], env=clean_env(),
-                       capture_output=True, text=True, timeout=300)
+    r = forked.run(["infer", *argv], env=clean_env(), timeout=300)
     return r.returncode, r.stderr
 
 

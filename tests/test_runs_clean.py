@@ -19,6 +19,7 @@ import pytest
 
 from hpcjobs import cli
 
+import forked
 from conftest import QUICKSTART
 
 
@@ -30,10 +31,8 @@ def _env():
 def real_run(tmp_path_factory):
     """A finished quickstart run with every epoch checkpointed: max_to_keep (3) checkpoints at the end."""
     run = tmp_path_factory.mktemp("real") / "finished"
-    p = subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-                        "--set", "training.epochs=4", "--set", "checkpoint.every_epochs=1",
-                        "--set", "checkpoint.every_minutes=null"], env=_env(), capture_output=True, text=True,
-                       timeout=900)
+    p = forked.run(["train", QUICKSTART, "--run-dir", run, "--set", "training.epochs=4", "--set",
+                    "checkpoint.every_epochs=1", "--set", "checkpoint.every_minutes=null"], env=_env(), timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return run
 

@@ -26,6 +26,9 @@ import pytest
 from hpcjobs import cli
 from hpcjobs.search import journal
 
+import forked
+from forked import Forked
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
@@ -52,8 +55,8 @@ search:
 
 
 def _hpcjobs(*argv, timeout=600):
-    return subprocess.run([sys.executable, "-m", "hpcjobs", *argv], env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """``hpcjobs ARGV`` in a process of its own (forked.py): its exit code, stdout and stderr."""
+    return forked.run(argv, env=_env(), timeout=timeout)
 
 
 def _results(run) -> list[dict]:
@@ -335,8 +338,7 @@ def test_local_search_with_two_workers_then_a_second_invocation_continues(tmp_pa
 def test_a_sigkilled_worker_s_trial_is_resumed_from_its_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     cfg = _config(tmp_path, SEARCH.format(trials=2).replace("epochs: 2", "epochs: 4"))
-    argv = [sys.executable, "-m", "hpcjobs", "search", cfg, "--run-dir", run]
-    p = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = Forked(["search", cfg, "--run-dir", run], env=_env())
     index = os.path.join(run, "trials", "000", "checkpoints", "checkpoint")
     deadline = time.monotonic() + 180
     while not os.path.exists(index) and time.monotonic() < deadline and p.poll() is None:

@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 
+import forked
 from conftest import QUICKSTART
 
 SEARCH = """
@@ -38,8 +39,8 @@ def _env():
 
 
 def _hpcjobs(*argv, timeout=900):
-    return subprocess.run([sys.executable, "-m", "hpcjobs", *map(str, argv)], env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    """``hpcjobs ARGV`` in a process of its own (forked.py): its exit code, stdout and stderr."""
+    return forked.run(argv, env=_env(), timeout=timeout)
 
 
 def _config(folder, trials: int) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from hpcjobs import cli, slurm
 
+import forked
 from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART
 from slurm_cluster import job_done, squeue_states, status, wait_for
 
@@ -259,8 +260,7 @@ def test_cancel_stops_a_running_chain_with_a_checkpoint_and_train_resumes_it(on_
         subprocess.run(["scancel", *_jobs(run)], capture_output=True)
     # trained again by hand: the cancel is cleared and the run resumes from its checkpoint
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != HOLD_AT}
-    p = subprocess.run([sys.executable, "-m", "hpcjobs", "train", str(run / "config.yaml"), "--run-dir", str(run)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    p = forked.run(["train", run / "config.yaml", "--run-dir", run], env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "the cancel is cleared" in p.stderr and not (run / "CANCELLED").exists()
     st = status(run)

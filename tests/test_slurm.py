@@ -23,6 +23,7 @@ import pytest
 from hpcjobs import cli, config, slurm, units
 from hpcjobs.config import ConfigError
 
+import forked
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -736,8 +737,7 @@ def test_inference_array_then_merge(on_cluster, tmp_path):
 
     run = tmp_path / "trained"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    subprocess.run([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-                    "--set", "training.epochs=1"], env=env, check=True, capture_output=True)
+    assert forked.run(["train", QUICKSTART, "--run-dir", run, "--set", "training.epochs=1"], env=env).returncode == 0
     images = (load_digits().images[:200] * 16).astype("uint8")[..., None]
     np.savez(tmp_path / "in.npz", images=images)
     out = tmp_path / "preds.csv"

@@ -16,6 +16,7 @@ import pytest
 from hpcjobs import cli, config, slurm
 
 from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART, need_horovod
+from forked import Forked
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, stop_twice_by_signal, wait_for
 
 
@@ -95,8 +96,7 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     set_args = [a for s in sets for a in ("--set", s)]
     reference = tmp_path / "reference"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != STOPS[0]}
-    ref = subprocess.Popen([sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(reference),
-                            *set_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ref = Forked(["train", QUICKSTART, "--run-dir", reference, *set_args], env=env, stderr=True)
     run = tmp_path / "requeue"
     monkeypatch.setenv(*STOPS)
     assert submit([QUICKSTART, "--run-dir", str(run), "--time", "20", "--max-requeues", "20", *set_args]) == 0
@@ -111,7 +111,7 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     assert 15 <= sessions[1]["start_step"] < 35 <= sessions[2]["start_step"] < st["total_steps"], sessions
     assert all(a["end_step"] == b["start_step"] for a, b in zip(sessions, sessions[1:])), sessions
     assert text.count("requeueing job") == 2 and "restart 2," in text
-    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
+    assert ref.wait(timeout=600) == 0, ref.errors()[-2000:]
     assert st["weights_sha256"] == status(reference)["weights_sha256"]
     assert status(reference)["sessions"][0]["stopped_by"] == "finished"
 

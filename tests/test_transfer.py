@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +17,7 @@ import pytest
 from hpcjobs import cli
 
 from conftest import QUICKSTART, REPO
+from forked import Forked
 
 DET = ["export.plots=false",
        "training.deterministic=true", "checkpoint.every_minutes=null", "checkpoint.async_write=false"]
@@ -151,10 +150,7 @@ def test_three_stages_on_a_keras_application_resume_exactly_after_sigkill(tmp_pa
     rows = [json.loads(json.dumps(r)) for r in __import__("csv").DictReader(open(whole / "metrics.csv"))]
     assert [r["stage"] for r in rows] == ["1", "2", "2", "3"]
     run = tmp_path / "killed"
-    args = [sys.executable, "-m", "hpcjobs", "train", QUICKSTART, "--run-dir", str(run),
-            *sum((["--set", s] for s in sets), [])]
-    p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    p = Forked(["train", QUICKSTART, "--run-dir", run, *sum((["--set", s] for s in sets), [])], cwd=REPO)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "ckpt-8.index").exists():  # ckpt-6 is complete: stage 2 (steps 5..12)
         assert p.poll() is None and time.time() < deadline, "training ended before stage 2"
