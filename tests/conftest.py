@@ -114,12 +114,25 @@ FIRST = ["test_slurm_jobs.py", "test_checkpoint.py", "test_search_slurm.py", "te
          "test_kerashub.py", "test_doctor.py"]
 
 
+# `-m "not slow"` is the quick check while changing code (README, Contributing): it leaves out, beside
+# the tests marked slow one by one, everything that needs the cluster, several processes or Horovod,
+# and these modules, each of whose tests trains runs of its own (resume, precision, losses,
+# transfer, ...). Measured: about a third of the suite's tests, what's left of them, in 2-3 minutes.
+SLOW_MODULES = {"test_checkpoint.py", "test_transfer.py", "test_precision.py", "test_losses.py", "test_recipe.py",
+                "test_init_weights.py", "test_select.py", "test_stacks.py", "test_source_split.py",
+                "test_search_dashboard.py", "test_resume_old.py", "test_kerashub.py"}
+
+
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = os.path.basename(str(item.fspath))
         return FIRST.index(name) if name in FIRST else len(FIRST)
 
     items.sort(key=rank)  # stable: the order inside a module stays
+    for item in items:
+        if os.path.basename(str(item.fspath)) in SLOW_MODULES or any(
+                item.get_closest_marker(m) for m in ("slurm", "multiprocess", "horovod")):
+            item.add_marker(pytest.mark.slow)
 
 
 # --------------------------------------------------------------------------- where the time goes

@@ -77,6 +77,9 @@ os.dup2(out, 1)
 os.dup2(err, 2)
 for fd in {null, out, err}:
     os.close(fd)
+if req["limit_as"]:
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (req["limit_as"], req["limit_as"]))
 os.environ.clear()
 os.environ.update(req["env"])
 os.chdir(req["cwd"])
@@ -152,9 +155,9 @@ class Forked:
     """A running ``hpcjobs ARGS``, as much like ``subprocess.Popen`` as the tests use it:
     ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``communicate``.
     Its output goes to files and is read by ``communicate`` (stderr into stdout unless
-    ``stderr=True``)."""
+    ``stderr=True``).  ``limit_as``: its RLIMIT_AS in bytes, set before it runs."""
 
-    def __init__(self, args, env=None, cwd=None, stderr=False):
+    def __init__(self, args, env=None, cwd=None, stderr=False, limit_as=None):
         self.args = [str(a) for a in args]
         self.returncode = None
         self._dir = tempfile.mkdtemp(prefix="hpcjobs-forked-")
@@ -164,14 +167,20 @@ class Forked:
         server = _the_server()
         if any(env.get(k, SERVER_ENV.get(k)) != server.env.get(k) for k in AT_IMPORT):
             self._server = None
+            def limit():
+                if limit_as:
+                    import resource
+                    resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
+
             self._proc = subprocess.Popen([sys.executable, "-m", "hpcjobs", *self.args], env=env, cwd=cwd,
                                           stdin=subprocess.DEVNULL, stdout=open(self._out, "w"),
-                                          stderr=open(self._err, "w") if stderr else subprocess.STDOUT)
+                                          stderr=open(self._err, "w") if stderr else subprocess.STDOUT,
+                                          preexec_fn=limit)
             self.pid = self._proc.pid
             return
         self._server = server
         self.pid = server.fork({"argv": self.args, "env": env, "cwd": os.path.abspath(cwd or os.getcwd()),
-                                "out": self._out, "err": self._err})
+                                "out": self._out, "err": self._err, "limit_as": limit_as})
 
     def poll(self):
         return self.wait(timeout=0) if self.returncode is None else self.returncode
@@ -214,9 +223,9 @@ class Forked:
         return self.output(), (self.errors() if self._err else None)
 
 
-def run(args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+def run(args, env=None, cwd=None, timeout=600, limit_as=None) -> subprocess.CompletedProcess:
     """``hpcjobs ARGS`` to its end, as ``subprocess.run(..., capture_output=True, text=True)`` gives it."""
-    p = Forked(args, env=env, cwd=cwd, stderr=True)
+    p = Forked(args, env=env, cwd=cwd, stderr=True, limit_as=limit_as)
     try:
         out, err = p.communicate(timeout)
     except subprocess.TimeoutExpired:

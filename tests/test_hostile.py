@@ -15,6 +15,7 @@ import pytest
 
 from hpcjobs import cli
 
+import forked
 from conftest import QUICKSTART, REPO
 
 CORPUS = pytest.mark.tf214  # the committed corpus also runs on TensorFlow 2.14 + Keras 2 (tests/tf214.sh)
@@ -371,8 +372,11 @@ LIMIT_GIB = 4  # TensorFlow maps about 1.2 GiB of address space to import; 4 GiB
 
 
 def _limited(argv, cwd, timeout=240):
-    """``python -m hpcjobs ARGV`` under RLIMIT_AS = LIMIT_GIB and a timeout: a read without end
-    or a decode too large dies of MemoryError (a traceback) or is killed, and a hang times out."""
+    """``hpcjobs ARGV`` under RLIMIT_AS = LIMIT_GIB and a timeout: a read without end or a decode
+    too large dies of MemoryError (a traceback) or is killed, and a hang times out.  The commands
+    that import TensorFlow are forked from a process that has (forked.py); the others start anew."""
+    if argv[0] in ("train", "evaluate", "infer", "search"):
+        return forked.run(argv, cwd=cwd, timeout=timeout, limit_as=LIMIT_GIB << 30)
     import resource
 
     def limit():
