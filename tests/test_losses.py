@@ -112,7 +112,8 @@ DET = ["training.deterministic=true", "export.plots=false", "training.epochs=4",
        "training.batch_size=64", "data.augment.flip_horizontal=true", "data.augment.rotation=10",
        "checkpoint.every_minutes=null"]
 FOCAL = ["training.loss={name: focal, gamma: 1.5, label_smoothing: 0.05, alpha: [1, 1, 2, 1, 1, 1, 1, 1, 0.5, 1]}",
-         "training.class_weight=balanced", "training.precision=mixed_float16", "training.loss_scale_growth_steps=3"]
+         "training.class_weight=balanced", "training.precision=mixed_float16", "training.loss_scale_growth_steps=3",
+         "model.width=8"]  # narrow: float16 convolutions are emulated on a CPU, at 10x float32's cost
 
 
 def test_focal_run_cut_by_time_budget_resumes_bitwise(tmp_path):

@@ -44,7 +44,8 @@ def test_mixed_export_outputs_float32_and_loads_in_plain_keras(tmp_path):
     import keras
     import numpy as np
 
-    assert run_cli(tmp_path / "r", "training.precision=mixed_float16", "training.epochs=1") == 0
+    # a narrow net: float16 convolutions are emulated on a CPU, at 10x float32's cost
+    assert run_cli(tmp_path / "r", "training.precision=mixed_float16", "training.epochs=1", "model.width=8") == 0
     keras.mixed_precision.set_global_policy("float32")
     model = keras.models.load_model(str(tmp_path / "r" / "export" / "model.keras"), safe_mode=True)
     probs = model.predict(np.zeros((2, 8, 8, 1), np.float32), verbose=0)
@@ -60,7 +61,8 @@ class RecordScale(Hook):
 def test_loss_scale_resumes_at_the_saved_value(tmp_path):
     import tensorflow as tf
 
-    sets = ["training.precision=mixed_float16", "training.loss_scale_growth_steps=3", "training.epochs=2",
+    sets = ["model.width=8",  # narrow: float16 convolutions are emulated on a CPU, at 10x float32's cost
+            "training.precision=mixed_float16", "training.loss_scale_growth_steps=3", "training.epochs=2",
             "training.deterministic=true", "checkpoint.async_write=false"]
     run = str(tmp_path / "r")
     first = config.load(QUICKSTART, sets[:-3] + ["training.epochs=1", sets[-2], sets[-1]])
