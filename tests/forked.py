@@ -85,7 +85,7 @@ if req["limit_as"]:
 os.environ.clear()
 os.environ.update(req["env"])
 os.chdir(req["cwd"])
-sys.argv = [sys.argv[0], *req["argv"]]
+sys.argv = [os.path.join(os.path.dirname(hpcjobs.cli.__file__), "__main__.py"), *req["argv"]]  # as python -m
 sys.exit(hpcjobs.cli.main(req["argv"]))
 """
 
