@@ -27,6 +27,13 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 # environment, each session holds at its next listed step until a stop signal has come
 HOLD_HOOK = f"training.hooks=[{os.path.join(REPO, 'tests', 'hold_for_signal.py')}:HoldForSignal]"
 HOLD_AT = "HPCJOBS_TEST_HOLD_AT"
+# What a run does beside its training that a test which never looks at it leaves out: the plots
+# (about 0.4 CPU s a run, and matplotlib's import in a new process) and, inside a Slurm job, the
+# feed check (data.feed_check: auto; about 2 CPU s a session, a second of its own pipeline at full
+# speed and six train steps). Neither changes what is trained. test_train, test_evaluate and
+# test_hostile look at the plots; test_feed_check and test_staging's two-rank job at the feed check.
+LEAN = ["export.plots=false", "data.feed_check=false"]
+LEAN_ARGS = [a for s in LEAN for a in ("--set", s)]
 
 
 @pytest.fixture

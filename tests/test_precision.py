@@ -10,8 +10,9 @@ from hpcjobs.train import Hook, train
 from conftest import QUICKSTART
 
 
-def run_cli(run, *sets):
-    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *sum((["--set", s] for s in sets), [])])
+def run_cli(run, *sets):  # no plots: no test here looks at them (conftest.LEAN)
+    return cli.main(["train", QUICKSTART, "--run-dir", str(run),
+                     *sum((["--set", s] for s in ("export.plots=false", *sets)), [])])
 
 
 def status(run):

@@ -12,7 +12,7 @@ import pytest
 
 from hpcjobs import cli, slurm
 
-from conftest import FASHION, QUICKSTART, REPO, need_fashion_mnist
+from conftest import FASHION, LEAN, QUICKSTART, REPO, need_fashion_mnist
 from slurm_cluster import job_done, logs, squeue_states, status, wait_for
 
 PY = "/opt/venv/bin/python"
@@ -81,7 +81,7 @@ def _chunks(store: str) -> int:
 def test_prepare_job_cut_by_its_time_limit_requeues_finishes_and_then_training_runs(on_cluster, tmp_path):
     need_fashion_mnist()
     run = tmp_path / "run"
-    sets = [f"data.source={FASHION}", "data.image_size=[32, 32]", "data.max_per_class=30", "training.epochs=1"]
+    sets = [f"data.source={FASHION}", "data.image_size=[32, 32]", "data.max_per_class=30", "training.epochs=1", *LEAN]
     set_args = [a for s in sets for a in ("--set", s)]
     assert submit([QUICKSTART, "--prepare", "--after-prepare", "--run-dir", str(run), "--cpus-per-task", "2",
                    "--time", "20", *set_args]) == 0

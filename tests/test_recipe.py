@@ -18,8 +18,9 @@ FAST = ["export.plots=false", "training.epochs=2", "training.steps_per_epoch=12"
         "training.deterministic=true", "checkpoint.every_minutes=null"]
 
 
-def train(run, *sets):
-    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *sum((["--set", s] for s in sets), [])])
+def train(run, *sets):  # no plots: no test here looks at them (conftest.LEAN)
+    return cli.main(["train", QUICKSTART, "--run-dir", str(run),
+                     *sum((["--set", s] for s in ("export.plots=false", *sets)), [])])
 
 
 def rows(run):

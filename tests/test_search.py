@@ -39,7 +39,8 @@ def _env():
 
 def _config(tmp_path, text: str, name="s") -> str:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(f"base: {QUICKSTART}\n" + textwrap.dedent(text))
+    # the trials without their training plots (conftest.LEAN); the search's own plots stay
+    path.write_text(f"base: {QUICKSTART}\nexport:\n  plots: false\n" + textwrap.dedent(text))
     return str(path)
 
 

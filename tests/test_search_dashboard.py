@@ -45,7 +45,8 @@ def _hpcjobs(*argv, timeout=900):
 
 def _config(folder, trials: int) -> str:
     path = folder / "dash.yaml"
-    path.write_text(f"base: {QUICKSTART}\n" + textwrap.dedent(SEARCH.format(trials=trials)))
+    # the trials without their training plots (conftest.LEAN)
+    path.write_text(f"base: {QUICKSTART}\nexport:\n  plots: false\n" + textwrap.dedent(SEARCH.format(trials=trials)))
     return str(path)
 
 

@@ -27,11 +27,14 @@ data:
   source: fashion-mnist
   validation_split: 0.03
   test_split: 0.02
+  feed_check: false  # not what this test is about (conftest.LEAN)
 training:
   epochs: 2
   steps_per_epoch: 60
   batch_size: 64
   log_every_steps: 100000
+export:
+  plots: false
 checkpoint:
   every_minutes: null
   every_steps: 20

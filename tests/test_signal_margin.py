@@ -18,11 +18,12 @@ import pytest
 from hpcjobs import cli
 from hpcjobs.cluster import costs
 
-from conftest import QUICKSTART
+from conftest import LEAN_ARGS, QUICKSTART
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, wait_for
 
 SLOW = 3.0  # seconds each checkpoint write of the slow session sleeps
-SETS = ["--set", "training.epochs=2", "--set", "checkpoint.every_steps=20", "--set", "checkpoint.every_minutes=null"]
+SETS = ["--set", "training.epochs=2", "--set", "checkpoint.every_steps=20", "--set", "checkpoint.every_minutes=null",
+        *LEAN_ARGS]
 
 
 def _train(run_dir, slow: float | None, *extra):
@@ -134,7 +135,7 @@ def test_a_job_with_slow_saves_stops_with_a_checkpoint_before_its_limit_under_an
     monkeypatch.setenv(costs.SLOW_SAVE_ENV, str(slow))
     run = tmp_path / "slow-job"
     sets = ["--set", "training.epochs=100000", "--set", "checkpoint.every_minutes=null",
-            "--set", "checkpoint.every_steps=400"]
+            "--set", "checkpoint.every_steps=400", *LEAN_ARGS]
     assert cli.main(["train", QUICKSTART, "--run-dir", str(run), *sets, "--time-budget", "20s"]) == 75
     first = status(run)["sessions"][0]
     assert max(first["costs"]["save_seconds"]) >= slow

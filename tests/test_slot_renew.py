@@ -19,12 +19,12 @@ import pytest
 from hpcjobs import cli, slurm
 
 import forked
-from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART
+from conftest import HOLD_AT, HOLD_HOOK, LEAN, QUICKSTART
 from slurm_cluster import job_done, squeue_states, status, wait_for
 
 # the first slots' sessions hold after the calls reaching steps 15, 35 and 55 (HOLD_AT, set by each
 # test) until their stop signal; 4 epochs (180 steps) leave the last slot little to do
-SETS = ["training.epochs=4", "checkpoint.every_minutes=null", "training.log_every_steps=100000", HOLD_HOOK]
+SETS = ["training.epochs=4", "checkpoint.every_minutes=null", "training.log_every_steps=100000", HOLD_HOOK, *LEAN]
 SET_ARGS = [a for s in SETS for a in ("--set", s)]
 
 

@@ -24,6 +24,7 @@ from hpcjobs import cli, config, slurm, units
 from hpcjobs.config import ConfigError
 
 import forked
+from conftest import LEAN_ARGS
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -660,7 +661,7 @@ def test_sbatch_reads_what_the_parser_model_reads(value, cluster, tmp_path):
 def test_folds_run_as_an_array_and_the_parent_sums_them_up(on_cluster, tmp_path, capsys):
     run = tmp_path / "cv"
     assert submit([QUICKSTART, "--run-dir", str(run), "--folds", "--time", "5", "--set", "data.folds=3",
-                   "--set", "training.epochs=1", "--set", "training.steps_per_epoch=8"]) == 0
+                   "--set", "training.epochs=1", "--set", "training.steps_per_epoch=8", *LEAN_ARGS]) == 0
     assert status(run)["fold_status"] == ["not started"] * 3  # written at submission
     job = last_job(run)
     wait_for(lambda: job_done(job, 3), 300, "the three fold tasks", job, run)
@@ -680,7 +681,7 @@ def test_job_array_of_four_with_hostile_names(on_cluster, tmp_path):
     hostile = "x'; touch CANARY; $(touch CANARY) `touch CANARY` \"%j"
     run = tmp_path / hostile
     assert submit([QUICKSTART, "--run-dir", str(run), "--array", "4", "--job-name", hostile, "--time", "5",
-                   "--set", "training.epochs=1"]) == 0
+                   "--set", "training.epochs=1", *LEAN_ARGS]) == 0
     job = last_job(run)
     wait_for(lambda: job_done(job, 4), 240, "the 4 array tasks", job, run)
     assert squeue_states(job) == ["COMPLETED"] * 4
@@ -737,7 +738,7 @@ def test_inference_array_then_merge(on_cluster, tmp_path):
 
     run = tmp_path / "trained"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    assert forked.run(["train", QUICKSTART, "--run-dir", run, "--set", "training.epochs=1"], env=env).returncode == 0
+    assert forked.run(["train", QUICKSTART, "--run-dir", run, "--set", "training.epochs=1", *LEAN_ARGS], env=env).returncode == 0
     images = (load_digits().images[:200] * 16).astype("uint8")[..., None]
     np.savez(tmp_path / "in.npz", images=images)
     out = tmp_path / "preds.csv"

@@ -15,7 +15,7 @@ import pytest
 
 from hpcjobs import cli, config, slurm
 
-from conftest import HOLD_AT, HOLD_HOOK, QUICKSTART, need_horovod
+from conftest import HOLD_AT, HOLD_HOOK, LEAN, LEAN_ARGS, QUICKSTART, need_horovod
 from forked import Forked
 from slurm_cluster import job_done, last_job, logs, squeue_states, status, stop_twice_by_signal, wait_for
 
@@ -34,7 +34,7 @@ def submit(argv: list[str]) -> int:
 def test_two_node_multiworker_job_trains_to_identical_weights(on_cluster, tmp_path):
     run = tmp_path / "mw"
     assert submit([QUICKSTART, "--run-dir", str(run), "--nodes", "2", "--time", "5",
-                   "--set", "distribute.strategy=multiworker", "--set", "training.epochs=1"]) == 0
+                   "--set", "distribute.strategy=multiworker", "--set", "training.epochs=1", *LEAN_ARGS]) == 0
     job = last_job(run)
     wait_for(lambda: job_done(job), 180, "the 2-node job", job, run)
     text = logs(run)
@@ -55,7 +55,7 @@ def test_two_node_horovod_job_under_mpirun_requeues_and_ends_with_one_hosts_weig
     # USR1 to the batch shell stops the ranks with a checkpoint, twice, and the job requeues itself
     need_horovod()
     sets = ["distribute.strategy=horovod", "training.deterministic=true", "training.epochs=4",
-            "checkpoint.every_minutes=null", "training.log_every_steps=100000", *HOLD]
+            "checkpoint.every_minutes=null", "training.log_every_steps=100000", *HOLD, *LEAN]
     set_args = [a for s in sets for a in ("--set", s)]
     run = tmp_path / "hvd"
     monkeypatch.setenv(*STOPS)  # the job's environment (sbatch --export=ALL), not the reference's
@@ -92,7 +92,7 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
                                                                                    monkeypatch):
     # two stops by USR1 to the batch shell, each while its session holds at a step: three sessions
     sets = ["training.epochs=4", "training.deterministic=true", "checkpoint.every_minutes=null",
-            "training.log_every_steps=100000", *HOLD]
+            "training.log_every_steps=100000", *HOLD, *LEAN]
     set_args = [a for s in sets for a in ("--set", s)]
     reference = tmp_path / "reference"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != STOPS[0]}
@@ -123,7 +123,7 @@ def test_slurms_own_warning_before_the_time_limit_stops_with_a_checkpoint_and_re
     run = tmp_path / "warned"
     assert submit([QUICKSTART, "--run-dir", str(run), "--time", "1", "--signal-margin", "50",
                    "--max-requeues", "3", "--set", "training.epochs=100000",
-                   "--set", "checkpoint.every_minutes=null"]) == 0
+                   "--set", "checkpoint.every_minutes=null", *LEAN_ARGS]) == 0
     job = last_job(run)
     assert "#SBATCH --signal=B:USR1@50" in (run / "slurm" / "train.sbatch").read_text()
     try:

@@ -24,8 +24,9 @@ DET = ["export.plots=false",
 APP = ["data.channels=3", "data.image_size=[32, 32]", "training.batch_size=32", "training.steps_per_epoch=4"]
 
 
-def train(run, *sets, extra=()):
-    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *extra, *sum((["--set", s] for s in sets), [])])
+def train(run, *sets, extra=()):  # no plots: no test here looks at them (conftest.LEAN)
+    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *extra,
+                     *sum((["--set", s] for s in ("export.plots=false", *sets)), [])])
 
 
 def status(run):
