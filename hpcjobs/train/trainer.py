@@ -100,6 +100,7 @@ class Trainer:
         self.jit_compile = use_xla(t, self.rt)
         user_loss = losses.user_loss(t.loss.name, self.data.num_classes) if plugins.is_spec(t.loss.name) else None
         self.loss = losses.make_loss(t.loss, self.data.num_classes, user_loss)
+        self._eval_datasets = {}  # split: its evaluation pipeline (_eval_dataset)
         self._build_state()
         self.compiled = self._build_steps()
         self._stage_steps = {0: self.compiled}
@@ -213,9 +214,16 @@ class Trainer:
         if len(self.data.splits[split]) == 0:
             return None
         sums = np.zeros(metrics.eval_width(self.data.num_classes))
-        for x, y, w in self._distributed(lambda: self.feeder.eval_dataset(split)):
+        for x, y, w in self._eval_dataset(split):
             sums += self.compiled.eval_step(x, y, w).numpy()
         return metrics.from_sums(sums, self.data.class_names)
+
+    def _eval_dataset(self, split: str):
+        """A split's evaluation pipeline, built once per Trainer and iterated anew by each
+        evaluation (every epoch's validation): building it traced its map function each time."""
+        if split not in self._eval_datasets:
+            self._eval_datasets[split] = self._distributed(lambda: self.feeder.eval_dataset(split))
+        return self._eval_datasets[split]
 
     def learning_rate(self) -> float:
         return float(compat.to_numpy(self.optimizer.learning_rate))
