@@ -202,7 +202,8 @@ def test_folds_are_stratified_disjoint_and_cover_the_pool():
 def test_five_fold_run_reports_mean_and_std(tmp_path, capsys):
     run = tmp_path / "cv"
     rc = cli.main(["train", QUICKSTART, "--run-dir", str(run), "--set", "data.folds=5", "--set", "training.epochs=1",
-                   "--set", "training.steps_per_epoch=8", "--set", "checkpoint.every_minutes=null"])
+                   "--set", "training.steps_per_epoch=8", "--set", "checkpoint.every_minutes=null",
+                   "--set", "export.plots=false"])
     assert rc == 0
     st = status(run)
     accs = [status(run / "folds" / f"fold-{i}")["test_accuracy"] for i in range(5)]

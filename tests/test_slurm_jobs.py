@@ -117,13 +117,16 @@ def test_signalled_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
 
 
 @pytest.mark.slurm
-def test_slurms_own_warning_before_the_time_limit_stops_with_a_checkpoint_and_requeues(on_cluster, tmp_path):
+def test_slurms_own_warning_before_the_time_limit_stops_with_a_checkpoint_and_requeues(on_cluster, tmp_path,
+                                                                                       monkeypatch):
     # --signal=B:USR1@50 under a 1-minute limit: Slurm itself warns the job 10 s in (a task still
-    # importing TensorFlow gets the batch shell's resend); 100,000 epochs cannot end before that
+    # importing TensorFlow gets the batch shell's resend); 100,000 epochs cannot end before that,
+    # and the first session holds at step 15 until the warning (it need not burn the wait training)
     run = tmp_path / "warned"
+    monkeypatch.setenv(HOLD_AT, "15")
     assert submit([QUICKSTART, "--run-dir", str(run), "--time", "1", "--signal-margin", "50",
                    "--max-requeues", "3", "--set", "training.epochs=100000",
-                   "--set", "checkpoint.every_minutes=null", *LEAN_ARGS]) == 0
+                   "--set", "checkpoint.every_minutes=null", "--set", HOLD_HOOK, *LEAN_ARGS]) == 0
     job = last_job(run)
     assert "#SBATCH --signal=B:USR1@50" in (run / "slurm" / "train.sbatch").read_text()
     try:
