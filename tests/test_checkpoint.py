@@ -17,7 +17,7 @@ from hpcjobs import config
 from hpcjobs.train import train as train_api
 
 import forked
-from conftest import QUICKSTART, REPO, latest_checkpoint_step
+from conftest import LEAN, QUICKSTART, REPO, latest_checkpoint_step
 from forked import Forked
 from stops import measured_budget, train_in_sessions
 
@@ -32,9 +32,9 @@ def sets(*items):
     return sum((["--set", s] for s in items), [])
 
 
-def train(run, *items, budget=None):  # no plots: no test here looks at them (conftest.LEAN)
+def train(run, *items, budget=None):  # LEAN: no test here looks at the plots
     extra = ["--time-budget", budget] if budget else []
-    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *sets("export.plots=false", *items), *extra])
+    return cli.main(["train", QUICKSTART, "--run-dir", str(run), *sets(*LEAN, *items), *extra])
 
 
 def status(run):
@@ -109,7 +109,7 @@ def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store):
     first session stopped after one call), the stop's margin (1.5 saves, 3 calls, 1 s) and about
     one epoch of the uninterrupted run's steps, so each session stops with work left whatever the
     machine's speed."""
-    cfg = config.load(QUICKSTART, DET + feed_settings("memory", store))
+    cfg = config.load(QUICKSTART, LEAN + DET + feed_settings("memory", store))  # as train() loads it
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     budget = measured_budget(cfg, whole, parts, steps=12)
     codes = []
@@ -128,7 +128,7 @@ def test_time_budget_sessions_equal_uninterrupted_run(tmp_path, store):
 def _spawn(run, *items, env_extra=None):
     """``hpcjobs train`` in a process of its own (forked: see forked.py), output and errors in one."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
-    return Forked(["train", QUICKSTART, "--run-dir", run, *sets(*items)], env=env, cwd=REPO)
+    return Forked(["train", QUICKSTART, "--run-dir", run, *sets(*LEAN, *items)], env=env, cwd=REPO)
 
 
 def _wait_for_step(run, proc, timeout=120):

@@ -7,12 +7,12 @@ import pytest
 from hpcjobs import cli, config
 from hpcjobs.train import Hook, train
 
-from conftest import QUICKSTART
+from conftest import LEAN, QUICKSTART
 
 
-def run_cli(run, *sets):  # no plots: no test here looks at them (conftest.LEAN)
+def run_cli(run, *sets):  # LEAN: no test here looks at the plots
     return cli.main(["train", QUICKSTART, "--run-dir", str(run),
-                     *sum((["--set", s] for s in ("export.plots=false", *sets)), [])])
+                     *sum((["--set", s] for s in (*LEAN, *sets)), [])])
 
 
 def status(run):

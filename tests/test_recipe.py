@@ -12,15 +12,15 @@ from hpcjobs import cli
 from hpcjobs.train.hooks import diagnose
 from hpcjobs.train.trainer import class_weights
 
-from conftest import QUICKSTART
+from conftest import LEAN, LEAN_ARGS, QUICKSTART
 
 FAST = ["export.plots=false", "training.epochs=2", "training.steps_per_epoch=12", "training.batch_size=64",
         "training.deterministic=true", "checkpoint.every_minutes=null"]
 
 
-def train(run, *sets):  # no plots: no test here looks at them (conftest.LEAN)
+def train(run, *sets):  # LEAN: no test here looks at the plots
     return cli.main(["train", QUICKSTART, "--run-dir", str(run),
-                     *sum((["--set", s] for s in ("export.plots=false", *sets)), [])])
+                     *sum((["--set", s] for s in (*LEAN, *sets)), [])])
 
 
 def rows(run):
@@ -203,7 +203,7 @@ def test_five_fold_run_reports_mean_and_std(tmp_path, capsys):
     run = tmp_path / "cv"
     rc = cli.main(["train", QUICKSTART, "--run-dir", str(run), "--set", "data.folds=5", "--set", "training.epochs=1",
                    "--set", "training.steps_per_epoch=8", "--set", "checkpoint.every_minutes=null",
-                   "--set", "export.plots=false"])
+                   *LEAN_ARGS])
     assert rc == 0
     st = status(run)
     accs = [status(run / "folds" / f"fold-{i}")["test_accuracy"] for i in range(5)]

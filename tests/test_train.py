@@ -9,7 +9,7 @@ from hpcjobs import cli, config
 from hpcjobs.data import load_data
 from hpcjobs.train import Trainer
 
-from conftest import QUICKSTART
+from conftest import LEAN, QUICKSTART
 
 
 def train(run, *sets):
@@ -115,7 +115,7 @@ def test_optimizers_and_schedules_train(tmp_path, opt):
     run = tmp_path / opt
     sets = [f"optimizer.name={opt}", f"optimizer.schedule.kind={sched}", "optimizer.schedule.decay_steps=20",
             "optimizer.schedule.warmup_steps=5", "training.epochs=1", "training.steps_per_epoch=30",
-            "export.plots=false"]
+            *LEAN]
     if opt == "sgd":
         sets += ["optimizer.momentum=0.9", "optimizer.nesterov=true", "optimizer.learning_rate=0.05"]
     if opt == "adadelta":

@@ -16,7 +16,7 @@ import pytest
 
 from hpcjobs import cli
 
-from conftest import QUICKSTART, REPO
+from conftest import LEAN, QUICKSTART, REPO
 from forked import Forked
 
 DET = ["export.plots=false",
@@ -24,9 +24,9 @@ DET = ["export.plots=false",
 APP = ["data.channels=3", "data.image_size=[32, 32]", "training.batch_size=32", "training.steps_per_epoch=4"]
 
 
-def train(run, *sets, extra=()):  # no plots: no test here looks at them (conftest.LEAN)
+def train(run, *sets, extra=()):  # LEAN: no test here looks at the plots
     return cli.main(["train", QUICKSTART, "--run-dir", str(run), *extra,
-                     *sum((["--set", s] for s in ("export.plots=false", *sets)), [])])
+                     *sum((["--set", s] for s in (*LEAN, *sets)), [])])
 
 
 def status(run):
@@ -151,7 +151,7 @@ def test_three_stages_on_a_keras_application_resume_exactly_after_sigkill(tmp_pa
     rows = [json.loads(json.dumps(r)) for r in __import__("csv").DictReader(open(whole / "metrics.csv"))]
     assert [r["stage"] for r in rows] == ["1", "2", "2", "3"]
     run = tmp_path / "killed"
-    p = Forked(["train", QUICKSTART, "--run-dir", run, *sum((["--set", s] for s in sets), [])], cwd=REPO)
+    p = Forked(["train", QUICKSTART, "--run-dir", run, *sum((["--set", s] for s in (*LEAN, *sets)), [])], cwd=REPO)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "ckpt-8.index").exists():  # ckpt-6 is complete: stage 2 (steps 5..12)
         assert p.poll() is None and time.time() < deadline, "training ended before stage 2"
