@@ -3,7 +3,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HPCJOBS_NO_SQUEUE", "1") if "SLURM_JOB_ID" not in os.environ else None
-# The suite runs four workers, their Slurm jobs and MPI ranks on two cores: an oversubscribed
+# The suite runs three workers, their Slurm jobs and MPI ranks on two cores: an oversubscribed
 # machine, which Open MPI cannot see when a launch has no more ranks than cores. An MPI rank that
 # waits for its peer (Horovod's negotiation every cycle, a barrier) then polls at full speed and takes
 # the core its peer needs. Yielding while idle is Open MPI's setting for such a machine; what a rank
