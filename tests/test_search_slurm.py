@@ -81,17 +81,37 @@ def _kill_a_worker_mid_trial(run) -> str:
         return trial
 
 
+def _pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` waits to be delivered to process ``pid`` (for the process or a thread)."""
+    with open(f"/proc/{pid}/status") as f:
+        return any(line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) >> (signum - 1) & 1
+                   for line in f)
+
+
 def _signal_the_array_mid_trial(run, job: str, killed: str) -> str:
     """USR1 to every running task's batch shell (Slurm's warning before a time limit) while a
     trial other than the killed one is 20 steps into an epoch: it stops inside that epoch.
-    Task by task: the killed worker's task may be pending its requeue just then, and a
-    signal to the whole array fails on a task that is not running."""
+    Its worker is frozen (SIGSTOP) until the USR1 that srun passes on is pending on it, so
+    the stop lands at its next call on a machine of any speed, however slow squeue and
+    scancel are.  Task by task: the killed worker's task may be pending its requeue just
+    then, and a signal to the whole array fails on a task that is not running."""
     for trial in _in_an_epoch(run, but=killed):
-        tasks = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-j", job, "-o", "%i"], capture_output=True,
-                               text=True, check=True).stdout.split()
-        sent = [subprocess.run(["scancel", "--batch", "--signal=USR1", t], capture_output=True, text=True)
-                for t in tasks]
-        assert any(p.returncode == 0 for p in sent), [(p.args, p.returncode, p.stderr) for p in sent]
+        try:
+            pid = int(open(os.path.join(trial, ".claim")).read().split()[1])
+            os.kill(pid, signal.SIGSTOP)
+        except (OSError, ValueError, IndexError):
+            continue
+        try:
+            if latest_checkpoint_step(os.path.join(trial, "checkpoints")) % 60 != 20:
+                continue  # it saved the next checkpoint before it froze: try again
+            tasks = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-j", job, "-o", "%i"],
+                                   capture_output=True, text=True, check=True).stdout.split()
+            sent = [subprocess.run(["scancel", "--batch", "--signal=USR1", t], capture_output=True, text=True)
+                    for t in tasks]
+            assert any(p.returncode == 0 for p in sent), [(p.args, p.returncode, p.stderr) for p in sent]
+            wait_for(lambda: _pending(pid, signal.SIGUSR1), 120, "USR1 pending on the frozen worker", job, run)
+        finally:
+            os.kill(pid, signal.SIGCONT)
         return trial
 
 
