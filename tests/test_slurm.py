@@ -100,7 +100,12 @@ def test_a_fresh_venv_sees_this_environment_after_its_own(fresh_venv, tmp_path):
 def test_a_wheel_install_renders_the_same_scripts(fresh_venv, tmp_path):
     """A non-editable install (a wheel in a fresh venv, run outside the repository)
     finds the templates it carries and renders exactly the pinned script."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
+    # built from a copy: pip builds in the tree it is given (build/, hpcjobs.egg-info), and the checkout
+    # may be in use by another build at the same time (.ci/run's fresh virtualenv installs from it)
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".slurm-local", ".pytest_cache", ".benchmarks", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "wheel")], check=True, cwd=tmp_path)
     venv = fresh_venv
     wheel, = (tmp_path / "wheel").glob("hpcjobs-*.whl")
