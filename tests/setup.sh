@@ -22,7 +22,7 @@ fi
 python -m pip install -q -e ".[cpu,test]"
 # model.arch: kerashub:PATH (README, "KerasHub presets"): keras-hub without its tensorflow-text, which would
 # install the full tensorflow wheel over tensorflow-cpu
-python -m pip install -q --no-deps 'keras-hub>=0.32,<0.33' tokenizers sentencepiece 'kagglehub!=1.0.1' kagglesdk==0.1.28
+python -m pip install -q --no-deps 'keras-hub>=0.32,<0.33' regex tokenizers sentencepiece 'kagglehub!=1.0.1' kagglesdk==0.1.28
 if [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; then
   bash slurm/install-horovod.sh
 fi
