@@ -3,9 +3,9 @@ the test (a small ResNet backbone built from its config, random weights, its ima
 converter) trains with a new head, with the preset's weights and preprocessing, stages
 and freezing; without keras-hub, or with a folder that is no preset, it is one line, exit 2.
 
-keras-hub is optional: ``pip install --no-deps 'keras-hub>=0.32,<0.33' regex
-tokenizers sentencepiece 'kagglehub!=1.0.1' kagglesdk==0.1.28`` (its tensorflow-text dependency would
-pull a second TensorFlow over tensorflow-cpu).  The tests that need it are skipped where it
+keras-hub is optional and installed without its dependencies (the README's "KerasHub presets"
+and tests/setup.sh name the packages: its tensorflow-text dependency would pull a second
+TensorFlow over tensorflow-cpu).  The tests that need it are skipped where it
 is absent; the missing-package path is tested everywhere."""
 import json
 import sys

@@ -121,8 +121,8 @@ def _kerashub(keras, x, cfg: ModelConfig, input_shape, num_classes: int):
         import keras_hub
     except ImportError as e:
         raise ModelError(f"model.arch: {cfg.arch}: KerasHub is not installed ({e}); install keras-hub 0.32 "
-                         "(pip install --no-deps 'keras-hub>=0.32,<0.33' tokenizers sentencepiece kagglehub, "
-                         "see the README)") from None
+                         "(pip install --no-deps 'keras-hub>=0.32,<0.33' regex tokenizers sentencepiece "
+                         "'kagglehub!=1.0.1' kagglesdk==0.1.28, see the README)") from None
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"model.arch: {cfg.arch}: {path} is not a KerasHub preset folder (no config.json; "
                          "write one with save_to_preset)")
